@@ -1,0 +1,1 @@
+"""kriallm boards package."""

@@ -1,0 +1,1 @@
+"""kriallm sim package."""
