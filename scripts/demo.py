@@ -51,9 +51,10 @@ def main() -> int:
     gold = step("3b. generate on the golden model (the accelerator's exact arithmetic)",
                 ["generate", str(kq), "--device", "golden", "--prompt-ids", prompt, "--max-new-tokens", "8", "--json"], True)
     print(f"   reference tokens: {ref['new_ids']}\n   golden tokens   : {gold['new_ids']}")
+    # Synthetic models have no corpus: evaluate on text the float model itself samples.
+    from sw.runtime import open_model, sample_tokens
     tokens = OUT / "eval_tokens.txt"
-    import numpy as np
-    tokens.write_text(" ".join(str(int(t)) for t in np.random.default_rng(1).integers(0, 512, 256)))
+    tokens.write_text(" ".join(map(str, sample_tokens(open_model(ckpt, "reference"), 256, seed=1))))
     ev = step("4. evaluate golden vs reference", ["eval", str(kq), "--token-file", str(tokens), "--json"], True)
     print(f"   perplexity golden {ev['perplexity']:.3f} vs reference {ev['perplexity_reference']:.3f}, "
           f"top-1 agreement {ev['top1_agreement']:.3f}, KL {ev['kl_ref_test']:.2e}")

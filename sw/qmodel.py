@@ -90,6 +90,13 @@ class QuantModel:
     linears: dict[str, QuantLinear]  # keys: "model.layers.{i}.self_attn.q_proj", ..., "lm_head"
     tokenizer_json: bytes | None = None  # carried along so a .kq is self-contained
 
+    def prepare(self, progress: bool = False) -> None:
+        """Build every linear's integer weight cache now rather than on first use."""
+        from tqdm import tqdm
+        items = [q for q in self.linears.values() if q.kind != "fp16"]
+        for q in tqdm(items, desc="golden weights", unit="linear", disable=not progress or len(items) < 50):
+            q.centered()
+
     def linear_fn(self):
         def run(name: str, x: np.ndarray) -> np.ndarray:
             return self.linears[name](x)

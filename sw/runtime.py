@@ -63,6 +63,7 @@ def open_model(path: str | Path, device: str = "golden", *, quantize_args: dict 
                               f"checkpoint directory it came from")
         from .kq import load_kq
         qm = load_kq(path)
+        qm.prepare(progress)
         return OpenModel(qm.config, Qwen2Runner(qm.config, qm.params, qm.linear_fn()), device, path,
                          _tokenizer_from(None, qm.tokenizer_json), qm.quant)
     from .checkpoint import load_checkpoint
@@ -136,6 +137,15 @@ def generate(model: OpenModel, prompt_ids: list[int], max_new_tokens: int, sampl
         logits = model.forward([nxt], cache)[-1]
         gen.decode_s.append(time.perf_counter() - t0)
     return gen
+
+
+def sample_tokens(model: OpenModel, n_tokens: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
+    """A token sequence the model itself finds plausible: evaluation text for synthetic models."""
+    from .sampling import Sampler, SamplingParams
+    rng = np.random.default_rng(seed)
+    start = [int(rng.integers(0, model.config.vocab_size))]
+    gen = generate(model, start, n_tokens - 1, Sampler(SamplingParams(temperature=temperature, seed=seed)))
+    return np.array(start + gen.new_ids, np.int64)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
