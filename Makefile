@@ -1,7 +1,7 @@
 # Two entry points for a fresh Debian machine: `make demo` and `make test`.
 # Both first run `setup`, which installs what is missing and nothing else.
 PYTHON ?= python3
-APT_PACKAGES := g++ make perl device-tree-compiler iverilog
+APT_PACKAGES := g++ make perl device-tree-compiler iverilog tcl
 PYTEST_ARGS ?=
 JOBS ?= 2
 
@@ -10,7 +10,7 @@ JOBS ?= 2
 setup: apt pip
 
 apt:
-	@missing=""; for t in g++ make perl dtc iverilog; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in g++ make perl dtc iverilog tclsh; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages (missing:$$missing)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

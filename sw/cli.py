@@ -82,11 +82,27 @@ def _sampling(args):
     return Sampler(SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
 
 
+ACCEL_DEVICES = ("golden", "sim", "kv260")
+
+
+def _open_for_generation(args):
+    """A .kq on golden/sim/kv260 runs through the host driver (the accelerator's command
+    lists and registers); a checkpoint directory runs on the NumPy models directly."""
+    from .runtime import open_model
+    if args.device in ("sim", "kv260") or (args.device == "golden" and Path(args.model).is_file()):
+        if not Path(args.model).is_file():
+            raise ConfigError(f"--device {args.device} runs a quantized .kq file; quantize {args.model} first "
+                              f"(kriallm quantize {args.model} --out model.kq)")
+        from .driver import open_accelerated
+        return open_accelerated(args.model, args.device, args, last_logits_only=True)
+    return open_model(args.model, args.device, progress=not args.json)
+
+
 def cmd_generate(args) -> int:
-    from .runtime import encode_prompt, generate, open_model
+    from .runtime import encode_prompt, generate
     if (args.prompt is None) == (args.prompt_ids is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
-    model = open_model(args.model, args.device, progress=not args.json)
+    model = _open_for_generation(args)
     ids = encode_prompt(model, args.prompt, args.prompt_ids)
     gen = generate(model, ids, args.max_new_tokens, _sampling(args), keep_logits=args.dump_logits is not None)
     if args.dump_logits:
@@ -104,6 +120,29 @@ def cmd_generate(args) -> int:
             print(f"text       : {text}")
         print(f"{args.device}: prefill {gen.prefill_s * 1e3:.1f} ms, decode {gen.decode_tok_s:.2f} tok/s "
               f"(measured on this machine)")
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+def cmd_bench(args) -> int:
+    from .driver import bench_report, open_accelerated
+    if not Path(args.model).is_file():
+        raise ConfigError(f"{args.model}: bench runs a quantized .kq file")
+    model = open_accelerated(args.model, args.device, args, last_logits_only=True)
+    try:
+        ids = args.prompt_ids or [int(i) % model.config.vocab_size for i in range(1, args.prompt_len + 1)]
+        rep = bench_report(model, ids, args.max_new_tokens, _sampling(args), model_path=args.model)
+    finally:
+        model.close()
+    if args.json:
+        print(json.dumps(rep))
+        return 0
+    pt = rep["per_token"]
+    _print_table([("decode tok/s", f"{rep['decode_tok_s']:.2f}", rep["decode_tok_s_basis"]),
+                  ("time to first token s", f"{rep['time_to_first_token_s']:.4f}", f"{rep['prompt_tokens']} prompt tokens"),
+                  ("host s / token", f"{pt['host_s']:.5f}", pt["host_kind"]),
+                  ("accelerator s / token", f"{pt['accelerator_s']:.5f}", pt["accelerator_kind"])],
+                 header=("metric", args.device, "basis"))
     return 0
 
 
@@ -224,11 +263,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
     g.add_argument("--prompt-ids", type=_parse_ids, help="comma-separated token ids, e.g. 1,2,3")
     s.add_argument("--max-new-tokens", type=int, default=16)
-    s.add_argument("--device", choices=["reference", "golden"], default="golden")
+    s.add_argument("--device", choices=["reference", *ACCEL_DEVICES], default="golden",
+                   help="reference: float model (checkpoint dir); golden: the accelerator's exact arithmetic "
+                   "(a .kq runs through the driver's register-level model); sim: the RTL in Verilator; kv260: the board")
     s.add_argument("--dump-logits", type=Path, metavar="FILE.npy", help="save the logits of each new token")
     s.add_argument("--json", action="store_true")
     sampling_args(s)
+    from .driver import add_device_args
+    add_device_args(s)
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("bench", help="tokens/s, time to first token, host vs accelerator time per token",
+                       description="Benchmark decode on a device. On golden and sim the accelerator time is "
+                       "modeled (stated clock, DDR model assumptions in the report); host time is measured here.")
+    s.add_argument("model", type=Path, metavar="MODEL.kq")
+    s.add_argument("--device", choices=ACCEL_DEVICES, default="golden")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--prompt-ids", type=_parse_ids)
+    g.add_argument("--prompt-len", type=int, default=16, help="synthetic prompt length (default 16)")
+    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--json", action="store_true")
+    sampling_args(s)
+    add_device_args(s)
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("eval", help="perplexity, top-1 agreement and KL against the float reference")
     s.add_argument("model", type=Path, metavar="MODEL")
@@ -248,6 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     _add_hw_commands(sub)
+
+    from boards.build import add_build_args, run_build  # no Amaranth at import time
+    s = sub.add_parser("build", help="generate (and with Vivado, build) the design for a board",
+                       description="Write the Verilog, Vivado Tcl, device-tree overlay and firmware folder for "
+                       "the KV260; run Vivado in batch when it is on PATH. Exit status 3: generated, Vivado "
+                       "steps still to do (docs/kv260.md).")
+    add_build_args(s)
+    s.set_defaults(func=run_build)
     return p
 
 

@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""The benchmark sweep a paper reports, on whatever device the driver opens.
+
+For each prompt length (default 16, 64, 128, 256): time to first token (the
+prompt's forward pass), prefill tokens/s, decode tokens/s, end-to-end tokens/s,
+the per-token split between host and accelerator when the device reports one,
+and the board power from /sys/class/hwmon while the run lasts (every
+``power*_input`` found, in microwatts, sampled in a background thread), with
+the energy per decoded token. Writes JSON (machines) and prints a table (people).
+
+    python scripts/bench_board.py MODEL.kq --device golden --out bench.json
+
+Devices: everything goes through :func:`open_device`, the one place that knows
+how a device is opened and driven. Today it uses sw.runtime (``golden``,
+``reference``), the API `kriallm generate` uses; the KV260 driver plugs in there
+as ``--device kv260``. A device that knows how long the accelerator was busy
+per token sets ``accel_prefill_s`` / ``accel_decode_s`` on its Generation; the
+table then splits host and accelerator time, otherwise those columns say n/a.
+
+Only NumPy and the board-side sw modules are imported: no Amaranth, no cocotb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SCHEMA = "kriallm.bench-board/1"
+DEFAULT_LENGTHS = (16, 64, 128, 256)
+DEVICES = ("golden", "reference")       # + "kv260" once the driver is wired into open_device
+
+
+# ---------------------------------------------------------------------------
+# The device: the one function to change when the KV260 driver lands
+# ---------------------------------------------------------------------------
+
+@dataclass
+class RunTiming:
+    prefill_s: float
+    decode_s: list[float]
+    new_ids: list[int]
+    accel_prefill_s: float | None = None          # accelerator busy time, when the device reports it
+    accel_decode_s: list[float] | None = None
+
+
+@dataclass
+class BenchDevice:
+    name: str
+    model_path: Path
+    vocab_size: int
+    max_positions: int
+    _model: object = field(repr=False, default=None)
+
+    def run(self, prompt_ids: list[int], new_tokens: int) -> RunTiming:
+        from sw.runtime import generate
+        from sw.sampling import Sampler, SamplingParams
+        gen = generate(self._model, prompt_ids, new_tokens, Sampler(SamplingParams(temperature=0.0)))
+        return RunTiming(gen.prefill_s, list(gen.decode_s), list(gen.new_ids),
+                         getattr(gen, "accel_prefill_s", None), getattr(gen, "accel_decode_s", None))
+
+
+def open_device(model_path: Path, device: str) -> BenchDevice:
+    """Open MODEL on DEVICE through the runtime API `kriallm generate` uses."""
+    from sw.runtime import open_model
+    model = open_model(model_path, device, progress=False)
+    cfg = model.config
+    return BenchDevice(device, Path(model_path), int(cfg.vocab_size), int(cfg.max_position_embeddings), model)
+
+
+# ---------------------------------------------------------------------------
+# Power from hwmon
+# ---------------------------------------------------------------------------
+
+def read_power(root: Path) -> dict[str, float]:
+    """Every power*_input under root/hwmon*/ in watts, keyed 'chip/powerN' (chip from the `name` file)."""
+    out = {}
+    root = Path(root)
+    if not root.is_dir():
+        return out
+    for hw in sorted(root.iterdir()):
+        try:
+            chip = (hw / "name").read_text().strip() or hw.name
+        except OSError:
+            chip = hw.name
+        for f in sorted(hw.glob("power*_input")):
+            try:
+                out[f"{chip}/{f.name.removesuffix('_input')}"] = int(f.read_text().strip()) / 1e6
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+class PowerMonitor:
+    """Samples read_power() every `interval` s while a block runs; mean/max per sensor."""
+
+    def __init__(self, root: Path, interval: float = 0.1):
+        self.root, self.interval = Path(root), interval
+        self.sensors = sorted(read_power(self.root))
+        self._samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = None
+
+    @property
+    def available(self) -> bool:
+        return bool(self.sensors)
+
+    def __enter__(self):
+        self._samples, self._stop = [], threading.Event()
+        if self.available:
+            self._samples.append(read_power(self.root))
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            self._samples.append(read_power(self.root))
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._samples.append(read_power(self.root))
+        return False
+
+    def summary(self) -> dict | None:
+        if not self._samples:
+            return None
+        per = {}
+        for s in self.sensors:
+            vals = [x[s] for x in self._samples if s in x]
+            if vals:
+                per[s] = {"mean_w": statistics.fmean(vals), "max_w": max(vals)}
+        totals = [sum(x.values()) for x in self._samples]
+        return {"samples": len(self._samples), "sensors": per, "sum_mean_w": statistics.fmean(totals),
+                "sum_max_w": max(totals)}
+
+
+# ---------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------
+
+def prompt_ids(length: int, vocab: int, seed: int) -> list[int]:
+    import numpy as np
+    return [int(i) for i in np.random.default_rng(seed + length).integers(0, vocab, size=length)]
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def bench_length(dev: BenchDevice, length: int, new_tokens: int, repeats: int, seed: int,
+                 monitor: PowerMonitor | None) -> dict:
+    ids = prompt_ids(length, dev.vocab_size, seed)
+    runs, power = [], None
+    if monitor is not None and monitor.available:
+        with monitor:
+            runs = [dev.run(ids, new_tokens) for _ in range(repeats)]
+        power = monitor.summary()
+    else:
+        runs = [dev.run(ids, new_tokens) for _ in range(repeats)]
+
+    ttft = _median([r.prefill_s for r in runs])
+    decode_total = _median([sum(r.decode_s) for r in runs])
+    n_decode = len(runs[0].decode_s)          # tokens after the first (the first comes from the prefill)
+    decode_tok_s = n_decode / decode_total if n_decode and decode_total > 0 else None
+    e2e = _median([r.prefill_s + sum(r.decode_s) for r in runs])
+    per_token_ms = 1e3 * decode_total / n_decode if n_decode else None
+    accel_ms = host_ms = None
+    if all(r.accel_decode_s is not None for r in runs) and n_decode:
+        accel_ms = 1e3 * _median([sum(r.accel_decode_s) for r in runs]) / n_decode
+        host_ms = per_token_ms - accel_ms
+    row = {
+        "prompt_tokens": length, "new_tokens": len(runs[0].new_ids), "repeats": repeats,
+        "ttft_s": ttft, "prefill_tok_s": length / ttft if ttft else None,
+        "decode_tok_s": decode_tok_s, "end_to_end_tok_s": len(runs[0].new_ids) / e2e if e2e else None,
+        "decode_ms_per_token": per_token_ms, "host_ms_per_token": host_ms, "accel_ms_per_token": accel_ms,
+        "accel_prefill_s": _median([r.accel_prefill_s for r in runs]),
+        "power": power,
+        "energy_j_per_decoded_token": (power["sum_mean_w"] / decode_tok_s
+                                       if power and decode_tok_s else None),
+        "new_ids": runs[0].new_ids,
+    }
+    return row
+
+
+def run_sweep(args) -> dict:
+    dev = open_device(args.model, args.device)
+    lengths, skipped = [], []
+    for n in args.lengths:
+        (lengths if n + args.new_tokens <= dev.max_positions else skipped).append(n)
+    monitor = PowerMonitor(args.hwmon_root, args.power_interval)
+    idle = None
+    if monitor.available and args.idle_s > 0:
+        with monitor:
+            time.sleep(args.idle_s)
+        idle = monitor.summary()
+    if args.warmup:
+        dev.run(prompt_ids(min(lengths or [1]), dev.vocab_size, args.seed), 2)
+    rows = [bench_length(dev, n, args.new_tokens, args.repeats, args.seed, monitor) for n in lengths]
+    notes = [f"device {args.device}: times are measured on {platform.node() or 'this host'}"
+             + ("" if args.device == "kv260" else ", not on the board")]
+    if skipped:
+        notes.append(f"skipped prompt lengths {skipped}: prompt + {args.new_tokens} new tokens exceed the "
+                     f"model's {dev.max_positions} positions")
+    if not monitor.available:
+        notes.append(f"no power*_input under {args.hwmon_root}: power not measured")
+    if all(r["accel_ms_per_token"] is None for r in rows):
+        notes.append(f"device {args.device} does not report accelerator time: no host/accelerator split")
+    return {
+        "schema": SCHEMA,
+        "device": args.device,
+        "model": str(args.model),
+        "host": {"node": platform.node(), "machine": platform.machine(), "python": platform.python_version(),
+                 "cpus": os.cpu_count()},
+        "settings": {"lengths": list(args.lengths), "new_tokens": args.new_tokens, "repeats": args.repeats,
+                     "warmup": args.warmup, "seed": args.seed, "sampling": "greedy",
+                     "hwmon_root": str(args.hwmon_root), "power_interval_s": args.power_interval},
+        "power_sensors": monitor.sensors,
+        "idle_power": idle,
+        "rows": rows,
+        "notes": notes,
+    }
+
+
+def _fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def print_table(report: dict, out=sys.stdout) -> None:
+    header = ("prompt", "new", "TTFT s", "prefill tok/s", "decode tok/s", "e2e tok/s", "ms/tok",
+              "host ms", "accel ms", "power W", "J/tok")
+    rows = [(str(r["prompt_tokens"]), str(r["new_tokens"]), _fmt(r["ttft_s"], ".4f"),
+             _fmt(r["prefill_tok_s"], ".1f"), _fmt(r["decode_tok_s"], ".2f"), _fmt(r["end_to_end_tok_s"], ".2f"),
+             _fmt(r["decode_ms_per_token"], ".2f"), _fmt(r["host_ms_per_token"], ".2f"),
+             _fmt(r["accel_ms_per_token"], ".2f"),
+             _fmt(r["power"]["sum_mean_w"] if r["power"] else None, ".2f"),
+             _fmt(r["energy_j_per_decoded_token"], ".3f")) for r in report["rows"]]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    print(f"device {report['device']}, model {report['model']}", file=out)
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)), file=out)
+    for n in report["notes"]:
+        print(f"note: {n}", file=out)
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        out = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or any(n < 1 for n in out):
+        raise argparse.ArgumentTypeError("prompt lengths must be positive")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench_board.py", description="Prompt-length sweep: TTFT, tokens/s, "
+                                "host/accelerator split and board power; JSON plus a table.")
+    p.add_argument("model", type=Path, metavar="MODEL", help=".kq file (or checkpoint dir for --device reference)")
+    p.add_argument("--device", choices=DEVICES, default="golden")
+    p.add_argument("--lengths", type=_lengths, default=list(DEFAULT_LENGTHS), help="prompt lengths, e.g. 16,64,128,256")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per length; medians are reported (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="1: one short untimed run first (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
+    p.add_argument("--hwmon-root", type=Path, default=Path("/sys/class/hwmon"))
+    p.add_argument("--power-interval", type=float, default=0.1, help="seconds between power samples")
+    p.add_argument("--idle-s", type=float, default=1.0, help="seconds of idle power measured first (0: skip)")
+    p.add_argument("--out", type=Path, default=None, help="JSON report (default bench_board_<device>.json)")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.new_tokens < 2:
+        print("bench_board: error: --new-tokens must be at least 2 (one prefill token, one decoded)", file=sys.stderr)
+        return 2
+    if args.repeats < 1:
+        print("bench_board: error: --repeats must be at least 1", file=sys.stderr)
+        return 2
+    from sw.errors import KriaError
+    try:
+        report = run_sweep(args)
+    except KriaError as e:
+        print(f"bench_board: error: {e}", file=sys.stderr)
+        return 2
+    if not report["rows"]:
+        print(f"bench_board: error: no prompt length fits the model ({'; '.join(report['notes'])})", file=sys.stderr)
+        return 2
+    out = args.out or Path(f"bench_board_{args.device}.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_table(report)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The host driver: one Device interface, three backends, the decode loop and the bench report.
+
+    from sw.driver import open_device, AcceleratedModel
+    dev = open_device("golden", args)               # or "kv260" (or "sim", once it exists)
+    model = AcceleratedModel("model.kq", dev)       # loads weights, builds the command list
+    sw.runtime.generate(model, prompt_ids, 8, sampler)
+
+The CLI wires `add_device_args(parser)` into `generate`/`bench` and calls
+`open_accelerated(path, device_name, args)`; `bench_report(model, ...)` gives the
+JSON of `kriallm bench --json`. See docs/driver.md.
+
+Importing this package pulls in neither Amaranth nor cocotb (the board has neither).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ConfigError, DeviceError
+from .device import (Buffer, Device, ExpectedHardware, Identity, RunStats, check_identity, check_model,
+                     expected_hardware, hardware_config)
+
+DEVICE_NAMES = ("golden", "sim", "kv260")
+
+__all__ = ["Buffer", "Device", "ExpectedHardware", "Identity", "RunStats", "check_identity", "check_model",
+           "expected_hardware", "hardware_config", "DEVICE_NAMES", "add_device_args", "open_device",
+           "open_accelerated", "AcceleratedModel", "bench_report"]
+
+
+def __getattr__(name):
+    if name in ("AcceleratedModel", "bench_report", "StepTiming"):
+        from . import runner
+        return getattr(runner, name)
+    raise AttributeError(name)
+
+
+def _int0(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer such as 0xA0000000, got {text!r}") from None
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """The driver's options (not --device itself, whose choices the command owns)."""
+    g = parser.add_argument_group("accelerator device options (golden, sim, kv260)")
+    g.add_argument("--hw-config", metavar="PRESET|FILE", default=None,
+                   help="golden/sim: the design to model, a preset of rtl/config.py (default kv260) or an "
+                        "ArrayConfig JSON / manifest.json")
+    g.add_argument("--manifest", metavar="FILE", default=None,
+                   help="the elaboration manifest.json of the loaded design; the driver refuses a design whose "
+                        "CONFIG_HASH differs (kv260: default /lib/firmware/xilinx/APP/manifest.json with --app)")
+    g.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                   help="seconds to wait for one command run before giving up (default 5)")
+    g.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="run q/k/v and gate/up as separate starts instead of one start each")
+    k = parser.add_argument_group("kv260 options")
+    k.add_argument("--kv260-access", choices=["auto", "pynq", "uio", "devmem"], default="auto",
+                   help="registers and buffers through PYNQ (MMIO + allocate), UIO + u-dma-buf, or /dev/mem + "
+                        "u-dma-buf; auto = PYNQ when installed, else devmem with --mem-base, else uio")
+    k.add_argument("--app", metavar="NAME", help="the xmutil app the design was loaded as (finds its manifest)")
+    k.add_argument("--uio", default=None, metavar="NAME",
+                   help="name of the accelerator's UIO device (/sys/class/uio/uio*/name; default: the build "
+                        "manifest's, else kriallm)")
+    k.add_argument("--mem-base", type=_int0, metavar="ADDR",
+                   help="physical address of the register window, to use /dev/mem instead of UIO "
+                        "(0xA0000000 in the board build)")
+    k.add_argument("--udmabuf", default=None, metavar="NAME",
+                   help="u-dma-buf device (default: the build manifest's, else udmabuf-kriallm, else udmabuf0)")
+    k.add_argument("--udmabuf-sync", choices=["combined", "separate"], default="combined",
+                   help="u-dma-buf cache sync: one write of offset/size/direction to sync_for_* (u-dma-buf "
+                        ">= 3.2) or sync_offset/sync_size/sync_direction then sync_for_* (older)")
+    k.add_argument("--irq", action="store_true", help="wait on the UIO interrupt instead of polling STATUS")
+    k.add_argument("--bitstream", metavar="FILE.bit", help="PYNQ: load this overlay (needs the .hwh beside it)")
+    k.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
+    k.add_argument("--dev-root", default="/dev", help=argparse.SUPPRESS)
+
+
+def _arg(args, name, default=None):
+    return getattr(args, name, default) if args is not None else default
+
+
+def open_device(name: str, args=None) -> Device:
+    """A Device for `name` with the options of add_device_args (args may be None: defaults)."""
+    if name == "golden":
+        from .golden_device import GoldenDevice
+        return GoldenDevice(hardware_config(_arg(args, "hw_config") or "kv260"))
+    if name == "kv260":
+        from .kv260 import open_kv260
+        return open_kv260(args)
+    if name == "sim":
+        try:
+            from sim.device import open_sim_device  # provided by the RTL-simulation backend
+        except ImportError as e:
+            missing = getattr(e, "name", None) or str(e)
+            raise DeviceError(f"the sim device is not available ({missing} could not be imported): it needs "
+                              f"sim/device.py and the simulation tools (pip install -e '.[hw,sim]')") from None
+        return open_sim_device(args)
+    raise ConfigError(f"unknown device {name!r}; choose from {', '.join(DEVICE_NAMES)}")
+
+
+def expected_from_args(name: str, args) -> ExpectedHardware | None:
+    """The design the user says is loaded: --manifest, or the app's manifest on the board."""
+    manifest = _arg(args, "manifest")
+    if manifest is None and name == "kv260" and _arg(args, "app"):
+        from pathlib import Path
+        p = Path("/lib/firmware/xilinx") / args.app / "manifest.json"
+        manifest = p if p.exists() else None
+    return expected_hardware(manifest) if manifest else None
+
+
+def open_accelerated(model_path, name: str, args=None, device: Device | None = None, *,
+                     last_logits_only: bool = False):
+    """Open `name`, check its identity against the manifest, load the .kq: an AcceleratedModel
+    (a drop-in for sw.runtime.OpenModel). last_logits_only=True for generate/bench (a prefill then
+    runs the LM head for the last prompt token only); False for eval, which needs every position."""
+    from .runner import AcceleratedModel
+    dev = device or open_device(name, args)
+    try:
+        return AcceleratedModel(model_path, dev, expected=expected_from_args(name, args),
+                                timeout_s=_arg(args, "timeout", 5.0), fuse=_arg(args, "fuse", True),
+                                last_logits_only=last_logits_only)
+    except BaseException:
+        dev.close()
+        raise
