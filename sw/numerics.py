@@ -19,7 +19,7 @@ Summary (per linear y = W x + b, W: N x K, group size G along K, ng = K / G):
      corr = acc - z * qsum                              (exact; = sum (w_k - z) q_k)
 4. Dequant and accumulation, IEEE-754 binary32, round-to-nearest-even, no
    fused multiply-add, subnormals kept, in this exact order:
-     y = fp32(bias)  (or +0.0 when the layer has no bias)
+     y = +0.0 + fp32(bias)  (so -0.0 becomes +0.0; +0.0 when the layer has no bias)
      for g in 0 .. ng-1:
          s = fp32(s_w[g]) * s_a[g]
          t = fp32(corr[g]) * s

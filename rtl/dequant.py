@@ -1,0 +1,373 @@
+"""DequantUnit: exact group sums in, fp32 layer outputs out (numerics contract, step 4).
+
+For every token t, row r of a row tile and group g (sw.numerics.dequant_accumulate):
+
+    corr = acc[t, r] - zero[r] * qsum[t]          exact integer
+    s    = fp32(scale_w[r]) * scale_a[t]          fp32 multiply
+    y    = y + fp32(corr) * s                     fp32 multiply, then fp32 add
+    with y = bias[r] (fp32, +0.0 for layers without bias) before the first group.
+
+The T*R (token, row) items of a group are spread over `lanes` identical fp32
+pipelines; item i = t*R + r goes to lane i % lanes as its (i // lanes)-th item.
+Each lane keeps its running sums y in a small memory, so a group's item meets
+its own previous sum: the y = y + t chain stays strictly sequential over groups
+and the adder latency is hidden by the other items of the lane, never by
+re-association. docs/dequant.md has the schedule, latency and throughput.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Module, Mux, Signal, Value, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from sw.errors import ConfigError
+
+from .fp32 import Fp16ToFp32, Fp32Add, Fp32Multiply, IntToFp32, _discard
+
+__all__ = ["DequantUnit"]
+
+# |corr| = |acc - z * qsum| must stay within 2^24 so that int -> fp32 is exact (docs/numerics.md).
+CORR_LIMIT = 1 << 24
+_CORR_LATENCY = 1   # the acc - z * qsum register
+
+
+def _delay(m: Module, value, cycles: int, name: str, reset: bool = False) -> Value:
+    """`value` delayed by `cycles` registers (reset-less unless `reset`, so they may become SRLs)."""
+    value = Value.cast(value)
+    for k in range(cycles):
+        reg = Signal(value.shape(), name=f"{name}_d{k + 1}", reset_less=not reset)
+        m.d.sync += reg.eq(value)
+        value = reg
+    return value
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"DequantUnit: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+class DequantUnit(wiring.Component):
+    """Dequantizes and accumulates the exact group sums of one row tile.
+
+    Parameters
+    ----------
+    rows : R, output channels per tile.
+    tokens : T, token lanes processed together.
+    acc_width : width of the signed exact group sums ``acc``.
+    qsum_width : signed width of the per-group activation-code sums.
+    lanes : fp32 pipelines in parallel; must divide T*R. Default: the fewest
+        lanes that finish a group's T*R items within ``group_cycles`` (1 when
+        ``group_cycles`` is not given).
+    group_cycles : cycles the MAC array needs per group (G / columns per
+        cycle); only used to choose the default ``lanes``.
+    zero_bits : width of the unsigned weight zero points.
+    mul_latency, add_latency : latencies of the fp32 multipliers and adders.
+
+    Streams (all with full valid/ready handshakes)
+    -------
+    partials : In, one beat per group: ``acc`` [T*R] (index t*R + r), ``first``, ``last``
+        (first/last group of the row tile).
+    meta : In, one beat per group: ``scale`` [R] fp16 bits, ``zero`` [R] unsigned.
+    act : In, one beat per group: ``scale`` [T] fp32 bits of s_a, ``qsum`` [T] signed.
+    bias : In, one beat per row tile (fp32 bits [R]), taken with the tile's first group.
+    out : Out, one beat per row tile after its last group: ``y`` [T*R] fp32 bits (index t*R + r).
+
+    A group starts when partials, meta, act (and bias, on a first group) are all
+    valid; the four beats are taken together, in its last cycle. The payloads must
+    stay stable while valid (the stream rule), because the unit reads them over
+    ``cycles_per_group`` cycles instead of copying them.
+    """
+
+    def __init__(self, rows: int, tokens: int, acc_width: int, qsum_width: int, *,
+                 lanes: int | None = None, group_cycles: int | None = None, zero_bits: int = 4,
+                 mul_latency: int | None = None, add_latency: int | None = None):
+        try:
+            self._configure(rows, tokens, acc_width, qsum_width, lanes, group_cycles, zero_bits,
+                            mul_latency, add_latency)
+        except ConfigError:
+            _discard(self)
+            raise
+        super().__init__({
+            "partials": In(stream.Signature(self.partials_layout)),
+            "meta": In(stream.Signature(self.meta_layout)),
+            "act": In(stream.Signature(self.act_layout)),
+            "bias": In(stream.Signature(self.bias_layout)),
+            "out": Out(stream.Signature(self.out_layout)),
+        })
+
+    def _configure(self, rows, tokens, acc_width, qsum_width, lanes, group_cycles, zero_bits,
+                   mul_latency, add_latency):
+        self._rows = _positive_int("rows", rows)
+        self._tokens = _positive_int("tokens", tokens)
+        self._acc_width = _positive_int("acc_width", acc_width)
+        self._qsum_width = _positive_int("qsum_width", qsum_width)
+        self._zero_bits = _positive_int("zero_bits", zero_bits)
+        if acc_width < 2 or qsum_width < 2:
+            raise ConfigError(f"DequantUnit: acc_width and qsum_width must be at least 2 (signed), "
+                              f"got {acc_width} and {qsum_width}")
+        worst = (1 << (acc_width - 1)) + ((1 << zero_bits) - 1) * (1 << (qsum_width - 1))
+        if worst > CORR_LIMIT:
+            raise ConfigError(
+                f"DequantUnit: acc_width={acc_width}, qsum_width={qsum_width} and zero_bits={zero_bits} "
+                f"allow |acc - zero*qsum| up to {worst}, beyond the 2^24 that the numerics contract "
+                f"needs for an exact int -> fp32 conversion")
+        items = self._rows * self._tokens
+        if group_cycles is not None:
+            _positive_int("group_cycles", group_cycles)
+        if lanes is None:
+            lanes = self.lanes_for(rows, tokens, group_cycles) if group_cycles is not None else 1
+        self._lanes = _positive_int("lanes", lanes)
+        if items % self._lanes:
+            raise ConfigError(f"DequantUnit: lanes={lanes} does not divide the {items} "
+                              f"(tokens x rows) results of a group")
+        self._lat_mul = Fp32Multiply.resolve_latency(mul_latency)
+        self._lat_add = Fp32Add.resolve_latency(add_latency)
+        self._lat_half = Fp16ToFp32.resolve_latency(None)
+        self._lat_int = IntToFp32.resolve_latency(None)
+
+    # -- parameters and derived facts -------------------------------------------------
+
+    @staticmethod
+    def lanes_for(rows: int, tokens: int, group_cycles: int) -> int:
+        """Fewest lanes (a divisor of tokens*rows) that process one group in <= group_cycles cycles."""
+        items = rows * tokens
+        return next(d for d in range(1, items + 1) if items % d == 0 and items // d <= group_cycles)
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
+
+    @property
+    def lanes(self) -> int:
+        return self._lanes
+
+    @property
+    def acc_width(self) -> int:
+        return self._acc_width
+
+    @property
+    def qsum_width(self) -> int:
+        return self._qsum_width
+
+    @property
+    def zero_bits(self) -> int:
+        return self._zero_bits
+
+    @property
+    def mul_latency(self) -> int:
+        return self._lat_mul
+
+    @property
+    def add_latency(self) -> int:
+        return self._lat_add
+
+    @property
+    def corr_width(self) -> int:
+        """Signed width of acc - zero*qsum inside the unit."""
+        return max(self._acc_width, self._qsum_width + self._zero_bits + 1) + 1
+
+    @property
+    def items_per_lane(self) -> int:
+        """Results of one group that each lane computes, one per cycle."""
+        return self._rows * self._tokens // self._lanes
+
+    @property
+    def loop_latency(self) -> int:
+        """Minimum cycles between an item's sum entering the adder and the next group's
+        use of it: the adder latency plus the write into the lane's y memory."""
+        return self._lat_add + 1
+
+    @property
+    def cycles_per_group(self) -> int:
+        """Stall-free throughput: one group every this many cycles."""
+        return max(self.items_per_lane, self.loop_latency)
+
+    @property
+    def _adder_entry(self) -> int:
+        # Offsets from the cycle an item is issued: registered selection (1), then
+        # fp16->fp32 and s = w*a in parallel with corr and int->fp32, then t = cf*s.
+        scale_ready = 1 + self._lat_half + self._lat_mul
+        corr_ready = 1 + _CORR_LATENCY + self._lat_int
+        return max(scale_ready, corr_ready) + self._lat_mul
+
+    @property
+    def pipeline_latency(self) -> int:
+        """Cycles from issuing an item to its new sum leaving the adder."""
+        return self._adder_entry + self._lat_add
+
+    @property
+    def latency(self) -> int:
+        """Fill latency: cycles from the cycle in which a tile's last group starts (its
+        partials/meta/act beats valid, the unit idle) to the cycle in which out.valid
+        is first asserted."""
+        return self.items_per_lane + self.pipeline_latency
+
+    @property
+    def partials_layout(self) -> data.StructLayout:
+        return data.StructLayout({
+            "acc": data.ArrayLayout(signed(self._acc_width), self._tokens * self._rows),
+            "first": 1,
+            "last": 1,
+        })
+
+    @property
+    def meta_layout(self) -> data.StructLayout:
+        return data.StructLayout({
+            "scale": data.ArrayLayout(16, self._rows),
+            "zero": data.ArrayLayout(unsigned(self._zero_bits), self._rows),
+        })
+
+    @property
+    def act_layout(self) -> data.StructLayout:
+        return data.StructLayout({
+            "scale": data.ArrayLayout(32, self._tokens),
+            "qsum": data.ArrayLayout(signed(self._qsum_width), self._tokens),
+        })
+
+    @property
+    def bias_layout(self) -> data.ArrayLayout:
+        return data.ArrayLayout(32, self._rows)
+
+    @property
+    def out_layout(self) -> data.StructLayout:
+        return data.StructLayout({"y": data.ArrayLayout(32, self._tokens * self._rows)})
+
+    def _make_mul(self):
+        return Fp32Multiply(latency=self._lat_mul)
+
+    def _make_add(self):
+        return Fp32Add(latency=self._lat_add)
+
+    # -- hardware ----------------------------------------------------------------------
+
+    def elaborate(self, platform):
+        m = Module()
+        R, T, L = self._rows, self._tokens, self._lanes
+        N = self.items_per_lane
+        cpg = self.cycles_per_group
+        part, meta, act, bias, out = self.partials, self.meta, self.act, self.bias, self.out
+
+        # -- group sequencer: step j = 0 .. cpg-1 over the held input beats --------------
+        step = Signal(range(max(cpg, 2)))
+        out_busy = Signal()     # a tile's last group has started and its out beat is not taken yet
+        first, last = part.payload.first, part.payload.last
+        inputs_valid = part.valid & meta.valid & act.valid & (~first | bias.valid)
+        # A last group may only start once the previous tile's result has left, so
+        # that its sums never overwrite an out beat that is still waiting.
+        go = inputs_valid & ((step != 0) | ~(last & out_busy))
+        done = go & (step == cpg - 1)
+        issue = go & (step < N)
+        m.d.comb += [
+            part.ready.eq(done),
+            meta.ready.eq(done),
+            act.ready.eq(done),
+            bias.ready.eq(done & first),
+        ]
+        with m.If(go):
+            m.d.sync += step.eq(Mux(step == cpg - 1, 0, step + 1))
+            with m.If((step == 0) & last):
+                m.d.sync += out_busy.eq(1)
+        with m.If(out.valid & out.ready):
+            m.d.sync += [out.valid.eq(0), out_busy.eq(0)]
+
+        # -- per-item control, shared by all lanes ------------------------------------
+        s1_valid = Signal()
+        s1_first = Signal(reset_less=True)
+        s1_last = Signal(reset_less=True)
+        s1_index = Signal(range(max(N, 2)), reset_less=True)
+        m.d.sync += [s1_valid.eq(issue), s1_first.eq(first), s1_last.eq(last), s1_index.eq(step)]
+        entry = self._adder_entry
+        e_first = _delay(m, s1_first, entry - 1, "first")
+        e_index = _delay(m, s1_index, entry - 1, "index")
+        e_last = _delay(m, s1_last, entry - 1, "last")
+        f_index = _delay(m, e_index, self._lat_add, "windex")
+        f_last = _delay(m, e_last, self._lat_add, "wlast")
+
+        final_write = Signal()
+        for lane in range(L):
+            # Registered selection of this lane's item from the held input beats.
+            acc = Signal(signed(self._acc_width), name=f"l{lane}_acc", reset_less=True)
+            zero = Signal(self._zero_bits, name=f"l{lane}_zero", reset_less=True)
+            qsum = Signal(signed(self._qsum_width), name=f"l{lane}_qsum", reset_less=True)
+            wscale = Signal(16, name=f"l{lane}_wscale", reset_less=True)
+            ascale = Signal(32, name=f"l{lane}_ascale", reset_less=True)
+            bias_v = Signal(32, name=f"l{lane}_bias", reset_less=True)
+            # The last item is the default case: steps >= N (adder-loop wait) issue nothing,
+            # and a complete case keeps the Verilog free of CASEINCOMPLETE.
+            with m.Switch(step):
+                for k in range(N):
+                    i = k * L + lane
+                    r, t = i % R, i // R
+                    with (m.Case(k) if k < N - 1 else m.Default()):
+                        m.d.sync += [
+                            acc.eq(part.payload.acc[i]),
+                            zero.eq(meta.payload.zero[r]),
+                            qsum.eq(act.payload.qsum[t]),
+                            wscale.eq(meta.payload.scale[r]),
+                            ascale.eq(act.payload.scale[t]),
+                            # numerics starts from +0.0 + bias, which turns a -0.0 bias into +0.0
+                            bias_v.eq(Mux(bias.payload[r] == 0x80000000, 0, bias.payload[r])),
+                        ]
+
+            # s = fp32(w_scale) * a_scale
+            half = m.submodules[f"l{lane}_half"] = Fp16ToFp32()
+            mul_s = m.submodules[f"l{lane}_mul_s"] = self._make_mul()
+            m.d.comb += [half.i_valid.eq(s1_valid), half.a.eq(wscale)]
+            m.d.comb += [mul_s.i_valid.eq(half.o_valid), mul_s.a.eq(half.o),
+                         mul_s.b.eq(_delay(m, ascale, half.latency, f"l{lane}_ascale"))]
+
+            # cf = fp32(acc - zero * qsum), exact
+            corr = Signal(signed(self.corr_width), name=f"l{lane}_corr", reset_less=True)
+            m.d.sync += corr.eq(acc - zero * qsum)
+            to_float = m.submodules[f"l{lane}_int"] = IntToFp32(self.corr_width)
+            m.d.comb += [to_float.i_valid.eq(_delay(m, s1_valid, _CORR_LATENCY, f"l{lane}_cv", reset=True)),
+                         to_float.a.eq(corr)]
+
+            # t = cf * s, both operands aligned to the later of the two
+            scale_ready = 1 + half.latency + mul_s.latency
+            corr_ready = 1 + _CORR_LATENCY + to_float.latency
+            align = max(scale_ready, corr_ready)
+            mul_t = m.submodules[f"l{lane}_mul_t"] = self._make_mul()
+            m.d.comb += [
+                mul_t.i_valid.eq(_delay(m, mul_s.o_valid, align - scale_ready, f"l{lane}_sv", reset=True)),
+                mul_t.a.eq(_delay(m, to_float.o, align - corr_ready, f"l{lane}_cf")),
+                mul_t.b.eq(_delay(m, mul_s.o, align - scale_ready, f"l{lane}_s")),
+            ]
+            assert align + mul_t.latency == entry
+
+            # y = y + t: the previous sum from this lane's memory, or the bias on a first group
+            ymem = m.submodules[f"l{lane}_y"] = Memory(shape=32, depth=N, init=[])
+            y_read = ymem.read_port(domain="comb")
+            y_write = ymem.write_port()
+            adder = m.submodules[f"l{lane}_add"] = self._make_add()
+            e_bias = _delay(m, bias_v, entry - 1, f"l{lane}_bias")
+            if N > 1:
+                m.d.comb += y_read.addr.eq(e_index)
+            m.d.comb += [
+                adder.i_valid.eq(mul_t.o_valid),
+                adder.a.eq(Mux(e_first, e_bias, y_read.data)),
+                adder.b.eq(mul_t.o),
+            ]
+            if N > 1:
+                m.d.comb += y_write.addr.eq(f_index)
+            m.d.comb += [y_write.en.eq(adder.o_valid), y_write.data.eq(adder.o)]
+
+            # The last group's sums go straight into the out beat.
+            with m.If(adder.o_valid & f_last):
+                with m.Switch(f_index):
+                    for k in range(N):
+                        with (m.Case(k) if k < N - 1 else m.Default()):
+                            m.d.sync += out.payload.y[k * L + lane].eq(adder.o)
+            if lane == 0:
+                m.d.comb += final_write.eq(adder.o_valid & f_last & (f_index == N - 1))
+
+        with m.If(final_write):
+            m.d.sync += out.valid.eq(1)
+        return m
