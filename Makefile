@@ -32,8 +32,10 @@ pip:
 demo: setup
 	$(PYTHON) scripts/demo.py
 
+# One BLAS thread per pytest worker: two workers on two cores already fill the
+# machine, and OpenBLAS threads spin-waiting on small matrices cost 10x.
 test: setup
-	$(PYTHON) -m pytest -m "not slow" -n $(JOBS) -q $(PYTEST_ARGS)
+	OPENBLAS_NUM_THREADS=1 $(PYTHON) -m pytest -m "not slow" -n $(JOBS) -q $(PYTEST_ARGS)
 
 test-slow: setup
 	$(PYTHON) -m pytest -m slow -q $(PYTEST_ARGS)

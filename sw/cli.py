@@ -56,7 +56,7 @@ def cmd_quantize(args) -> int:
     if is_awq_checkpoint(ckpt):
         print(f"{args.model}: AutoAWQ checkpoint; converting without re-quantizing "
               f"(--method/--group-size are taken from its quantization_config)", file=sys.stderr)
-        qm = import_awq(ckpt)
+        qm = import_awq(ckpt, lm_head=args.lm_head)
     else:
         from .calibration import calibration_tokens
         from .quant import quantize_model
