@@ -1,0 +1,166 @@
+"""LinearCore (one engine: MacArray + DequantUnit) and the Accelerator top.
+
+A LinearCore turns the beat stream of one row tile (R rows, all groups of K)
+plus its per-group meta (weight scales, zero points) and activation meta
+(scale, code sum) into the tile's fp32 outputs y[t, r]. The beat stream
+carries two tile flags on every beat of a group, `first` (first group of the
+tile) and `final` (last group of the tile); the array carries them to its
+group output as a tag, so the dequant unit knows when to load the bias and
+when to emit y. The core keeps no count of groups: whoever streams the tile
+(the DMA sequencer in a later issue) owns the shape of the layer.
+
+The Accelerator is `engines` LinearCores side by side, one per HP port, with
+each core's streams brought out as `e<i>_<stream>`. The AXI DMA readers,
+CSRs and the command processor wrap it in a later issue.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Module
+from amaranth.lib import stream, wiring
+from amaranth.lib.data import StructLayout
+from amaranth.lib.wiring import In, Out
+
+from .array import MacArray, beat_layout
+from .config import ArrayConfig
+from .dequant import DequantUnit
+
+__all__ = ["LinearCore", "Accelerator", "core_beat_layout"]
+
+STREAMS = ("beats", "meta", "act", "bias", "y")
+
+
+def core_beat_layout(config: ArrayConfig) -> StructLayout:
+    """The core's beat payload: the array beat plus the tile flags."""
+    fields = {name: f.shape for name, f in beat_layout(config)}
+    fields.update(first=1, final=1)
+    return StructLayout(fields)
+
+
+def make_dequant(config: ArrayConfig, *, facts_only: bool = False) -> DequantUnit:
+    dq = DequantUnit(config.rows, config.tokens, config.acc_width, config.qsum_width,
+                     lanes=config.dequant_lanes)
+    if facts_only:
+        dq._MustUse__silence = True     # built to read layouts and latencies, never elaborated
+    return dq
+
+
+class LinearCore(wiring.Component):
+    """One engine: exact INT4 x INT8 group sums, then fp32 dequant and accumulation.
+
+    Streams: `beats` (In: w, a, last, first, final), `meta` (In: scale fp16 [R],
+    zero [R]), `act` (In: scale fp32 [T], qsum [T]), `bias` (In: fp32 [R], once
+    per tile), `y` (Out: fp32 [T*R], index t*R + r, once per tile).
+    """
+
+    def __init__(self, config: ArrayConfig):
+        self._config = config.validate()
+        # Built here only to read the dequant's layouts and latencies; elaborate() builds its own.
+        dq = make_dequant(config, facts_only=True)
+        self._dequant_latency = dq.latency
+        self._dequant_cycles_per_group = dq.cycles_per_group
+        super().__init__({
+            "beats": In(stream.Signature(core_beat_layout(config))),
+            "meta": In(stream.Signature(dq.meta_layout)),
+            "act": In(stream.Signature(dq.act_layout)),
+            "bias": In(stream.Signature(dq.bias_layout)),
+            "y": Out(stream.Signature(dq.out_layout)),
+        })
+
+    @property
+    def config(self) -> ArrayConfig:
+        return self._config
+
+    @property
+    def array_latency(self) -> int:
+        return self._config.array_latency
+
+    @property
+    def dequant_latency(self) -> int:
+        return self._dequant_latency
+
+    @property
+    def latency(self) -> int:
+        """Cycles from accepting a tile's last beat to `y.valid`, with no stalls."""
+        return self._config.array_latency + self._dequant_latency
+
+    @property
+    def dequant_cycles_per_group(self) -> int:
+        return self._dequant_cycles_per_group
+
+    @property
+    def cycles_per_group(self) -> int:
+        """Steady-state cycles per group: the slower of array and dequant."""
+        return max(self._config.beats_per_group, self._dequant_cycles_per_group)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.array = array = MacArray(self._config, tag_width=2)
+        m.submodules.dequant = dequant = make_dequant(self._config)
+
+        b = self.beats.payload
+        m.d.comb += [
+            array.inp.valid.eq(self.beats.valid),
+            self.beats.ready.eq(array.inp.ready),
+            array.inp.payload.w.eq(b.w),
+            array.inp.payload.a.eq(b.a),
+            array.inp.payload.last.eq(b.last),
+            array.inp.payload.tag.eq(b.first | (b.final << 1)),
+
+            dequant.partials.valid.eq(array.out.valid),
+            array.out.ready.eq(dequant.partials.ready),
+            dequant.partials.payload.acc.eq(array.out.payload.acc),
+            dequant.partials.payload.first.eq(array.out.payload.tag[0]),
+            dequant.partials.payload.last.eq(array.out.payload.tag[1]),
+        ]
+        wiring.connect(m, wiring.flipped(self.meta), dequant.meta)
+        wiring.connect(m, wiring.flipped(self.act), dequant.act)
+        wiring.connect(m, wiring.flipped(self.bias), dequant.bias)
+        wiring.connect(m, dequant.out, wiring.flipped(self.y))
+        return m
+
+
+class Accelerator(wiring.Component):
+    """The elaboration top: `engines` independent LinearCores, streams named e<i>_<stream>."""
+
+    def __init__(self, config: ArrayConfig):
+        self._config = config.validate()
+        self._core = LinearCore(config)     # for the signature and the facts only
+        self._core._MustUse__silence = True
+        members = {}
+        for i in range(config.engines):
+            for name in STREAMS:
+                members[f"e{i}_{name}"] = self._core.signature.members[name]
+        super().__init__(members)
+
+    @property
+    def config(self) -> ArrayConfig:
+        return self._config
+
+    @property
+    def latency(self) -> int:
+        return self._core.latency
+
+    @property
+    def array_latency(self) -> int:
+        return self._core.array_latency
+
+    @property
+    def dequant_latency(self) -> int:
+        return self._core.dequant_latency
+
+    @property
+    def cycles_per_group(self) -> int:
+        return self._core.cycles_per_group
+
+    def elaborate(self, platform):
+        m = Module()
+        for i in range(self._config.engines):
+            core = m.submodules[f"engine{i}"] = LinearCore(self._config)
+            for name in STREAMS:
+                port = getattr(self, f"e{i}_{name}")
+                if name == "y":
+                    wiring.connect(m, getattr(core, name), wiring.flipped(port))
+                else:
+                    wiring.connect(m, wiring.flipped(port), getattr(core, name))
+        return m

