@@ -52,11 +52,18 @@ def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, build_na
     runner.build(sources=[str(s) for s in sources], hdl_toplevel=toplevel, build_dir=str(build_dir),
                  build_args=build_args, always=False, timescale=timescale, waves=waves)
     env = dict(extra_env or {})
-    results = runner.test(hdl_toplevel=toplevel, test_module=test_module, build_dir=str(build_dir),
-                          test_dir=str(test_dir or build_dir), extra_env=env, waves=waves,
-                          results_xml=str(build_dir / f"results-{test_module}.xml"))
-    _check_results(Path(results))
-    return Path(results)
+    results = build_dir / f"results-{test_module}.xml"
+    try:
+        runner.test(hdl_toplevel=toplevel, test_module=test_module, build_dir=str(build_dir),
+                    test_dir=str(test_dir or build_dir), extra_env=env, waves=waves,
+                    results_xml=str(results))
+    except SystemExit as e:
+        # Under pytest, cocotb's runner exits on a failing test; report which one instead.
+        if results.exists():
+            _check_results(results)
+        raise AssertionError(f"simulation of {toplevel} ({test_module}) exited with status {e.code}") from None
+    _check_results(results)
+    return results
 
 
 def _check_results(path: Path) -> None:

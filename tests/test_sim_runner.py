@@ -1,0 +1,46 @@
+"""The cocotb runner itself: a passing run passes and a failing cocotb test fails pytest by name."""
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("amaranth")
+
+from amaranth import Elaboratable, Module, Signal  # noqa: E402
+from amaranth.back import verilog  # noqa: E402
+
+from sim.runner import run_cocotb, write_verilog  # noqa: E402
+
+SIM_DIR = Path(__file__).resolve().parent.parent / "sim"
+
+
+class Counter(Elaboratable):
+    def __init__(self):
+        self.en = Signal()
+        self.q = Signal(8)
+
+    def elaborate(self, platform):
+        m = Module()
+        with m.If(self.en):
+            m.d.sync += self.q.eq(self.q + 1)
+        return m
+
+
+@pytest.fixture(scope="module")
+def source():
+    c = Counter()
+    return write_verilog(verilog.convert(c, name="selftest_counter", ports=[c.en, c.q]), "selftest_counter")
+
+
+def _run(source, expect):
+    return run_cocotb(sources=[source], toplevel="selftest_counter", test_module="tb_runner_selftest",
+                      build_name="selftest_counter", test_dir=SIM_DIR, extra_env={"SELFTEST_EXPECT": str(expect)})
+
+
+def test_passing_run_returns_results(source):
+    assert _run(source, 10).exists()
+
+
+def test_failing_cocotb_test_fails_pytest_with_its_name(source):
+    with pytest.raises(AssertionError, match="counter_counts"):
+        _run(source, 11)
