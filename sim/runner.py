@@ -6,7 +6,10 @@ and -n work and a rebuild happens only when the Verilog changes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import itertools
 import os
 from pathlib import Path
 
@@ -49,10 +52,13 @@ def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, build_na
     runner = get_runner(sim)
     build_dir = BUILD_ROOT / f"{build_name}-{sim}"
     build_args = list(VERILATOR_BUILD_ARGS) if sim == "verilator" else []
-    runner.build(sources=[str(s) for s in sources], hdl_toplevel=toplevel, build_dir=str(build_dir),
-                 build_args=build_args, always=False, timescale=timescale, waves=waves)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # pytest -n spreads one module's tests over workers: only one may build a directory.
+    with _locked(build_dir / ".build.lock"):
+        runner.build(sources=[str(s) for s in sources], hdl_toplevel=toplevel, build_dir=str(build_dir),
+                     build_args=build_args, always=False, timescale=timescale, waves=waves)
     env = dict(extra_env or {})
-    results = build_dir / f"results-{test_module}.xml"
+    results = build_dir / f"results-{test_module}-{os.getpid()}-{next(_RUN_IDS)}.xml"
     try:
         runner.test(hdl_toplevel=toplevel, test_module=test_module, build_dir=str(build_dir),
                     test_dir=str(test_dir or build_dir), extra_env=env, waves=waves,
@@ -64,6 +70,19 @@ def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, build_na
         raise AssertionError(f"simulation of {toplevel} ({test_module}) exited with status {e.code}") from None
     _check_results(results)
     return results
+
+
+_RUN_IDS = itertools.count()
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _check_results(path: Path) -> None:
