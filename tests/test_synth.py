@@ -1,4 +1,5 @@
-"""Synthetic checkpoints: round trip, determinism, the planted outliers, sanity."""
+"""Synthetic checkpoints: round trip, determinism, the planted outliers, sanity,
+and robustness to small weight changes (docs/synthetic.md)."""
 
 import json
 import time
@@ -8,7 +9,9 @@ import pytest
 
 from sw.checkpoint import expected_shapes, load_checkpoint
 from sw.config import preset
+from sw.quant import fake_quant_activations, fake_quant_weight
 from sw.reference import Qwen2Runner, reference_linears
+from sw.runtime import compare_logits
 from sw.safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits
 from sw.synth import synthesize, synthetic_structure, write_synthetic_checkpoint
 
@@ -116,7 +119,7 @@ def test_outlier_input_channels(tensors, run):
         for linear in ("self_attn.q_proj", "mlp.up_proj"):
             x = np.concatenate([seen[f"model.layers.{layer}.{linear}"][0] for _, _, seen in run])
             peak = np.abs(x).max(axis=0)
-            big = set(np.flatnonzero(peak > 10 * np.median(peak)))
+            big = set(np.flatnonzero(peak > 4 * np.median(peak)))
             assert big, (layer, linear)
             assert big <= set(s.outlier_channels) | set(s.massive_dims), (layer, linear)
             assert len(big) <= 0.05 * CONFIG.hidden_size
@@ -146,11 +149,15 @@ def test_massive_activations(tensors, run):
             if layer < s.emergence_layer:
                 continue
             assert top == set(s.massive_dims)
-            floor = 40 if layer == s.emergence_layer else 5
-            assert per_dim[list(s.massive_dims)].min() > floor * typical, layer
+            assert per_dim[list(s.massive_dims)].min() > 8 * typical, layer
             if layer == s.emergence_layer:
                 # Fixed dims on every token, not a handful of positions.
-                assert np.all(np.abs(h[:, list(s.massive_dims)]) > 10 * typical)
+                assert np.all(np.abs(h[:, list(s.massive_dims)]) > 5 * typical)
+                # o_proj writes the same value on every token: the v_proj
+                # sink channels it reads are (almost) pure bias.
+                written = np.abs(seen[f"model.layers.{layer}.self_attn.o_proj"][1]
+                                 [:, list(s.massive_dims)])
+                assert np.all(written.std(axis=0) < 0.03 * written.mean(axis=0))
 
 
 def test_numerically_sane(run):
@@ -170,6 +177,55 @@ def test_numerically_sane(run):
     assert np.corrcoef(a[-1], b[-1])[0, 1] < 0.9
 
 
+def _self_sample(tensors, n_tokens=128, seed=0):
+    """n_tokens sampled from the float model itself at temperature 1."""
+    runner = Qwen2Runner(CONFIG, tensors, reference_linears(CONFIG, tensors))
+    rng = np.random.default_rng(seed)
+    ids, cache = [1], runner.new_cache(n_tokens)
+    logits = runner.forward(np.array(ids), cache)[-1]
+    for _ in range(n_tokens - 1):
+        _, p = _entropy(logits.astype(np.float64))
+        ids.append(int(rng.choice(CONFIG.vocab_size, p=p)))
+        logits = runner.forward(np.array(ids[-1:]), cache)[-1]
+    return np.array(ids)
+
+
+def test_robust_like_a_trained_model(tensors):
+    """On text it writes itself, the model reacts to small weight changes
+    about as a trained LLM does (docs/synthetic.md, "Robustness"): 1 %
+    multiplicative noise on every linear weight barely moves the logits,
+    INT8 activations hardly matter, INT4 round-to-nearest costs a real LLM's
+    KL -- not nothing, not a collapse."""
+    ids = _self_sample(tensors)
+    base = reference_linears(CONFIG, tensors)
+
+    def kl_top1(linear, params=tensors):
+        runner = Qwen2Runner(CONFIG, params, linear)
+        logits = runner.forward(ids, runner.new_cache())
+        c = compare_logits(logits[:-1], ref[:-1], ids[1:])
+        return c["kl_ref_test"], c["top1_agreement"]
+
+    runner = Qwen2Runner(CONFIG, tensors, base)
+    ref = runner.forward(ids, runner.new_cache())
+    entropy, _ = _entropy(ref.astype(np.float64))
+    assert 2.5 < entropy.mean() < 3.7
+    assert len(set(ids.tolist())) > 30            # no collapse into a loop
+
+    rng = np.random.default_rng(5)
+    noisy = {k: v * (1 + 0.01 * rng.standard_normal(v.shape)).astype(np.float32)
+             if k.endswith("_proj.weight") else v for k, v in tensors.items()}
+    kl, top1 = kl_top1(reference_linears(CONFIG, noisy))
+    assert kl < 0.01 and top1 > 0.9, (kl, top1)
+
+    kl, _ = kl_top1(lambda name, x: base(name, fake_quant_activations(x, 64)))
+    assert kl < 0.05, kl
+
+    rtn = {k: fake_quant_weight(v, 64) if k.endswith("_proj.weight") else v
+           for k, v in tensors.items()}
+    kl, _ = kl_top1(reference_linears(CONFIG, rtn))
+    assert 0.02 < kl < 0.5, kl
+
+
 @pytest.mark.slow
 def test_qwen25_05b(tmp_path, request):
     if "slow" not in (request.config.getoption("markexpr") or ""):
@@ -184,7 +240,7 @@ def test_qwen25_05b(tmp_path, request):
     ck = load_checkpoint(out)
     assert ck.config == config
     std = ck.tensors["model.layers.5.self_attn.q_proj.weight"].std()
-    assert 0.015 < std < 0.03
+    assert 0.015 < std < 0.05
     runner = Qwen2Runner(config, ck.tensors, reference_linears(config, ck.tensors))
     ids = np.random.default_rng(0).integers(0, config.vocab_size, 16)
     logits = runner.forward(ids, runner.new_cache())
