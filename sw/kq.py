@@ -25,6 +25,7 @@ from .config import Qwen2Config
 from .errors import ConfigError, FormatError
 from .layout import TileLayout, pack_linear, unpack_linear
 from .qmodel import QuantLinear, QuantModel
+from .safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits
 
 MAGIC = b"KRIAKQ\r\n"
 FORMAT_VERSION = 1
@@ -33,17 +34,6 @@ DEFAULT_TILE_ROWS = 32
 _PREFIX = struct.Struct("<8sIII")
 
 _DTYPES = {"u8": np.uint8, "i8": np.int8, "f16": np.float16, "f32": np.float32, "bf16": np.uint16}
-
-
-def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bit patterns, round to nearest even (exact for bf16-valued input)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))
-    return (rounded >> 16).astype(np.uint16)
-
-
-def _from_bf16_bits(b: np.ndarray) -> np.ndarray:
-    return (b.astype(np.uint32) << 16).view(np.float32)
 
 
 def _required_params(cfg: Qwen2Config) -> list[str]:
@@ -71,7 +61,7 @@ def _tensors_of(model: QuantModel, tile_rows: int):
     for name in sorted(model.params):
         arr = model.params[name]
         if name.endswith("embed_tokens.weight"):
-            data, dtype = _to_bf16_bits(arr), "bf16"
+            data, dtype = f32_to_bf16_bits(arr), "bf16"
         else:
             data, dtype = np.ascontiguousarray(arr, np.float32), "f32"
         yield {"name": name, "role": "param", "dtype": dtype, "shape": list(arr.shape)}, data
@@ -221,7 +211,7 @@ class KqFile:
             if t["role"] != "param":
                 continue
             a = self.array(t)
-            params[t["name"]] = _from_bf16_bits(a) if t["dtype"] == "bf16" else np.array(a)
+            params[t["name"]] = bf16_bits_to_f32(a) if t["dtype"] == "bf16" else np.array(a)
         tok = self.entries.get(("tokenizer.json", ""))
         tokenizer_json = bytes(self._view(tok)) if tok else None
         for name in cfg.linear_names():
