@@ -12,8 +12,14 @@ writes CTRL.start. The processor then, for each descriptor in order:
    same order and with the same :class:`~sw.commands.ErrorCode`. An invalid
    descriptor (or one whose fetch got SLVERR/DECERR) is never presented to the
    datapath: the run stops with STATUS.error, the code and the command index;
-3. presents the decoded command on the ``op`` stream and waits for one
-   ``op_done`` answer ``{error, error_code}`` before the next command.
+3. presents the decoded command on the ``op`` stream and collects one
+   ``op_done`` answer ``{error, error_code}`` per command, in command order.
+   With ``ops_in_flight = 1`` (the default) it waits for a command's answer
+   before presenting the next one. With ``ops_in_flight = n > 1`` it presents
+   up to n commands before their answers arrive, so a datapath that holds
+   several commands can start the next one while the previous one drains
+   (rtl/top.py uses 2); a descriptor that fails validation is still reported
+   only after every earlier command has answered, and is never presented.
 
 It keeps STATUS/IRQ_STATUS, drives the level ``irq`` line (gated by
 CTRL.irq_enable), counts busy cycles and the cycles of every command (a
@@ -174,6 +180,7 @@ class CommandProcessor(wiring.Component):
     beats_width : width of the read master's ``beats`` field.
     perf_bytes_width : width of the per-cycle byte increments in ``perf``.
     limits : override of ``HardwareLimits.from_config(config, addr_width)``.
+    ops_in_flight : commands presented on ``op`` before their ``op_done`` (1..15).
 
     Ports
     -----
@@ -187,7 +194,11 @@ class CommandProcessor(wiring.Component):
     """
 
     def __init__(self, config, *, config_hash: str | None = None, addr_width: int = DEFAULT_ADDR_BITS,
-                 beats_width: int = 28, perf_bytes_width: int = 16, limits: HardwareLimits | None = None):
+                 beats_width: int = 28, perf_bytes_width: int = 16, limits: HardwareLimits | None = None,
+                 ops_in_flight: int = 1):
+        if not isinstance(ops_in_flight, int) or not 1 <= ops_in_flight <= 15:
+            raise ConfigError(f"CommandProcessor: ops_in_flight must be 1..15, got {ops_in_flight!r}")
+        self._ops_in_flight = ops_in_flight
         self._config = config
         self._hash = config.config_hash if config_hash is None else config_hash
         self._hash_words = config_hash_words(self._hash)
@@ -238,6 +249,10 @@ class CommandProcessor(wiring.Component):
         return self._desc_beats
 
     @property
+    def ops_in_flight(self) -> int:
+        return self._ops_in_flight
+
+    @property
     def registers(self):
         """{name: (offset, csr.Register)} of the bank."""
         return self._bank.registers
@@ -280,7 +295,9 @@ class CommandProcessor(wiring.Component):
 
         # ---- run state ------------------------------------------------------------------
         state = Signal(_State)
-        index = Signal(INDEX_BITS)
+        index = Signal(INDEX_BITS)       # the oldest command without an answer (STATUS.cmd_index)
+        issue_index = Signal(INDEX_BITS) # the command in `cur`, next to be presented on `op`
+        outstanding = Signal(range(self._ops_in_flight + 1))   # presented, not yet answered
         run_count = Signal(INDEX_BITS)   # CMD_COUNT as it was at start: later writes cannot derail a run
         done, error = Signal(), Signal()
         error_code = Signal(ERROR_CODE_BITS)
@@ -353,7 +370,7 @@ class CommandProcessor(wiring.Component):
         aw = self._addr_width
         p = self.op.payload
         m.d.comb += [
-            p.index.eq(index), p.tag.eq(d.tag), p.has_bias.eq(has_bias), p.weight_int8.eq(int8),
+            p.index.eq(issue_index), p.tag.eq(d.tag), p.has_bias.eq(has_bias), p.weight_int8.eq(int8),
             p.n.eq(d.n), p.k.eq(d.k), p.groups.eq(d.k >> g_bits), p.tokens.eq(d.tokens),
             p.weight_addr.eq(d.weight_addr[:aw]), p.act_addr.eq(d.act_addr[:aw]),
             p.bias_addr.eq(d.bias_addr[:aw]), p.out_addr.eq(d.out_addr[:aw]),
@@ -373,39 +390,92 @@ class CommandProcessor(wiring.Component):
         # ---- the sequencer --------------------------------------------------------------------
         op_done_fire = Signal()
         m.d.comb += op_done_fire.eq(self.op_done.valid & self.op_done.ready)
-        with m.Switch(state):
-            with m.Case(_State.IDLE):
-                # Completions of ops abandoned by a soft reset are swallowed here.
-                m.d.comb += self.op_done.ready.eq(1)
-                with m.If(start & ~soft_reset):
-                    m.d.sync += [done.eq(0), error.eq(0), error_code.eq(0), index.eq(0), cmd_cycles.eq(0)]
-                    with m.If((base[:lo_bits] != 0) | ((base >> self._addr_width) != 0)):
-                        m.d.comb += [finish.eq(1), fail.eq(1), fail_code.eq(ErrorCode.BAD_CMD_BASE)]
-                    with m.Elif(count == 0):
-                        m.d.comb += finish.eq(1)
-                    with m.Else():
-                        m.d.sync += [state.eq(_State.WAIT_DESC), f_addr.eq(base), f_remaining.eq(count),
-                                     run_count.eq(count)]
-            with m.Case(_State.WAIT_DESC):
-                with m.If(buf_full):
-                    m.d.sync += [cur.eq(buf), cur_err.eq(buf_err), buf_full.eq(0), state.eq(_State.CHECK)]
-            with m.Case(_State.CHECK):
-                with m.If(cur_err):
-                    m.d.comb += [finish.eq(1), fail.eq(1), fail_code.eq(ErrorCode.FETCH_ERROR)]
-                with m.Elif(check != 0):
-                    m.d.comb += [finish.eq(1), fail.eq(1), fail_code.eq(check)]
+
+        def log_completion():
+            m.d.comb += [log_w.en.eq(1), log_w.addr.eq(index[:(CMD_LOG_DEPTH - 1).bit_length()]),
+                         log_w.data.eq(this_cycles)]
+            m.d.sync += [last_cycles.eq(this_cycles), cmd_cycles.eq(0)]
+
+        def idle_case():
+            # Completions of ops abandoned by a soft reset are swallowed here.
+            m.d.comb += self.op_done.ready.eq(1)
+            with m.If(start & ~soft_reset):
+                m.d.sync += [done.eq(0), error.eq(0), error_code.eq(0), index.eq(0), cmd_cycles.eq(0)]
+                if self._ops_in_flight > 1:
+                    m.d.sync += [issue_index.eq(0), outstanding.eq(0)]
+                with m.If((base[:lo_bits] != 0) | ((base >> self._addr_width) != 0)):
+                    m.d.comb += [finish.eq(1), fail.eq(1), fail_code.eq(ErrorCode.BAD_CMD_BASE)]
+                with m.Elif(count == 0):
+                    m.d.comb += finish.eq(1)
                 with m.Else():
-                    m.d.sync += state.eq(_State.ISSUE)
-            with m.Case(_State.ISSUE):
-                m.d.comb += self.op.valid.eq(1)
-                with m.If(self.op.ready):
-                    m.d.sync += state.eq(_State.WAIT_DONE)
-            with m.Case(_State.WAIT_DONE):
+                    m.d.sync += [state.eq(_State.WAIT_DESC), f_addr.eq(base), f_remaining.eq(count),
+                                 run_count.eq(count)]
+
+        if self._ops_in_flight == 1:
+            m.d.comb += issue_index.eq(index)
+            with m.Switch(state):
+                with m.Case(_State.IDLE):
+                    idle_case()
+                with m.Case(_State.WAIT_DESC):
+                    with m.If(buf_full):
+                        m.d.sync += [cur.eq(buf), cur_err.eq(buf_err), buf_full.eq(0), state.eq(_State.CHECK)]
+                with m.Case(_State.CHECK):
+                    with m.If(cur_err):
+                        m.d.comb += [finish.eq(1), fail.eq(1), fail_code.eq(ErrorCode.FETCH_ERROR)]
+                    with m.Elif(check != 0):
+                        m.d.comb += [finish.eq(1), fail.eq(1), fail_code.eq(check)]
+                    with m.Else():
+                        m.d.sync += state.eq(_State.ISSUE)
+                with m.Case(_State.ISSUE):
+                    m.d.comb += self.op.valid.eq(1)
+                    with m.If(self.op.ready):
+                        m.d.sync += state.eq(_State.WAIT_DONE)
+                with m.Case(_State.WAIT_DONE):
+                    m.d.comb += self.op_done.ready.eq(1)
+                    with m.If(self.op_done.valid):
+                        log_completion()
+                        with m.If(self.op_done.payload.error):
+                            code = self.op_done.payload.error_code
+                            m.d.comb += [finish.eq(1), fail.eq(1),
+                                         fail_code.eq(Mux(code != 0, code, ErrorCode.DATAPATH_ERROR))]
+                        with m.Else():
+                            m.d.sync += index.eq(index + 1)
+                            with m.If(index + 1 == run_count):
+                                m.d.comb += finish.eq(1)
+                            with m.Else():
+                                m.d.sync += state.eq(_State.WAIT_DESC)
+        else:
+            # Several ops in flight: WAIT_DESC/CHECK/ISSUE run ahead of the answers, which are
+            # taken in any state (they come in command order); WAIT_DONE waits for the last ones.
+            issued = Signal()
+            with m.Switch(state):
+                with m.Case(_State.IDLE):
+                    idle_case()
+                with m.Case(_State.WAIT_DESC):
+                    with m.If(buf_full):
+                        m.d.sync += [cur.eq(buf), cur_err.eq(buf_err), buf_full.eq(0), state.eq(_State.CHECK)]
+                with m.Case(_State.CHECK):
+                    # A bad descriptor is reported once every earlier command has answered,
+                    # so STATUS.cmd_index names it and nothing after it was executed.
+                    with m.If(cur_err | (check != 0)):
+                        with m.If(outstanding == 0):
+                            m.d.comb += [finish.eq(1), fail.eq(1),
+                                         fail_code.eq(Mux(cur_err, ErrorCode.FETCH_ERROR, check))]
+                    with m.Else():
+                        m.d.sync += state.eq(_State.ISSUE)
+                with m.Case(_State.ISSUE):
+                    m.d.comb += self.op.valid.eq(outstanding < self._ops_in_flight)
+                    with m.If(self.op.valid & self.op.ready):
+                        m.d.comb += issued.eq(1)
+                        m.d.sync += issue_index.eq(issue_index + 1)
+                        with m.If(issue_index + 1 == run_count):
+                            m.d.sync += state.eq(_State.WAIT_DONE)
+                        with m.Else():
+                            m.d.sync += state.eq(_State.WAIT_DESC)
+            with m.If(active & (outstanding != 0)):
                 m.d.comb += self.op_done.ready.eq(1)
                 with m.If(self.op_done.valid):
-                    m.d.comb += [log_w.en.eq(1), log_w.addr.eq(index[:(CMD_LOG_DEPTH - 1).bit_length()]),
-                                 log_w.data.eq(this_cycles)]
-                    m.d.sync += [last_cycles.eq(this_cycles), cmd_cycles.eq(0)]
+                    log_completion()
                     with m.If(self.op_done.payload.error):
                         code = self.op_done.payload.error_code
                         m.d.comb += [finish.eq(1), fail.eq(1),
@@ -414,18 +484,19 @@ class CommandProcessor(wiring.Component):
                         m.d.sync += index.eq(index + 1)
                         with m.If(index + 1 == run_count):
                             m.d.comb += finish.eq(1)
-                        with m.Else():
-                            m.d.sync += state.eq(_State.WAIT_DESC)
+            with m.If(active):
+                m.d.sync += outstanding.eq(outstanding + issued - op_done_fire)
 
         irq_done = regs.IRQ_STATUS.f.done
         irq_error = regs.IRQ_STATUS.f.error
         with m.If(finish):
-            m.d.sync += [state.eq(_State.IDLE), done.eq(1), error.eq(fail), error_code.eq(fail_code)]
+            m.d.sync += [state.eq(_State.IDLE), done.eq(1), error.eq(fail), error_code.eq(fail_code),
+                         outstanding.eq(0)]
             m.d.comb += [abort.eq(1), irq_done.set.eq(1), irq_error.set.eq(fail)]
 
         with m.If(soft_reset):
             m.d.sync += [state.eq(_State.IDLE), done.eq(0), error.eq(0), error_code.eq(0), index.eq(0),
-                         cmd_cycles.eq(0), last_cycles.eq(0)]
+                         cmd_cycles.eq(0), last_cycles.eq(0), outstanding.eq(0)]
             m.d.comb += [abort.eq(1), irq_done.clr.eq(1), irq_error.clr.eq(1),
                          irq_done.set.eq(0), irq_error.set.eq(0), log_w.en.eq(0)]
 
@@ -435,7 +506,7 @@ class CommandProcessor(wiring.Component):
         beat_bytes = self._beat_bits // 8
         events = {
             "BUSY_CYCLES": active,
-            "MEM_STALL_CYCLES": active & (self.perf.mem_stall | (state == _State.WAIT_DESC)),
+            "MEM_STALL_CYCLES": active & (self.perf.mem_stall | ((state == _State.WAIT_DESC) & (outstanding == 0))),
             "COMPUTE_STALL_CYCLES": self.perf.compute_stall,
             "BYTES_READ": self.perf.bytes_read + Mux(beat_fire, beat_bytes, 0),
             "BYTES_WRITTEN": self.perf.bytes_written,
