@@ -125,7 +125,20 @@ def cmd_generate(args) -> int:
 
 # --------------------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
+    if args.preset is not None:
+        # Engine-level bench: the accelerator RTL with the DDR model, no model file (sim/bench.py).
+        if args.model is not None:
+            raise ConfigError("give either MODEL.kq (decode bench on a device) or --preset (RTL engine bench), "
+                              "not both")
+        try:
+            from sim.bench import run_bench
+        except ImportError as e:
+            raise KriaError(f"the RTL bench needs the hardware and simulation tools ({e.name} is missing): "
+                            f"pip install -e '.[all]'") from None
+        return run_bench(args)
     from .driver import bench_report, open_accelerated
+    if args.model is None:
+        raise ConfigError("bench needs MODEL.kq (decode on --device) or --preset NAME (the RTL engine bench)")
     if not Path(args.model).is_file():
         raise ConfigError(f"{args.model}: bench runs a quantized .kq file")
     model = open_accelerated(args.model, args.device, args, last_logits_only=True)
@@ -219,6 +232,16 @@ def _hw(module: str, fn: str):
     return run
 
 
+def _add_engine_bench_args(parser: argparse.ArgumentParser) -> None:
+    """sim/bench.py's options when it imports (it needs only numpy at import time)."""
+    try:
+        from sim.bench import add_bench_args
+    except ImportError:
+        parser.add_argument("--preset", default=None, help="hardware preset: runs the RTL engine bench")
+        return
+    add_bench_args(parser.add_argument_group("RTL engine bench (with --preset, no MODEL.kq)"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kriallm", description="4-bit Qwen2 on the Kria KV260: quantize, "
                                 "elaborate, simulate and run.")
@@ -273,10 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_args(s)
     s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("bench", help="tokens/s, time to first token, host vs accelerator time per token",
+    s = sub.add_parser("bench", help="tokens/s, time to first token, host vs accelerator time per token; "
+                       "or, with --preset, the RTL engine bench",
                        description="Benchmark decode on a device. On golden and sim the accelerator time is "
-                       "modeled (stated clock, DDR model assumptions in the report); host time is measured here.")
-    s.add_argument("model", type=Path, metavar="MODEL.kq")
+                       "modeled (stated clock, DDR model assumptions in the report); host time is measured here. "
+                       "With --preset NAME (and no MODEL.kq) it runs the engine-level bench instead: one decoder "
+                       "layer's linears and an LM-head slice with random weights of the real shapes through the "
+                       "accelerator RTL and the DDR model (sim/bench.py, docs/engine.md).")
+    s.add_argument("model", type=Path, metavar="MODEL.kq", nargs="?", default=None)
     s.add_argument("--device", choices=ACCEL_DEVICES, default="golden")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--prompt-ids", type=_parse_ids)
@@ -285,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     sampling_args(s)
     add_device_args(s)
+    _add_engine_bench_args(s)
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("eval", help="perplexity, top-1 agreement and KL against the float reference")
