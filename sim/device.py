@@ -1,0 +1,267 @@
+"""The host driver's `sim` backend: sw/driver on the accelerator RTL in Verilator.
+
+    kriallm generate MODEL.kq --device sim [--hw-config kv260]
+    dev = open_sim_device(args)          # sw.driver.open_device("sim", args) calls this
+
+`SimDevice` implements sw.driver.device.Device on the simulation top of
+sim/top_tb.py (rtl.top.Accelerator with every HP port on the Verilog DDR
+model, one Verilator build per config, shared with the tests and the bench):
+
+* the simulator runs in a background thread of the host process (cocotb's
+  runner), its cocotb test `sim_device_server` (below) serving requests over a
+  Unix socket: register reads and writes go through cocotbext-axi's
+  AxiLiteMaster on the ``csr`` port, so the driver exercises the real
+  AXI4-Lite slave and CSR bank;
+* DMA buffers live in the DDR model's memory. `alloc` hands out addresses of
+  the model; ``sync_for_device`` loads the range into the model ($readmemh
+  image), ``sync_for_cpu`` dumps it back, exactly where the board needs its
+  cache maintenance, so a driver that forgets one computes wrong results here;
+* between requests the simulation stands still; `wait` lets it run free
+  (no Python per cycle) until the irq line rises, for at most ``timeout_s``
+  seconds of *modeled* time at the design's clock. Cycle counts (BUSY_CYCLES)
+  are the RTL's: ``cycles_kind = "modeled (RTL simulation)"``, with the DDR
+  model's assumptions in `describe`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sw.commands import ALIGN
+from sw.driver.device import DMA_TO_DEVICE, Buffer, Device, hardware_config
+from sw.errors import DeviceError
+
+__all__ = ["SimDevice", "SimBuffer", "open_sim_device"]
+
+PERIOD_NS = 4
+_ENV_SOCKET = "KRIALLM_SIM_DEVICE_SOCKET"
+_ENV_KEY = "KRIALLM_SIM_DEVICE_KEY"
+_ENV_DDR = "KRIALLM_SIM_DEVICE_DDR"
+_START_TIMEOUT_S = 1800         # a cold Verilator build of the kv260 top takes a few minutes
+
+
+class SimBuffer(Buffer):
+    def __init__(self, device: "SimDevice", phys: int, array: np.ndarray, name: str):
+        super().__init__(phys, array, name)
+        self._device = device
+
+    def _sync(self, direction: int, offset: int, size: int) -> None:
+        size = min(size, self.nbytes - offset)
+        if size <= 0:
+            return
+        if direction == DMA_TO_DEVICE:
+            self._device._load(self.phys + offset, self.array[offset:offset + size])
+        else:
+            self.array[offset:offset + size] = np.frombuffer(self._device._dump(self.phys + offset, size), np.uint8)
+
+
+class SimDevice(Device):
+    """The accelerator RTL in Verilator behind the Device interface. See the module docstring."""
+
+    name = "sim"
+    cycles_kind = "modeled (RTL simulation)"
+
+    def __init__(self, config=None, *, ddr=None, workdir: str | Path | None = None):
+        super().__init__()
+        from multiprocessing.connection import Listener
+
+        from .top_tb import SIM_DDR, build_sim_top
+
+        self.config = hardware_config(config or "kv260")
+        self.ddr = (ddr or SIM_DDR).replace(ports=self.config.engines)
+        self.build = build_sim_top(self.config, self.ddr)
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kriallm-sim-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._next = self.ddr.mem_base + 0x1000
+        self._end = self.ddr.mem_base + self.ddr.mem_bytes
+        self._files = 0
+        self._cycle_budget = 0
+        self.allocated = 0
+        key = secrets.token_bytes(16)
+        sock = self.workdir / "device.sock"
+        if sock.exists():
+            sock.unlink()
+        self._listener = Listener(str(sock), family="AF_UNIX", authkey=key)
+        self._error: BaseException | None = None
+        env = {_ENV_SOCKET: str(sock), _ENV_KEY: key.hex(), _ENV_DDR: self.ddr.to_json()}
+        self._thread = threading.Thread(target=self._simulate, args=(env,), name="kriallm-sim", daemon=True)
+        self._thread.start()
+        self._conn = self._accept()
+
+    # ---- the simulator thread ----------------------------------------------------
+    def _simulate(self, env: dict) -> None:
+        from .axi_tops import _build_lock
+        from .top_tb import REPO, _run_lean
+        env = dict(env, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        try:
+            with _build_lock(self.build.build_name):
+                _run_lean(self.build, "sim.device", env)
+        except BaseException as e:      # reported by the host side
+            self._error = e
+
+    def _accept(self):
+        sock = self._listener._listener._socket     # accept with a deadline, so a failed start cannot hang
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while True:
+            sock.settimeout(1.0)
+            try:
+                return self._listener.accept()
+            except (TimeoutError, OSError):
+                if not self._thread.is_alive():
+                    raise DeviceError(f"the RTL simulation did not start: {self._error or 'it exited'}") from None
+                if time.monotonic() > deadline:
+                    raise DeviceError(f"the RTL simulation did not connect within {_START_TIMEOUT_S} s") from None
+
+    def _call(self, *req):
+        if self._conn is None:
+            raise DeviceError("the sim device is closed")
+        try:
+            self._conn.send(req)
+            ok, value = self._conn.recv()
+        except (EOFError, OSError) as e:
+            raise DeviceError(f"the RTL simulation went away ({self._error or e})") from None
+        if not ok:
+            raise DeviceError(f"the RTL simulation failed a {req[0]} request: {value}")
+        return value
+
+    # ---- Device primitives ----------------------------------------------------------
+    def _read32(self, offset: int) -> int:
+        return self._call("read", offset)
+
+    def _write32(self, offset: int, value: int) -> None:
+        self._call("write", offset, value)
+
+    @property
+    def uses_irq(self) -> bool:
+        return True
+
+    def wait(self, timeout_s: float = 2.0):
+        """As Device.wait, with `timeout_s` in modeled seconds at the design's clock."""
+        self._cycle_budget = int(timeout_s * self.config.clock_mhz * 1e6) + 1000
+        return super().wait(timeout_s)
+
+    def _poll_done(self, deadline: float) -> int:
+        return self._call("wait_done", self._cycle_budget or 10_000_000)
+
+    def alloc(self, nbytes: int, name: str = "", align: int = ALIGN) -> Buffer:
+        if nbytes <= 0:
+            raise DeviceError(f"buffer {name!r}: size must be positive, got {nbytes}")
+        align = max(align, ALIGN)
+        phys = -(-self._next // align) * align
+        size = -(-nbytes // ALIGN) * ALIGN
+        if phys + size > self._end:
+            raise DeviceError(f"buffer {name!r} of {nbytes} bytes does not fit the DDR model's "
+                              f"{self.ddr.mem_bytes >> 20} MiB ({self.allocated} bytes allocated)")
+        self._next = phys + size
+        self.allocated += size
+        return SimBuffer(self, phys, np.zeros(nbytes, np.uint8), name)
+
+    def _load(self, addr: int, data: np.ndarray) -> None:
+        from .ddr import write_image
+        self._files += 1
+        path = write_image(self.workdir / f"load-{self._files % 4}.hex", [(addr, np.ascontiguousarray(data))],
+                           self.ddr)
+        self._call("load", str(path))
+
+    def _dump(self, addr: int, nbytes: int) -> bytes:
+        self._files += 1
+        return self._call("dump", str(self.workdir / f"dump-{self._files % 4}.hex"), addr, nbytes)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "accelerator_time": self.cycles_kind,
+                "rtl": "rtl.top.Accelerator in Verilator (sim/top_tb.py)", "config_hash": self.config.config_hash,
+                "clock_mhz": self.config.clock_mhz, "ddr_model": self.ddr.describe(),
+                "ddr_model_text": self.ddr.describe_text()}
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.send(("close",))
+                self._conn.recv()
+            except (EOFError, OSError):
+                pass
+            self._conn.close()
+            self._conn = None
+        self._thread.join(timeout=60)
+        self._listener.close()
+
+
+def open_sim_device(args=None) -> SimDevice:
+    """sw.driver.open_device("sim", args): --hw-config (a preset or a config/manifest file; default kv260)."""
+    spec = getattr(args, "hw_config", None) if args is not None else None
+    return SimDevice(spec or "kv260")
+
+
+# ---------------------------------------------------------------------------
+# The simulator side: a cocotb test that serves the host's requests
+# ---------------------------------------------------------------------------
+
+try:
+    import cocotb
+except ImportError:            # the board install: the module still imports (the host side needs no cocotb)
+    cocotb = None
+
+if cocotb is not None:
+    @cocotb.test()
+    async def sim_device_server(dut):
+        """Serve register accesses, memory loads/dumps and waits for the host until it closes."""
+        from multiprocessing.connection import Client
+
+        from cocotb.clock import Clock
+        from cocotb.triggers import ClockCycles, ReadOnly, RisingEdge, SimTimeoutError, with_timeout
+
+        from sim.ddr import DdrModelConfig, DdrModelHandle
+        from sim.tb_csr import CsrPort
+        from sw.commands import Reg
+
+        cfg = DdrModelConfig.from_json(os.environ[_ENV_DDR])
+        conn = Client(os.environ[_ENV_SOCKET], family="AF_UNIX", authkey=bytes.fromhex(os.environ[_ENV_KEY]))
+        Clock(dut.clk, PERIOD_NS, unit="ns").start()
+        if hasattr(dut, "use_ext"):
+            dut.use_ext.value = 0
+        csr = CsrPort(dut)
+        ddr = DdrModelHandle(dut.ddr, cfg, clock=dut.clk)
+        dut.rst.value = 1
+        await ClockCycles(dut.clk, 4)
+        ddr.configure()
+        dut.rst.value = 0
+        await ClockCycles(dut.clk, 4)
+        while True:
+            op, *a = conn.recv()       # the simulation stands still while the host thinks
+            try:
+                if op == "read":
+                    conn.send((True, await csr.read(a[0])))
+                elif op == "write":
+                    await csr.write(a[0], a[1])
+                    conn.send((True, None))
+                elif op == "load":
+                    await ddr.load(Path(a[0]))
+                    conn.send((True, None))
+                elif op == "dump":
+                    conn.send((True, await ddr.dump(Path(a[0]), a[1], a[2])))
+                elif op == "wait_done":
+                    # Free-running until the irq line rises (or the modeled time budget is spent).
+                    await ReadOnly()
+                    if not int(dut.irq.value):
+                        try:
+                            await with_timeout(RisingEdge(dut.irq), int(a[0]) * PERIOD_NS, "ns")
+                        except SimTimeoutError:
+                            conn.send((True, -1))
+                            continue
+                    await RisingEdge(dut.clk)
+                    conn.send((True, await csr.read(Reg.STATUS)))
+                elif op == "close":
+                    conn.send((True, None))
+                    break
+                else:
+                    conn.send((False, f"unknown request {op!r}"))
+            except Exception as e:     # noqa: BLE001 - the host gets the message, the server keeps going
+                conn.send((False, f"{type(e).__name__}: {e}"))
+        conn.close()
