@@ -236,15 +236,14 @@ def _as_bytes(data) -> np.ndarray:
     return np.frombuffer(bytes(data), dtype=np.uint8)
 
 
-def image_lines(regions: Iterable[tuple[int, object]], cfg: DdrModelConfig = KV260) -> list[str]:
-    """$readmemh lines for `regions` of (byte address, bytes or numpy array).
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 
-    Addresses must be beat aligned; a region's tail is padded with zeros to a
-    whole beat. Regions must not overlap.
-    """
+
+def _image_blocks(regions: Iterable[tuple[int, object]], cfg: DdrModelConfig) -> list[tuple[int, np.ndarray]]:
+    """Checked (word index, ASCII block) pairs: the block is the region's words as
+    $readmemh lines (2 x beat_bytes hex digits, most significant byte first, then a newline)."""
     bb = cfg.beat_bytes
-    out: list[str] = []
-    spans = []
+    blocks, spans = [], []
     for addr, data in regions:
         raw = _as_bytes(data)
         if addr % bb:
@@ -256,21 +255,39 @@ def image_lines(regions: Iterable[tuple[int, object]], cfg: DdrModelConfig = KV2
             raw = np.concatenate([raw, np.zeros(pad, np.uint8)])
         spans.append((addr, addr + raw.size))
         words = raw.reshape(-1, bb)[:, ::-1]            # most significant byte first
-        text = words.tobytes().hex()
-        step = 2 * bb
-        out.append(f"@{(addr - cfg.mem_base) // bb:x}")
-        out.extend(text[i:i + step] for i in range(0, len(text), step))
+        text = np.empty((words.shape[0], 2 * bb + 1), np.uint8)
+        text[:, 0:2 * bb:2] = _HEX[words >> 4]
+        text[:, 1:2 * bb:2] = _HEX[words & 15]
+        text[:, -1] = ord("\n")
+        blocks.append(((addr - cfg.mem_base) // bb, text))
     spans.sort()
     for (a0, a1), (b0, _) in zip(spans, spans[1:]):
         if b0 < a1:
             raise ConfigError(f"image regions overlap at {b0:#x}")
+    return blocks
+
+
+def image_lines(regions: Iterable[tuple[int, object]], cfg: DdrModelConfig = KV260) -> list[str]:
+    """$readmemh lines for `regions` of (byte address, bytes or numpy array).
+
+    Addresses must be beat aligned; a region's tail is padded with zeros to a
+    whole beat. Regions must not overlap.
+    """
+    out: list[str] = []
+    for word, text in _image_blocks(regions, cfg):
+        out.append(f"@{word:x}")
+        out.extend(text.tobytes().decode().splitlines())
     return out
 
 
 def write_image(path: Path, regions: Iterable[tuple[int, object]], cfg: DdrModelConfig = KV260) -> Path:
-    """Write a memory image the model loads (``+ddr_init=`` or `DdrModelHandle.load`)."""
+    """Write a memory image the model loads (``+ddr_init=`` or `DdrModelHandle.load`).
+    Vectorised: a full-size model's 266 MB of weights is written in seconds."""
     path = Path(path)
-    path.write_text("\n".join(image_lines(regions, cfg)) + "\n")
+    with open(path, "wb") as f:
+        for word, text in _image_blocks(regions, cfg):
+            f.write(f"@{word:x}\n".encode())
+            f.write(text.tobytes())
     return path
 
 

@@ -81,6 +81,7 @@ class SimDevice(Device):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._next = self.ddr.mem_base + 0x1000
         self._end = self.ddr.mem_base + self.ddr.mem_bytes
+        self.capacity = self._end - self._next     # the driver checks a model's DMA need against it
         self._files = 0
         self._cycle_budget = 0
         self.allocated = 0
@@ -193,10 +194,39 @@ class SimDevice(Device):
         self._listener.close()
 
 
+MIN_MEM_BYTES = 64 << 20
+MAX_MEM_BYTES = 1 << 30          # the DDR model's ceiling (sim/ddr.py)
+
+
+def memory_for_model(path) -> int:
+    """DDR-model memory for a .kq: its device tensors (linears, LM head, biases) plus 10 % and 16 MiB
+    for activations, outputs and command lists, rounded up to a power of two (at least 64 MiB).
+    The full-size Qwen2.5-0.5B (266 MB of INT4 weights) gets 512 MiB, tiny 64 MiB."""
+    from sw.errors import KriaError
+    from sw.kq import KqFile
+    need = 0
+    if path is not None and Path(path).is_file():
+        try:
+            need = sum(t["nbytes"] for t in KqFile(path, verify=False).header["tensors"] if t["role"] == "linear")
+        except KriaError:
+            need = 0                  # the driver opens the file next and reports what is wrong with it
+    need = int(need * 1.1) + (16 << 20)
+    size = MIN_MEM_BYTES
+    while size < need:
+        size <<= 1
+    if size > MAX_MEM_BYTES:
+        raise DeviceError(f"{path}: the model needs {need / 2**20:.0f} MiB of device memory; the DDR model "
+                          f"holds at most {MAX_MEM_BYTES >> 20} MiB")
+    return size
+
+
 def open_sim_device(args=None) -> SimDevice:
-    """sw.driver.open_device("sim", args): --hw-config (a preset or a config/manifest file; default kv260)."""
+    """sw.driver.open_device("sim", args): --hw-config (a preset or a config/manifest file; default kv260).
+    The DDR model's memory is sized for args.model (a .kq) when there is one."""
+    from .top_tb import SIM_DDR
     spec = getattr(args, "hw_config", None) if args is not None else None
-    return SimDevice(spec or "kv260")
+    mem = memory_for_model(getattr(args, "model", None) if args is not None else None)
+    return SimDevice(spec or "kv260", ddr=SIM_DDR.replace(mem_bytes=mem))
 
 
 # ---------------------------------------------------------------------------
