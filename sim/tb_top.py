@@ -27,6 +27,8 @@ import os
 import random
 import sys
 import time
+
+import numpy as np
 from pathlib import Path
 
 import cocotb
@@ -55,8 +57,12 @@ class Bench:
         self.ram = None
         self.ddr_cfg = DdrModelConfig(**{k: (tuple(v) if k.endswith("_window") else v)
                                          for k, v in job["ddr"].items()})
-        if job.get("axiram") is None:
+        # hp0 may be switched to cocotbext-axi's AxiRam; the other ports stay on the DDR model, so
+        # with more than one port both memories hold the image (see load/dump).
+        self.ports = self.ddr_cfg.ports
+        if job.get("axiram") is None or self.ports > 1:
             self.ddr = DdrModelHandle(dut.ddr, self.ddr_cfg, clock=dut.clk)
+        if job.get("axiram") is None:
             if hasattr(dut, "use_ext"):
                 dut.use_ext.value = 0
         else:
@@ -74,6 +80,7 @@ class Bench:
                          self.ram.read_if.ar_channel, self.ram.read_if.r_channel]
                 for ch in chans:
                     ch.set_pause_generator(_pauses(random.Random(rng.randrange(1 << 30)), prob))
+        self.loaded: list[tuple[int, bytes]] = []     # what load() put into both memories
         self.workdir = Path(job.get("workdir", "."))
 
     async def reset(self):
@@ -92,19 +99,35 @@ class Bench:
         await self.csr.write(Reg[name], value)
 
     async def load(self, regions):
+        blobs = [(int(a), Path(p).read_bytes()) for a, p in regions]
         if self.ddr is not None:
-            blobs = [(int(a), Path(p).read_bytes()) for a, p in regions]
             img = write_image(Path(regions[0][1]).with_suffix(".hex"), blobs, self.ddr_cfg)
             await self.ddr.load(img)
-        else:
-            for a, p in regions:
-                self.ram.write(int(a), Path(p).read_bytes())
+        if self.ram is not None:
+            for a, b in blobs:
+                self.ram.write(a, b)
+            self.loaded.extend(blobs)
+
+    def _initial(self, addr: int, nbytes: int) -> np.ndarray:
+        out = np.zeros(nbytes, np.uint8)
+        for a, b in self.loaded:
+            lo, hi = max(a, addr), min(a + len(b), addr + nbytes)
+            if lo < hi:
+                out[lo - addr:hi - addr] = np.frombuffer(b[lo - a:hi - a], np.uint8)
+        return out
 
     async def dump(self, addr: int, nbytes: int, path: str) -> None:
-        if self.ddr is not None:
+        if self.ram is None:
             data = await self.ddr.dump(Path(path).with_suffix(".hex"), addr, nbytes)
-        else:
+        elif self.ddr is None:
             data = self.ram.read(addr, nbytes)
+        else:
+            # Each output byte is written through exactly one port: into the AxiRam (hp0) or into
+            # the DDR model (the others); the other memory keeps what was loaded there. So the
+            # written value is ram ^ ddr ^ loaded, whichever memory holds it.
+            ddr = np.frombuffer(await self.ddr.dump(Path(path).with_suffix(".hex"), addr, nbytes), np.uint8)
+            ram = np.frombuffer(self.ram.read(addr, nbytes), np.uint8)
+            data = (ram ^ ddr ^ self._initial(addr, nbytes)).tobytes()
         Path(path).write_bytes(data)
 
     async def counters(self) -> dict:
@@ -205,7 +228,8 @@ async def scenario(dut):
             for k in ("slverr_window", "decerr_window"):
                 if k in changes:
                     changes[k] = tuple(changes[k])
-            bench.ddr.configure(**changes)
+            if bench.ddr is not None:
+                bench.ddr.configure(**changes)
             await ClockCycles(dut.clk, 2)
         elif kind == "run":
             res = await bench.run(step)

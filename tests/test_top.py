@@ -385,6 +385,28 @@ def test_full_size_qwen_linears(tmp_path):
         assert util >= 0.90, (lin.name, c, util)
 
 
+@pytest.mark.slow
+def test_full_size_qwen_linears_on_axiram(tmp_path):
+    """The same full-size command list on the kv260 preset with hp0 (engine 0, the activation loader
+    and the descriptor fetcher) on cocotbext-axi's AxiRam, 30 % pauses on all five of its channels,
+    and the other three ports on the DDR model with 20 % back-pressure: bit-exact."""
+    build = build_sim_top(FULL, FULL_DDR, external=True)
+    rng = np.random.default_rng(32)
+    ws = Workspace(limit=16 << 20)
+    x = (rng.standard_normal((1, 896))).astype(np.float32)
+    lins = [random_linear(ws, FULL, n, k, 1, rng, bias=b, name=name, x=x if k == 896 else None)
+            for name, n, k, b in QWEN_LINEARS + [LM_HEAD_SLICE]]
+    base = put_commands(ws, [lin.cmd for lin in lins])
+    _, mem = golden_run(ws, FULL, base, len(lins))
+    sc = Scenario(tmp_path, ddr=_ddr_dict(FULL_DDR), axiram={"size": 16 << 20, "pause": 0.3, "seed": 6})
+    sc.load(ws)
+    sc.configure_ddr(gap_rate=0.2, seed=8)
+    outs = [(lin.out_addr, lin.out_bytes, lin.name) for lin in lins]
+    sc.run("axiram", base, len(lins), timeout=20_000_000, dumps=outs)
+    res = run_scenario(build, sc)
+    _check_outputs(res, "axiram", lins, sc.steps[-1]["dumps"], mem)
+
+
 # ---------------------------------------------------------------------------
 # The host driver on the RTL: the `sim` device (sim/device.py)
 # ---------------------------------------------------------------------------
@@ -407,12 +429,12 @@ def test_sim_device_runs_the_driver_bit_identical(lite_build, tmp_path):
     assert cli_main(["quantize", str(tmp_path / "tiny"), "--method", "rtn", "--group-size", "64", "--lm-head",
                      "int4", "--quiet", "--out", str(kq)]) == 0
     prompt = [7, 3, 11, 100, 42]
-    ref = generate(open_model(kq, "golden", progress=False), prompt, 3, Sampler(SamplingParams()), keep_logits=True)
+    ref = generate(open_model(kq, "golden", progress=False), prompt, 8, Sampler(SamplingParams()), keep_logits=True)
     dev = SimDevice(LITE, workdir=tmp_path / "sim")
     try:
         assert dev.describe()["accelerator_time"] == "modeled (RTL simulation)"
         model = open_accelerated(kq, "sim", types.SimpleNamespace(fuse=True, timeout=1.0), device=dev)
-        got = generate(model, prompt, 3, Sampler(SamplingParams()), keep_logits=True)
+        got = generate(model, prompt, 8, Sampler(SamplingParams()), keep_logits=True)
         assert got.new_ids == ref.new_ids
         for a, b in zip(got.logits, ref.logits):
             assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
