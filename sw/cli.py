@@ -103,8 +103,12 @@ def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     model = _open_for_generation(args)
-    ids = encode_prompt(model, args.prompt, args.prompt_ids)
-    gen = generate(model, ids, args.max_new_tokens, _sampling(args), keep_logits=args.dump_logits is not None)
+    try:
+        ids = encode_prompt(model, args.prompt, args.prompt_ids)
+        gen = generate(model, ids, args.max_new_tokens, _sampling(args), keep_logits=args.dump_logits is not None)
+    finally:
+        if hasattr(model, "close"):
+            model.close()          # a device backend (the sim device stops its simulator thread)
     if args.dump_logits:
         np.save(args.dump_logits, np.stack(gen.logits).astype(np.float32))
     text = model.tokenizer.decode(gen.new_ids) if model.tokenizer is not None else None
