@@ -117,9 +117,11 @@ def open_accelerated(model_path, name: str, args=None, device: Device | None = N
     from .runner import AcceleratedModel
     dev = device or open_device(name, args)
     try:
-        return AcceleratedModel(model_path, dev, expected=expected_from_args(name, args),
-                                timeout_s=_arg(args, "timeout", 5.0), fuse=_arg(args, "fuse", True),
-                                last_logits_only=last_logits_only)
+        model = AcceleratedModel(model_path, dev, expected=expected_from_args(name, args),
+                                 timeout_s=_arg(args, "timeout", 5.0), fuse=_arg(args, "fuse", True),
+                                 last_logits_only=last_logits_only)
     except BaseException:
         dev.close()
         raise
+    model.owns_device = device is None      # model.close() closes a device opened here
+    return model
