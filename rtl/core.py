@@ -37,9 +37,9 @@ def core_beat_layout(config: ArrayConfig) -> StructLayout:
     return StructLayout(fields)
 
 
-def make_dequant(config: ArrayConfig, *, facts_only: bool = False) -> DequantUnit:
+def make_dequant(config: ArrayConfig, *, facts_only: bool = False, beat_bits: int | None = None) -> DequantUnit:
     dq = DequantUnit(config.rows, config.tokens, config.acc_width, config.qsum_width,
-                     lanes=config.dequant_lanes)
+                     lanes=config.dequant_lanes, beat_bits=beat_bits)
     if facts_only:
         dq._MustUse__silence = True     # built to read layouts and latencies, never elaborated
     return dq
@@ -50,13 +50,16 @@ class LinearCore(wiring.Component):
 
     Streams: `beats` (In: w, a, last, first, final), `meta` (In: scale fp16 [R],
     zero [R]), `act` (In: scale fp32 [T], qsum [T]), `bias` (In: fp32 [R], once
-    per tile), `y` (Out: fp32 [T*R], index t*R + r, once per tile).
+    per tile), `y` (Out: fp32 [T*R], index t*R + r, once per tile; with
+    ``y_beat_bits``, T*R*32 / y_beat_bits beats of ``data`` per tile, in item order:
+    the form the engine writes to memory, without a T*R x 32-bit output register).
     """
 
-    def __init__(self, config: ArrayConfig):
+    def __init__(self, config: ArrayConfig, *, y_beat_bits: int | None = None):
         self._config = config.validate()
+        self._y_beat_bits = y_beat_bits
         # Built here only to read the dequant's layouts and latencies; elaborate() builds its own.
-        dq = make_dequant(config, facts_only=True)
+        dq = make_dequant(config, facts_only=True, beat_bits=y_beat_bits)
         self._dequant_latency = dq.latency
         self._dequant_cycles_per_group = dq.cycles_per_group
         super().__init__({
@@ -96,7 +99,7 @@ class LinearCore(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         m.submodules.array = array = MacArray(self._config, tag_width=2)
-        m.submodules.dequant = dequant = make_dequant(self._config)
+        m.submodules.dequant = dequant = make_dequant(self._config, beat_bits=self._y_beat_bits)
 
         b = self.beats.payload
         m.d.comb += [

@@ -17,7 +17,7 @@ re-association. docs/dequant.md has the schedule, latency and throughput.
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal, Value, signed, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -74,6 +74,9 @@ class DequantUnit(wiring.Component):
     act : In, one beat per group: ``scale`` [T] fp32 bits of s_a, ``qsum`` [T] signed.
     bias : In, one beat per row tile (fp32 bits [R]), taken with the tile's first group.
     out : Out, one beat per row tile after its last group: ``y`` [T*R] fp32 bits (index t*R + r).
+        With ``beat_bits``: ``out_beats`` beats per row tile instead, ``data`` = beat_bits / 32
+        consecutive items of y (beat b holds items b*beat_bits/32 ...), from a small memory rather
+        than a T*R x 32-bit register, for a consumer that writes y out in bus beats anyway.
 
     A group starts when partials, meta, act (and bias, on a first group) are all
     valid; the four beats are taken together, in its last cycle. The payloads must
@@ -83,10 +86,12 @@ class DequantUnit(wiring.Component):
 
     def __init__(self, rows: int, tokens: int, acc_width: int, qsum_width: int, *,
                  lanes: int | None = None, group_cycles: int | None = None, zero_bits: int = 4,
-                 mul_latency: int | None = None, add_latency: int | None = None):
+                 mul_latency: int | None = None, add_latency: int | None = None,
+                 beat_bits: int | None = None):
         try:
             self._configure(rows, tokens, acc_width, qsum_width, lanes, group_cycles, zero_bits,
                             mul_latency, add_latency)
+            self._configure_beats(beat_bits)
         except ConfigError:
             _discard(self)
             raise
@@ -127,6 +132,20 @@ class DequantUnit(wiring.Component):
         self._lat_add = Fp32Add.resolve_latency(add_latency)
         self._lat_half = Fp16ToFp32.resolve_latency(None)
         self._lat_int = IntToFp32.resolve_latency(None)
+
+    def _configure_beats(self, beat_bits):
+        self._beat_bits = beat_bits
+        if beat_bits is None:
+            return
+        _positive_int("beat_bits", beat_bits)
+        items = self._rows * self._tokens
+        k, L = beat_bits // 32, self._lanes
+        if beat_bits % 32 or items % k:
+            raise ConfigError(f"DequantUnit: beat_bits={beat_bits} must be a multiple of 32 whose items "
+                              f"divide the {items} results of a row tile")
+        if k % L and L % k:
+            raise ConfigError(f"DequantUnit: beat_bits={beat_bits} ({k} items) and lanes={L}: one must "
+                              f"divide the other")
 
     # -- parameters and derived facts -------------------------------------------------
 
@@ -236,11 +255,22 @@ class DequantUnit(wiring.Component):
         return data.ArrayLayout(32, self._rows)
 
     @property
+    def beat_bits(self) -> int | None:
+        return self._beat_bits
+
+    @property
+    def out_beats(self) -> int:
+        """Out beats per row tile: 1, or T*R*32 / beat_bits with ``beat_bits``."""
+        return 1 if self._beat_bits is None else self._rows * self._tokens * 32 // self._beat_bits
+
+    @property
     def out_layout(self) -> data.StructLayout:
+        if self._beat_bits is not None:
+            return data.StructLayout({"data": self._beat_bits})
         return data.StructLayout({"y": data.ArrayLayout(32, self._tokens * self._rows)})
 
-    def _make_mul(self):
-        return Fp32Multiply(latency=self._lat_mul)
+    def _make_mul(self, **kwargs):
+        return Fp32Multiply(latency=self._lat_mul, **kwargs)
 
     def _make_add(self):
         return Fp32Add(latency=self._lat_add)
@@ -274,7 +304,9 @@ class DequantUnit(wiring.Component):
             m.d.sync += step.eq(Mux(step == cpg - 1, 0, step + 1))
             with m.If((step == 0) & last):
                 m.d.sync += out_busy.eq(1)
-        with m.If(out.valid & out.ready):
+        out_last = Signal()      # the beat on `out` is the tile's last (always, without beat_bits)
+        m.d.comb += out_last.eq(1)
+        with m.If(out.valid & out.ready & out_last):
             m.d.sync += [out.valid.eq(0), out_busy.eq(0)]
 
         # -- per-item control, shared by all lanes ------------------------------------
@@ -291,6 +323,7 @@ class DequantUnit(wiring.Component):
         f_last = _delay(m, e_last, self._lat_add, "wlast")
 
         final_write = Signal()
+        finals = []              # per lane: (valid, index, value) of a last-group sum
         for lane in range(L):
             # Registered selection of this lane's item from the held input beats.
             acc = Signal(signed(self._acc_width), name=f"l{lane}_acc", reset_less=True)
@@ -318,7 +351,8 @@ class DequantUnit(wiring.Component):
 
             # s = fp32(w_scale) * a_scale
             half = m.submodules[f"l{lane}_half"] = Fp16ToFp32()
-            mul_s = m.submodules[f"l{lane}_mul_s"] = self._make_mul()
+            # a is an fp16 value (never subnormal in fp32, 11 significant bits): the small multiplier
+            mul_s = m.submodules[f"l{lane}_mul_s"] = self._make_mul(normal_a=True, a_bits=11)
             m.d.comb += [half.i_valid.eq(s1_valid), half.a.eq(wscale)]
             m.d.comb += [mul_s.i_valid.eq(half.o_valid), mul_s.a.eq(half.o),
                          mul_s.b.eq(_delay(m, ascale, half.latency, f"l{lane}_ascale"))]
@@ -334,7 +368,8 @@ class DequantUnit(wiring.Component):
             scale_ready = 1 + half.latency + mul_s.latency
             corr_ready = 1 + _CORR_LATENCY + to_float.latency
             align = max(scale_ready, corr_ready)
-            mul_t = m.submodules[f"l{lane}_mul_t"] = self._make_mul()
+            # a = cf is an exact integer (zero or normal)
+            mul_t = m.submodules[f"l{lane}_mul_t"] = self._make_mul(normal_a=True)
             m.d.comb += [
                 mul_t.i_valid.eq(_delay(m, mul_s.o_valid, align - scale_ready, f"l{lane}_sv", reset=True)),
                 mul_t.a.eq(_delay(m, to_float.o, align - corr_ready, f"l{lane}_cf")),
@@ -359,15 +394,52 @@ class DequantUnit(wiring.Component):
                 m.d.comb += y_write.addr.eq(f_index)
             m.d.comb += [y_write.en.eq(adder.o_valid), y_write.data.eq(adder.o)]
 
-            # The last group's sums go straight into the out beat.
-            with m.If(adder.o_valid & f_last):
-                with m.Switch(f_index):
-                    for k in range(N):
-                        with (m.Case(k) if k < N - 1 else m.Default()):
-                            m.d.sync += out.payload.y[k * L + lane].eq(adder.o)
+            finals.append(adder.o)
+            if self._beat_bits is None:
+                # The last group's sums go straight into the out beat.
+                with m.If(adder.o_valid & f_last):
+                    with m.Switch(f_index):
+                        for k in range(N):
+                            with (m.Case(k) if k < N - 1 else m.Default()):
+                                m.d.sync += out.payload.y[k * L + lane].eq(adder.o)
             if lane == 0:
                 m.d.comb += final_write.eq(adder.o_valid & f_last & (f_index == N - 1))
+                f_write = adder.o_valid & f_last
 
+        if self._beat_bits is not None:
+            self._out_beats(m, out, out_last, f_write, f_index, finals)
         with m.If(final_write):
             m.d.sync += out.valid.eq(1)
         return m
+
+    def _out_beats(self, m, out, out_last, f_write, f_index, finals):
+        """beat_bits: the lanes write the last group's sums, L per cycle (items k*L .. k*L+L-1 at
+        index k), into one memory; `out` then reads it beat by beat, in item order."""
+        L, N = self._lanes, self.items_per_lane
+        k = self._beat_bits // 32                      # items per beat
+        mem = m.submodules.y_out = Memory(shape=32 * L, depth=N, init=[])
+        wr = mem.write_port()
+        if N > 1:
+            m.d.comb += wr.addr.eq(f_index)
+        m.d.comb += [wr.en.eq(f_write), wr.data.eq(Cat(*finals))]
+        beat = Signal(range(max(self.out_beats, 2)))
+        m.d.comb += out_last.eq(beat == self.out_beats - 1)
+        with m.If(out.valid & out.ready):
+            m.d.sync += beat.eq(Mux(out_last, 0, beat + 1))
+        if k >= L:
+            # q = k / L memory words per beat, through q read ports
+            q = k // L
+            words = []
+            for j in range(q):
+                rd = mem.read_port(domain="comb")
+                if N > 1:
+                    m.d.comb += rd.addr.eq(beat * q + j)
+                words.append(rd.data)
+            m.d.comb += out.payload.data.eq(Cat(*words))
+        else:
+            # p = L / k beats per memory word
+            p = L // k
+            rd = mem.read_port(domain="comb")
+            if N > 1:
+                m.d.comb += rd.addr.eq(beat // p)
+            m.d.comb += out.payload.data.eq(rd.data.word_select(beat % p, self._beat_bits))

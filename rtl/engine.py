@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Const, Elaboratable, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -296,7 +296,9 @@ class Engine(wiring.Component):
         g = self._g
         R, C, T = g.R, g.C, g.T
         P = g.sub_beats
-        core = m.submodules.core = LinearCore(g.config)
+        # The core hands y over in port beats (item order = the DDR order of a token row), so the
+        # writer needs neither a T*R x 32-bit register nor a mux over it.
+        core = m.submodules.core = LinearCore(g.config, y_beat_bits=BEAT_BITS)
 
         # ---- tile records ---------------------------------------------------------------
         # A tile granted to this engine is recorded once per stage that walks it: the
@@ -342,7 +344,10 @@ class Engine(wiring.Component):
                 m.d.sync += rs_weights.eq(0)
 
         # ---- unpacker -------------------------------------------------------------------------
-        m.submodules.bias_q = bias_q = SyncFIFOBuffered(width=32 * R, depth=3)
+        # Two biases: the output register and one more (a one-word memory, i.e. flip-flops); a
+        # deeper FIFO would be LUT RAM 32R bits wide (600 LUTs on kv260) and only helps tiles of
+        # a single group.
+        m.submodules.bias_q = bias_q = SyncFIFOBuffered(width=32 * R, depth=2)
         meta_width = core.meta.payload.shape().size
         m.submodules.meta_q = meta_q = SyncFIFOBuffered(width=meta_width, depth=4)
         m.d.comb += [
@@ -363,34 +368,63 @@ class Engine(wiring.Component):
         beat = rd.payload.data
         fire_rd = rd.valid & rd.ready
 
-        bias_sr = Signal(max(1, BEAT_BITS * (g.bias_beats - 1)))
+        # The FIFOs' write data is assigned unconditionally (only w_en is conditional): a comb
+        # assignment inside a branch would AND every data bit with the branch condition.
+        # Every bias beat is shifted into bias_reg and written one cycle after the last one; a
+        # tile without bias clears bias_reg instead (a synchronous reset, no multiplexer).
+        bias_reg = Signal(32 * R)
+        bias_put = Signal()
         meta_sr = Signal(max(1, BEAT_BITS * (g.meta_beats - 1)))
-        bias_all = Cat(bias_sr, beat) if g.bias_beats > 1 else beat
         meta_all = Cat(meta_sr, beat) if g.meta_beats > 1 else beat
         if g.bits == 4:
             meta_word = meta_all[:20 * R]               # R fp16 scales, then R nibbles of zero points
         else:
             meta_word = Cat(meta_all[:16 * R], Const(0, 4 * R))
         assert meta_word.shape().width == meta_width
+        m.d.comb += [bias_q.w_data.eq(bias_reg), bias_q.w_en.eq(bias_put), meta_q.w_data.eq(meta_word)]
+        m.d.sync += bias_put.eq(0)
+
+        # The array beat: its payload is assigned unconditionally, only `valid` depends on the phase.
+        wlast = cnt == g.weight_beats_per_group - 1
+        sub_last = sub == P - 1
+        bp = core.beats.payload
+        m.d.comb += [
+            bp.w.eq(beat.word_select(sub, g.beat_bits) if P > 1 else beat),
+            bp.last.eq(wlast & sub_last),
+            bp.first.eq(grp == 0),
+            bp.final.eq(grp == upp.groups - 1),
+        ]
+        # The code block being consumed: a register loaded from code_rsp (the activation buffer's
+        # one-entry buffer holds the next block), so neither side needs a T x 128-bit LUT-RAM FIFO
+        # and the next block is already there when this one ends.
+        block = Signal(T * BEAT_BITS, reset_less=True)
+        block_valid = Signal()
+        block_done = Signal()             # the last array beat of the block is taken this cycle
+        m.d.comb += self.code_rsp.ready.eq(~block_valid | block_done)
+        with m.If(self.code_rsp.valid & self.code_rsp.ready):
+            m.d.sync += [block.eq(self.code_rsp.payload), block_valid.eq(1)]
+        with m.Elif(block_done):
+            m.d.sync += block_valid.eq(0)
+        csel = col[(C - 1).bit_length():] if C > 1 else col
+        for t in range(T):
+            lane = block[t * BEAT_BITS:(t + 1) * BEAT_BITS]
+            m.d.comb += bp.a.as_value()[t * 8 * C:(t + 1) * 8 * C].eq(lane.word_select(csel, 8 * C))
 
         with m.Switch(phase):
             with m.Case(START):
                 with m.If(up_q.r_rdy):
                     with m.If(upp.has_bias):
                         m.d.sync += [phase.eq(BIAS), cnt.eq(0)]
-                    with m.Elif(bias_q.w_rdy):
+                    with m.Elif(bias_q.w_rdy & ~bias_put):
                         # y starts at +0.0 for a layer without bias (numerics contract)
-                        m.d.comb += [bias_q.w_en.eq(1), bias_q.w_data.eq(0)]
-                        m.d.sync += [phase.eq(META), cnt.eq(0)]
+                        m.d.sync += [bias_reg.eq(0), bias_put.eq(1), phase.eq(META), cnt.eq(0)]
             with m.Case(BIAS):
                 last = cnt == g.bias_beats - 1
-                m.d.comb += rd.ready.eq(~last | bias_q.w_rdy)
+                m.d.comb += rd.ready.eq(~last | bias_q.w_rdy & ~bias_put)
                 with m.If(fire_rd):
-                    if g.bias_beats > 1:
-                        m.d.sync += bias_sr.eq(Cat(bias_sr[BEAT_BITS:], beat))
+                    m.d.sync += bias_reg.eq(Cat(bias_reg[BEAT_BITS:], beat))
                     with m.If(last):
-                        m.d.comb += [bias_q.w_en.eq(1), bias_q.w_data.eq(bias_all)]
-                        m.d.sync += [phase.eq(META), cnt.eq(0)]
+                        m.d.sync += [bias_put.eq(1), phase.eq(META), cnt.eq(0)]
                     with m.Else():
                         m.d.sync += cnt.eq(cnt + 1)
             with m.Case(META):
@@ -400,29 +434,17 @@ class Engine(wiring.Component):
                     if g.meta_beats > 1:
                         m.d.sync += meta_sr.eq(Cat(meta_sr[BEAT_BITS:], beat))
                     with m.If(last):
-                        m.d.comb += [meta_q.w_en.eq(1), meta_q.w_data.eq(meta_word)]
+                        m.d.comb += meta_q.w_en.eq(1)
                         m.d.sync += [phase.eq(WEIGHTS), cnt.eq(0), sub.eq(0)]
                     with m.Else():
                         m.d.sync += cnt.eq(cnt + 1)
             with m.Case(WEIGHTS):
-                wlast = cnt == g.weight_beats_per_group - 1
-                sub_last = sub == P - 1
-                bp = core.beats.payload
                 m.d.comb += [
-                    core.beats.valid.eq(rd.valid & self.code_rsp.valid),
-                    bp.w.eq(beat.word_select(sub, g.beat_bits) if P > 1 else beat),
-                    bp.last.eq(wlast & sub_last),
-                    bp.first.eq(grp == 0),
-                    bp.final.eq(grp == upp.groups - 1),
-                    rd.ready.eq(core.beats.ready & self.code_rsp.valid & sub_last),
+                    core.beats.valid.eq(rd.valid & block_valid),
+                    rd.ready.eq(core.beats.ready & block_valid & sub_last),
                 ]
-                block = self.code_rsp.payload
-                csel = col[(C - 1).bit_length():] if C > 1 else col
-                for t in range(T):
-                    lane = block[t * BEAT_BITS:(t + 1) * BEAT_BITS]
-                    m.d.comb += bp.a.as_value()[t * 8 * C:(t + 1) * 8 * C].eq(lane.word_select(csel, 8 * C))
                 fire_core = core.beats.valid & core.beats.ready
-                m.d.comb += self.code_rsp.ready.eq(fire_core & (col == BLOCK_COLS - C))
+                m.d.comb += block_done.eq(fire_core & (col == BLOCK_COLS - C))
                 with m.If(fire_core):
                     m.d.sync += [col.eq(col + C), sub.eq(Mux(sub_last, 0, sub + 1))]
                     with m.If(sub_last):
@@ -482,7 +504,6 @@ class Engine(wiring.Component):
         j = Signal(range(g.y_beats + 4))
         burst_rem = Signal(range(MAX_BURST + 1))
         bursts = Signal(burst_bits)
-        widx = Signal(range(max(T * g.y_beats, 2)))
         page_left = Signal(range(PAGE_BEATS + 1))
         n_burst = Signal(range(MAX_BURST + 1))
         m.d.comb += page_left.eq(PAGE_BEATS - addr[4:12])
@@ -492,13 +513,20 @@ class Engine(wiring.Component):
             m.d.comb += n_burst.eq(page_left)
         with m.Else():
             m.d.comb += n_burst.eq(MAX_BURST)
-        y = core.y.payload.as_value()
+        y = core.y.payload.data            # the tile's y, one port beat at a time, in DDR order
+        y_total = T * g.y_beats            # beats of y per tile: every token lane, used or not
+        y_taken = Signal(range(y_total + 1))
+        in_row = j < g.y_beats
+        # data: y inside a token row, zeros in the padding after the last tile (assigned outside
+        # the state machine, so that only `valid` depends on the state)
+        m.d.comb += [self.wr_data.payload.data.eq(Mux(in_row, y, 0)),
+                     self.wr_data.payload.strb.eq(Const(-1, BEAT_BYTES))]
         with m.Switch(wstate):
             with m.Case(W_IDLE):
                 with m.If(core.y.valid & wr_q.r_rdy):
                     length = g.y_beats + Mux(head.last, wpp.pad_beats, 0)
                     m.d.sync += [tok.eq(0), row_base.eq(head.out_addr), addr.eq(head.out_addr), j.eq(0),
-                                 row_len.eq(length), row_rem.eq(length), bursts.eq(0), widx.eq(0),
+                                 row_len.eq(length), row_rem.eq(length), bursts.eq(0), y_taken.eq(0),
                                  wstate.eq(W_CMD)]
             with m.Case(W_CMD):
                 m.d.comb += [self.wr_cmd.valid.eq(1), self.wr_cmd.payload.addr.eq(addr),
@@ -506,17 +534,16 @@ class Engine(wiring.Component):
                 with m.If(self.wr_cmd.ready):
                     m.d.sync += [burst_rem.eq(n_burst), bursts.eq(bursts + 1), wstate.eq(W_DATA)]
             with m.Case(W_DATA):
-                in_row = j < g.y_beats
+                # y beats are taken as they are written; the core holds its y valid until the last
                 m.d.comb += [
-                    self.wr_data.valid.eq(1),
-                    self.wr_data.payload.data.eq(Mux(in_row, y.word_select(widx, BEAT_BITS), 0)),
-                    self.wr_data.payload.strb.eq(Const(-1, BEAT_BYTES)),
+                    self.wr_data.valid.eq(~in_row | core.y.valid),
+                    core.y.ready.eq(in_row & self.wr_data.ready),
                 ]
-                with m.If(self.wr_data.ready):
+                with m.If(core.y.valid & core.y.ready):
+                    m.d.sync += y_taken.eq(y_taken + 1)
+                with m.If(self.wr_data.valid & self.wr_data.ready):
                     m.d.sync += [j.eq(j + 1), addr.eq(addr + BEAT_BYTES), row_rem.eq(row_rem - 1),
                                  burst_rem.eq(burst_rem - 1)]
-                    with m.If(in_row):
-                        m.d.sync += widx.eq(widx + 1)
                     with m.If(burst_rem == 1):
                         m.d.sync += wstate.eq(W_CMD)
                         with m.If(row_rem == 1):
@@ -527,9 +554,15 @@ class Engine(wiring.Component):
                                              addr.eq(row_base + wpp.stride), j.eq(0), row_rem.eq(row_len)]
             with m.Case(W_FIN):
                 arec = Signal(ack_rec)
-                m.d.comb += [arec.slot.eq(head.slot), arec.bursts.eq(bursts),
-                             core.y.ready.eq(1), wr_q.r_en.eq(1), ack_q.w_en.eq(1), ack_q.w_data.eq(arec)]
-                m.d.sync += wstate.eq(W_IDLE)
+                m.d.comb += [arec.slot.eq(head.slot), arec.bursts.eq(bursts), ack_q.w_data.eq(arec)]
+                with m.If(y_taken != y_total):
+                    # drop the beats of the token lanes this command does not use
+                    m.d.comb += core.y.ready.eq(1)
+                    with m.If(core.y.valid):
+                        m.d.sync += y_taken.eq(y_taken + 1)
+                with m.Else():
+                    m.d.comb += [wr_q.r_en.eq(1), ack_q.w_en.eq(1)]
+                    m.d.sync += wstate.eq(W_IDLE)
 
         # ---- B acknowledgements -> tile_done -----------------------------------------------------
         acked = Signal(burst_bits + 2)
@@ -554,6 +587,24 @@ class Engine(wiring.Component):
 # Activation buffer
 # ---------------------------------------------------------------------------
 
+class _OneEntry(Elaboratable):
+    """A one-entry FIFO as a register, with the part of SyncFIFO's interface `_serve` uses."""
+
+    def __init__(self, width: int):
+        self.w_en, self.w_data = Signal(), Signal(width)
+        self.r_en, self.r_rdy, self.r_data = Signal(), Signal(), Signal(width, reset_less=True)
+        self.level = Signal(range(2))
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.r_rdy.eq(self.level)
+        with m.If(self.w_en):
+            m.d.sync += [self.r_data.eq(self.w_data), self.level.eq(1)]
+        with m.Elif(self.r_en):
+            m.d.sync += self.level.eq(0)
+        return m
+
+
 class ActivationBuffer(wiring.Component):
     """Loads activation buffers into two slots and serves the engines' reads. See the module docstring.
 
@@ -568,7 +619,7 @@ class ActivationBuffer(wiring.Component):
     code_req<e> / code_rsp<e>, act_req<e> / act_rsp<e> : per engine.
     """
 
-    CODE_FIFO_DEPTH = 2
+    CODE_FIFO_DEPTH = 1           # a register; the engine holds the block it works on in another
     ACT_FIFO_DEPTH = 4
 
     def __init__(self, geom: Geometry, engines: int):
@@ -596,9 +647,15 @@ class ActivationBuffer(wiring.Component):
         T, E = g.T, self._engines
         qw = g.qsum_width
 
-        codes = m.submodules.codes = Memory(shape=unsigned(T * BEAT_BITS), depth=SLOTS * g.blocks, init=[])
-        scales = m.submodules.scales = Memory(shape=unsigned(T * BEAT_BITS), depth=SLOTS * g.meta_words, init=[])
-        qsums = m.submodules.qsums = Memory(shape=unsigned(T * 4 * qw), depth=SLOTS * g.meta_words, init=[])
+        # Block RAM for all three: s_a and qsum are shallow (2 x 19 words on kv260) but wide, so
+        # Yosys would otherwise pick LUT RAM for them (1.7 k LUTs on kv260).
+        block = {"ram_style": "block"}
+        codes = m.submodules.codes = Memory(shape=unsigned(T * BEAT_BITS), depth=SLOTS * g.blocks, init=[],
+                                            attrs=block)
+        scales = m.submodules.scales = Memory(shape=unsigned(T * BEAT_BITS), depth=SLOTS * g.meta_words, init=[],
+                                              attrs=block)
+        qsums = m.submodules.qsums = Memory(shape=unsigned(T * 4 * qw), depth=SLOTS * g.meta_words, init=[],
+                                            attrs=block)
         c_wr = codes.write_port(granularity=BEAT_BITS)
         s_wr = scales.write_port(granularity=BEAT_BITS)
         q_wr = qsums.write_port(granularity=4 * qw)
@@ -697,8 +754,8 @@ class ActivationBuffer(wiring.Component):
         for e in range(E):
             # Unbuffered: it takes a write every cycle while level < depth, which the credit
             # check below relies on (a buffered FIFO refuses back-to-back writes while its
-            # output register fills).
-            f = SyncFIFO(width=width, depth=depth)
+            # output register fills). Depth 1 is a plain register (flip-flops, no LUT RAM).
+            f = _OneEntry(width) if depth == 1 else SyncFIFO(width=width, depth=depth)
             m.submodules[f"{name}_rsp{e}"] = f
             fifos.append(f)
         pend = Signal(name=f"{name}_pend")

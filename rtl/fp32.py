@@ -255,17 +255,90 @@ class Fp32Multiply(_PipelinedUnit):
     (boundary 1 = DSP product register), leading-zero count, normalise (left by
     the leading zeros, or right with sticky for subnormal results), round + pack.
     Default latency 4.
+
+    ``normal_a=True`` builds a smaller unit for callers whose ``a`` is never
+    subnormal (zero, normal, inf or NaN; the dequant unit's operands are an
+    fp16 scale converted to fp32 and an exact integer): only ``b`` can carry
+    leading zeros, so it is normalised before the product (a 24-bit shift
+    instead of a 48-bit one after it), the product's leading one is at bit 47
+    or 46, and the subnormal-result shift works on 26 bits plus sticky.
+    ``a_bits`` (with ``normal_a``) says that only the top ``a_bits`` bits of
+    a's 24-bit significand can be nonzero (11 for an fp16 value), which makes
+    the product narrower (one DSP48E2). The result is the correctly rounded
+    product in every case the precondition allows, so it equals the general
+    unit bit for bit; a subnormal ``a`` gives a wrong result.
     """
 
     _PRIORITY = (4, 1, 0, 3, 2)
     _DEFAULT_LATENCY = 4
 
-    def __init__(self, latency: int | None = None):
+    def __init__(self, latency: int | None = None, *, normal_a: bool = False, a_bits: int = 24):
+        if not isinstance(a_bits, int) or not 1 <= a_bits <= 24 or (a_bits != 24 and not normal_a):
+            _discard(self)
+            raise ConfigError(f"Fp32Multiply: a_bits must be 1..24 (and below 24 only with normal_a), "
+                              f"got {a_bits!r}")
+        self._normal_a, self._a_bits = bool(normal_a), a_bits
         super().__init__({"i_valid": In(1), "a": In(32), "b": In(32), "o_valid": Out(1), "o": Out(32)},
                          latency)
 
+    @property
+    def normal_a(self) -> bool:
+        return self._normal_a
+
+    @property
+    def a_bits(self) -> int:
+        return self._a_bits
+
+    def _elaborate_normal_a(self, m, st):
+        a, b = _unpack(self.a), _unpack(self.b)
+        nan = a.nan | b.nan | (a.inf & b.zero) | (a.zero & b.inf)
+        inf = (a.inf | b.inf) & ~nan
+        # b normalised: its leading one at bit 23 (a zero b stays zero)
+        lzb = leading_zeros(b.mant)[0:5]
+        mb = (b.mant << lzb)[0:24]
+        # Biased exponent of the result if the product's leading one sat at bit 47.
+        e0 = a.eff + b.eff - lzb - Const(126, signed(10))
+        ka = self._a_bits
+        s = st.boundary(ma=a.mant[24 - ka:24], mb=mb, e0=e0, sign=a.sign ^ b.sign, nan=nan, inf=inf)
+
+        # ka + 24 bits; the leading one at the top bit or the one below (zero for a zero operand)
+        s = st.boundary(prod=s.ma * s.mb, e0=s.e0, sign=s.sign, nan=s.nan, inf=s.inf)
+
+        pw = ka + 24
+        top = s.prod[pw - 1]
+        n = Mux(top, s.prod, s.prod << 1)[0:pw]          # leading one at pw - 1
+        e = Mux(top, s.e0, s.e0 - 1)
+        # 26 bits: hidden one, 23 fraction bits, guard, and a sticky of everything below
+        if pw > 26:
+            v = Cat(n[0:pw - 25].any(), n[pw - 25:pw])
+        else:
+            v = Cat(Const(0, 26 - pw), n)
+        s = st.boundary(v=v, e=e, sign=s.sign, nan=s.nan, inf=s.inf)
+
+        # results under the normal range: shift right by 1 - e (exponent field 0), keeping a sticky
+        shr = Mux(s.e < 1, Const(1, 2) - s.e, 0)
+        norm, sticky = shift_right_sticky(s.v, shr, 26)
+        s = st.boundary(norm=norm, sticky=sticky, e=s.e, sign=s.sign, nan=s.nan, inf=s.inf)
+
+        normal = s.norm[25]
+        exp_field = Mux(normal, s.e, 0)
+        overflow = normal & (s.e >= 255)
+        frac = s.norm[2:25]
+        guard = s.norm[1]
+        rest = s.norm[0] | s.sticky
+        up = guard & (rest | frac[0])
+        packed = (Cat(frac, exp_field[0:8]) + up)[0:31]
+        return Mux(s.nan, CANONICAL_NAN,
+                   Mux(s.inf | overflow, Cat(Const(_INF, 31), s.sign), Cat(packed, s.sign)))
+
     def elaborate(self, platform):
         m = Module()
+        if self._normal_a:
+            st = self._stages(m)
+            s = st.boundary(o=self._elaborate_normal_a(m, st))
+            st.finish()
+            m.d.comb += [self.o.eq(s.o), self.o_valid.eq(st.valid)]
+            return m
         st = self._stages(m)
         a, b = _unpack(self.a), _unpack(self.b)
         nan = a.nan | b.nan | (a.inf & b.zero) | (a.zero & b.inf)

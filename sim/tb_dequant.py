@@ -87,6 +87,9 @@ async def _run(dut, spec_path: str, results_path: str):
     p_valid = {k: float(spec[f"p_valid_{k}"]) for k in beats}
     p_ready = float(spec["p_ready"])
     max_cycles = int(spec["max_cycles"])
+    # With beat_bits the unit sends a tile's y as out_beats beats (beat b = bits b*beat_bits...).
+    out_beats = int(spec["out_beats"]) if "out_beats" in spec else 1
+    beat_bits = 32 * T * R // out_beats
 
     clock = Clock(dut.clk, 10, unit="ns")
     clock.start()
@@ -100,10 +103,10 @@ async def _run(dut, spec_path: str, results_path: str):
 
     streams = [Stream(dut, k, beats[k], widths[k], p_valid[k], rng) for k in beats]
     outputs: list[int] = []
-    out_rise: list[int] = []       # cycles in which a new out beat first shows valid
+    out_rise: list[int] = []       # cycles in which a tile's first out beat first shows valid
     held = None                    # an out payload shown but not taken in the previous cycle
     cycle = 0
-    while len(outputs) < n_tiles:
+    while len(outputs) < n_tiles * out_beats:
         await FallingEdge(dut.clk)
         for s in streams:
             s.drive()
@@ -119,7 +122,7 @@ async def _run(dut, spec_path: str, results_path: str):
                 f"cycle {cycle}: out.payload changed while waiting for ready"
         if valid:
             payload = dut.out__payload.value.to_unsigned()
-            if held is None:
+            if held is None and len(outputs) % out_beats == 0:
                 out_rise.append(cycle)
             if ready:
                 outputs.append(payload)
@@ -134,7 +137,8 @@ async def _run(dut, spec_path: str, results_path: str):
         assert s.sent == len(s.beats), f"{s.name}: {s.sent} of {len(s.beats)} beats taken"
     clock.stop()
     np.savez(results_path,
-             y=np.array([_unpack(v, 32, T * R) for v in outputs], dtype=np.uint32),
+             y=np.array([_unpack(sum(outputs[i * out_beats + b] << (b * beat_bits) for b in range(out_beats)),
+                                 32, T * R) for i in range(n_tiles)], dtype=np.uint32),
              out_rise=np.array(out_rise),
              **{f"hs_{s.name}": np.array(s.handshakes) for s in streams})
 

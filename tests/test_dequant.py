@@ -50,6 +50,10 @@ def test_parameters_and_properties():
     assert _used(DequantUnit(4, 1, aw, qw, lanes=4)).cycles_per_group == unit.loop_latency == 5
     assert DequantUnit.lanes_for(32, 1, 128) == 1
     assert _used(DequantUnit(8, 2, aw, qw)).partials_layout.size == 16 * aw + 2
+    assert unit.beat_bits is None and unit.out_beats == 1 and unit.out_layout.size == 32 * 32
+    beats = _used(DequantUnit(8, 2, aw, qw, lanes=2, beat_bits=128))
+    assert beats.out_beats == 4 and beats.out_layout.size == 128 and beats.latency == _used(
+        DequantUnit(8, 2, aw, qw, lanes=2)).latency
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -60,6 +64,9 @@ def test_parameters_and_properties():
     (dict(rows=4, tokens=1, acc_width=1, qsum_width=15), "at least 2"),
     (dict(rows=4, tokens=1, acc_width=22, qsum_width=15, add_latency=99), "latency"),
     (dict(rows=4, tokens=1, acc_width=22, qsum_width=15, group_cycles=0), "group_cycles"),
+    (dict(rows=4, tokens=1, acc_width=22, qsum_width=15, beat_bits=100), "multiple of 32"),
+    (dict(rows=4, tokens=1, acc_width=22, qsum_width=15, beat_bits=96), "multiple of 32"),
+    (dict(rows=4, tokens=3, acc_width=22, qsum_width=15, lanes=3, beat_bits=128), "one must divide"),
 ])
 def test_impossible_parameters(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -169,8 +176,9 @@ def make_scenario(unit: DequantUnit, rng, groups_per_tile: list[int], kinds: lis
     spec = {k: np.concatenate(v) for k, v in cols.items()}
     total_groups = sum(groups_per_tile)
     slowest = min(min(p_valid.values()), p_ready)
-    work = total_groups * unit.cycles_per_group + len(groups_per_tile) * unit.latency
+    work = total_groups * unit.cycles_per_group + len(groups_per_tile) * (unit.latency + unit.out_beats)
     spec.update(
+        out_beats=unit.out_beats,
         bias=np.array(biases, dtype=U32), rows=R, tokens=T, acc_width=unit.acc_width,
         qsum_width=unit.qsum_width, zero_bits=unit.zero_bits, seed=seed, p_ready=p_ready,
         max_cycles=int(work / slowest ** 2 * 4) + 1000,
@@ -207,6 +215,14 @@ POINTS = [
     pytest.param(dict(rows=8, tokens=2, group=64, lanes=2), id="R8-T2-G64-L2", marks=pytest.mark.slow),
     pytest.param(dict(rows=4, tokens=1, group=32, lanes=2, mul_latency=1, add_latency=0),
                  id="R4-T1-G32-L2-M1A0", marks=pytest.mark.slow),
+    # beat_bits: y leaves as 128-bit beats (the engine's form): two memory words per beat (lanes 2),
+    # two beats per memory word (lanes 8), one each (lanes 4, the kv260 shape), four (lanes 1)
+    pytest.param(dict(rows=8, tokens=2, group=64, lanes=2, beat_bits=128), id="R8-T2-G64-L2-B128"),
+    pytest.param(dict(rows=8, tokens=2, group=64, lanes=8, beat_bits=128), id="R8-T2-G64-L8-B128"),
+    pytest.param(dict(rows=32, tokens=2, group=64, lanes=4, beat_bits=128), id="R32-T2-G64-L4-B128",
+                 marks=pytest.mark.slow),
+    pytest.param(dict(rows=4, tokens=2, group=32, lanes=1, beat_bits=128), id="R4-T2-G32-L1-B128",
+                 marks=pytest.mark.slow),
 ]
 
 STREAMS = ("partials", "meta", "act", "bias")
@@ -220,10 +236,12 @@ def build_unit(point) -> tuple[DequantUnit, Path, str]:
     aw, qw = widths_for_group(point["group"])
     mul, add = point.get("mul_latency"), point.get("add_latency")
     unit = DequantUnit(point["rows"], point["tokens"], aw, qw, lanes=point["lanes"],
-                       mul_latency=mul, add_latency=add)
+                       mul_latency=mul, add_latency=add, beat_bits=point.get("beat_bits"))
     name = f"dequant_r{point['rows']}_t{point['tokens']}_a{aw}_q{qw}_l{point['lanes']}"
     if mul is not None or add is not None:
         name += f"_m{unit.mul_latency}_a{unit.add_latency}"
+    if unit.beat_bits is not None:
+        name += f"_b{unit.beat_bits}"
     src = write_verilog(verilog.convert(unit, name=name), name)
     return unit, src, name
 
@@ -246,7 +264,7 @@ def test_dequant_unit_verilator(point, tmp_path):
         p_ready=0.5, seed=seed)
 
     # No stalls: enough groups per tile that the out beat never throttles the inputs.
-    ng = max(3, -(-(unit.latency + 1) // unit.cycles_per_group) + 1)
+    ng = max(3, -(-(unit.latency + unit.out_beats) // unit.cycles_per_group) + 1)
     stream, stream_exp = make_scenario(
         unit, rng, [ng] * 4, ["typical", "extreme", "bits", "typical"],
         p_valid={k: 1.0 for k in STREAMS}, p_ready=1.0, seed=seed + 1)

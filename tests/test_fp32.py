@@ -128,6 +128,45 @@ def mul_vectors(rng, n):
     return a[:n], b[:n]
 
 
+def _subnormal(x):
+    x = np.asarray(x, dtype=U32)
+    return ((x >> 23) & 0xFF == 0) & (x & 0x7FFFFF != 0)
+
+
+def mul_normal_a_vectors(rng, n):
+    """mul_vectors with `a` never subnormal (Fp32Multiply(normal_a=True)): a subnormal `a` trades
+    places with `b`; if both are, `a` gets exponent 1."""
+    a, b = mul_vectors(rng, n)
+    swap = _subnormal(a) & ~_subnormal(b)
+    a, b = np.where(swap, b, a).astype(U32), np.where(swap, a, b).astype(U32)
+    a = np.where(_subnormal(a), a | np.uint32(0x00800000), a).astype(U32)
+    return a, b
+
+
+def mul_half_a_vectors(rng, n):
+    """`a` an fp16 value as fp32 (Fp32Multiply(normal_a=True, a_bits=11), the dequant's weight
+    scale): every fp16 bit pattern, times b of any class, and b chosen so that the product lands
+    around the underflow and overflow boundaries or is a tie."""
+    k = n // 4
+    h = np.concatenate([half_vectors(), rng.integers(0, 1 << 16, 4 * k - (1 << 16))]).astype(np.uint64)
+    a = golden("h2f", h)
+    a = a[rng.permutation(len(a))]
+    ea = ((a >> 23) & 0xFF).astype(np.int64)[:3 * k]
+    s = rng.integers(0, 2, (3, k))
+    _, b0 = mul_vectors(rng, k)
+    parts_b = [b0]
+    # underflow boundary: product exponent from -30 to +4 below the smallest normal
+    parts_b.append(compose(s[0], np.clip(rng.integers(-30, 5, k) + 127 - ea[:k] + 1, 0, 254), _rand_frac(rng, k)))
+    # overflow boundary
+    parts_b.append(compose(s[1], np.clip(rng.integers(-3, 3, k) + 254 - ea[k:2 * k] + 127, 1, 254),
+                           _rand_frac(rng, k)))
+    # subnormal b
+    parts_b.append(compose(s[2], 0, _rand_frac(rng, k) >> rng.integers(0, 23, k)))
+    b = np.concatenate(parts_b).astype(U32)
+    m = min(len(a), len(b), n)
+    return a[:m], b[:m]
+
+
 def add_vectors(rng, n):
     k = n // 8
     s = rng.integers(0, 2, (8, k))
@@ -291,6 +330,11 @@ def test_latency_is_validated():
         Fp32Add(latency=Fp32Add.max_latency() + 1)
     with pytest.raises(ConfigError, match="width"):
         IntToFp32(1)
+    with pytest.raises(ConfigError, match="a_bits"):
+        Fp32Multiply(a_bits=11)                       # only with normal_a
+    with pytest.raises(ConfigError, match="a_bits"):
+        Fp32Multiply(normal_a=True, a_bits=25)
+    assert _latency(Fp32Multiply(normal_a=True, a_bits=11)) == 4
     assert _latency(Fp32Multiply()) == 4 and _latency(Fp32Add()) == 4
     assert _latency(IntToFp32(25)) == 2 and _latency(Fp16ToFp32()) == 1
     assert [_latency(Fp32Add(latency=n)) for n in range(7)] == list(range(7))
@@ -303,13 +347,17 @@ def test_latency_is_validated():
 # op -> (unit factory, operand port names, operand lane width)
 BANK_OPS = {
     "mul": (lambda lat: Fp32Multiply(latency=lat), Fp32Multiply.max_latency(), ("a", "b"), 32),
+    "mun": (lambda lat: Fp32Multiply(latency=lat, normal_a=True), Fp32Multiply.max_latency(), ("a", "b"), 32),
+    "muh": (lambda lat: Fp32Multiply(latency=lat, normal_a=True, a_bits=11), Fp32Multiply.max_latency(),
+            ("a", "b"), 32),
     "add": (lambda lat: Fp32Add(latency=lat), Fp32Add.max_latency(), ("a", "b"), 32),
     "i2f": (lambda lat: IntToFp32(32, latency=lat), IntToFp32.max_latency(), ("a",), 32),
     "i2n": (lambda lat: IntToFp32(20, latency=lat), IntToFp32.max_latency(), ("a",), 20),
     "h2f": (lambda lat: Fp16ToFp32(latency=lat), Fp16ToFp32.max_latency(), ("a",), 16),
 }
 BANK_LANES = 4
-VECTORS = {"mul": 320_000, "add": 320_000, "i2f": 200_000, "i2n": 60_000, "h2f": 1 << 16}
+VECTORS = {"mul": 320_000, "mun": 320_000, "muh": 320_000, "add": 320_000, "i2f": 200_000, "i2n": 60_000,
+           "h2f": 1 << 16}
 
 
 def _lane_latency(k, make, max_lat):
@@ -360,9 +408,13 @@ class Fp32Bank(wiring.Component):
 def _bank_vectors(seed: int):
     rng = np.random.default_rng(seed)
     ma, mb = mul_vectors(rng, VECTORS["mul"])
+    na, nb = mul_normal_a_vectors(rng, VECTORS["mun"])
+    ha, hb = mul_half_a_vectors(rng, VECTORS["muh"])
     aa, ab = add_vectors(rng, VECTORS["add"])
     return {
         "mul": {"a": ma, "b": mb},
+        "mun": {"a": na, "b": nb},
+        "muh": {"a": ha, "b": hb},
         "add": {"a": aa, "b": ab},
         "i2f": {"a": int_vectors(rng, VECTORS["i2f"], 32)},
         "i2n": {"a": int_vectors(rng, VECTORS["i2n"], 20)},
@@ -407,5 +459,5 @@ def test_fp32_units_verilator(tmp_path):
         ins = [np.asarray(v) for v in ops.values()]
         n = len(ins[0])
         got = res[f"out_{op}_o"].reshape(-1)[:n].astype(U32)
-        exp = golden(op, *ins) if op in ("mul", "add") else golden(op, ins[0])
+        exp = golden("mul" if op in ("mun", "muh") else op, *ins) if len(ins) == 2 else golden(op, ins[0])
         _check(op, got, exp, *ins)
