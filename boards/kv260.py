@@ -749,6 +749,8 @@ puts "kriallm: built $app ($pl_clk_hz Hz, WNS $wns ns)"
             "WIDTHEXPAND": "operand widths follow Verilog context rules; Amaranth fixed every width",
             "WIDTHTRUNC": "as WIDTHEXPAND",
             "CASEINCOMPLETE": "a Switch without a default case assigns nothing when no case matches, on purpose",
+            "ASCRANGE": "a depth-1 memory (the inner FIFO of SyncFIFOBuffered(depth=2)) has a zero-width "
+                        "address, declared [-1:0] and never read",
         }
         lines = ["`verilator_config", f"// Waivers for the Amaranth-generated {self.design}.v only (kriallm build --lint)."]
         for rule, why in rules.items():
