@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from sw.errors import ConfigError, KriaError, ToolchainError
+from sw.contract.errors import ConfigError, KriaError, ToolchainError
 
 from . import kv260
 
@@ -104,12 +104,12 @@ def top_parameters(cls, config) -> dict:
 
     ``config_hash``: what CONFIG_HASH0..7 read, which is the hash the manifest records and the
     driver compares (sw/driver/device.py ``check_identity``); ``addr_width``: the HP masters'
-    address width, the driver's DMA address limit (sw.commands.DEFAULT_ADDR_BITS; the PS port
+    address width, the driver's DMA address limit (sw.contract.commands.DEFAULT_ADDR_BITS; the PS port
     takes up to ``kv260.HP_PS_ADDR_BITS``, the block design zero-extends).
     """
     import inspect
 
-    from sw.commands import DEFAULT_ADDR_BITS
+    from sw.contract.commands import DEFAULT_ADDR_BITS
     wanted = {"config_hash": config.config_hash, "addr_width": DEFAULT_ADDR_BITS}
     try:
         params = inspect.signature(cls).parameters
@@ -143,7 +143,7 @@ def load_top(spec: str, config):
 
 
 def _config_from_args(args):
-    from rtl.config import ArrayConfig, preset
+    from sw.contract.config import ArrayConfig, preset
     if args.config is not None:
         return ArrayConfig.from_file(args.config), None
     return preset(args.preset), args.preset
@@ -306,7 +306,7 @@ def _remove_stale_outputs(layout: BuildLayout, sources_sha: str) -> list[str]:
 def add_build_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--board", choices=["kv260"], default="kv260", help="target board (default kv260)")
     g = parser.add_mutually_exclusive_group(required=True)
-    g.add_argument("--preset", help="a named hardware configuration (rtl/config.py PRESETS), e.g. kv260")
+    g.add_argument("--preset", help="a named hardware configuration (sw/contract/config.py PRESETS), e.g. kv260")
     g.add_argument("--config", type=Path, metavar="FILE", help="an ArrayConfig JSON file")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     parser.add_argument("--name", help="xmutil app / firmware name (default kriallm-<preset>)")

@@ -32,8 +32,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from sw.commands import CSR_ADDR_WIDTH
-from sw.errors import ConfigError
+from sw.contract.commands import CSR_ADDR_WIDTH
+from sw.contract.errors import ConfigError
 
 __all__ = [
     "DEVICE", "PACKAGE", "SPEED", "PART", "BOARD_PART_GLOB", "CSR_BASE", "DDR_LOW_BASE", "DDR_LOW_SIZE",
@@ -186,7 +186,7 @@ class TopPorts:
             raise ConfigError(f"csr data width is {self.csr_data_bits}, the register map is 32-bit")
         if self.csr_addr_bits != CSR_ADDR_WIDTH:
             raise ConfigError(f"csr address width is {self.csr_addr_bits} bits but the driver maps "
-                              f"{CSR_ADDR_WIDTH} (sw.commands.CSR_ADDR_WIDTH)")
+                              f"{CSR_ADDR_WIDTH} (sw.contract.commands.CSR_ADDR_WIDTH)")
         axi4 = {"araddr", "arlen", "arsize", "arburst", "arvalid", "arready", "rdata", "rresp", "rlast", "rvalid",
                 "rready", "awaddr", "awlen", "awsize", "awburst", "awvalid", "awready", "wdata", "wstrb", "wlast",
                 "wvalid", "wready", "bresp", "bvalid", "bready"}
@@ -267,7 +267,7 @@ def _tcl_list(items) -> str:
 @dataclass(frozen=True)
 class Kv260Design:
     """All generated text of one KV260 build, from one config and one port set."""
-    config: object            # rtl.config.ArrayConfig
+    config: object            # sw.contract.config.ArrayConfig
     ports: TopPorts
     app_name: str
     dma_bytes: int = DEFAULT_DMA_MB << 20

@@ -14,7 +14,7 @@ so (``"stub": true``). It has the port set the block design expects:
 So that a stub bitstream is still useful on a board (register access, the
 interrupt line, the address map), it answers a few registers:
 
-* ``ID`` (offset from sw.commands) reads ``STUB_MAGIC`` = b"STUB", not the
+* ``ID`` (offset from sw.contract.commands) reads ``STUB_MAGIC`` = b"STUB", not the
   accelerator's b"KRIA", so no driver mistakes it for the accelerator;
 * ``CONFIG_HASH0..7`` read the config hash, as the real top does;
 * the last word of the window is a scratch register whose bit 0 drives
@@ -30,8 +30,8 @@ from amaranth.lib.wiring import In, Out
 
 from rtl.axi import axi4_signature, tie_off_read, tie_off_write
 from rtl.axilite import AxiLiteSignature, AxiLiteToCsr
-from rtl.config import ArrayConfig
-from sw.commands import CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, REGISTERS
+from sw.contract.config import ArrayConfig
+from sw.contract.commands import CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, REGISTERS
 
 __all__ = ["StubTop", "STUB_MAGIC", "HP_ID_BITS", "CSR_DATA_BITS"]
 

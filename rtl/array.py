@@ -19,7 +19,7 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.data import ArrayLayout, StructLayout
 from amaranth.lib.wiring import In, Out
 
-from .config import ArrayConfig
+from sw.contract.config import ArrayConfig
 from .pe import pack_bias, packed_product, product, split_biased
 
 __all__ = ["MacArray", "beat_layout", "partials_layout"]

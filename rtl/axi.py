@@ -23,7 +23,7 @@ from amaranth.lib.data import StructLayout
 from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from sw.errors import ConfigError
+from sw.contract.errors import ConfigError
 
 __all__ = [
     "AXI_PAGE_BYTES", "RESP_OKAY", "RESP_EXOKAY", "RESP_SLVERR", "RESP_DECERR",

@@ -1,15 +1,15 @@
 """CommandProcessor: the control registers, the command-list fetcher and the run sequencer.
 
 The host writes a list of 64-byte LINEAR descriptors into DDR once per model
-(format: sw/commands.py, docs/registers.md), sets CMD_BASE and CMD_COUNT and
+(format: sw/contract/commands.py, docs/registers.md), sets CMD_BASE and CMD_COUNT and
 writes CTRL.start. The processor then, for each descriptor in order:
 
 1. fetches it through an AXI read master (rtl/axi.py's AxiReadMaster: a
    ``{addr, beats}`` command stream out, ``{data, last}`` beats in, a sticky
    ``error`` in and a ``clear`` pulse out). The next descriptor is prefetched
    while the current command executes, so fetch latency is paid once per run;
-2. validates it with the checks of ``sw.commands.validate_command``, in the
-   same order and with the same :class:`~sw.commands.ErrorCode`. An invalid
+2. validates it with the checks of ``sw.contract.commands.validate_command``, in the
+   same order and with the same :class:`~sw.contract.commands.ErrorCode`. An invalid
    descriptor (or one whose fetch got SLVERR/DECERR) is never presented to the
    datapath: the run stops with STATUS.error, the code and the command index;
 3. presents the decoded command on the ``op`` stream and collects one
@@ -45,11 +45,11 @@ from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out, connect, flipped
 
-from sw.commands import (ALIGN, CMD_LOG_DEPTH, CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, DESCRIPTOR_BYTES,
+from sw.contract.commands import (ALIGN, CMD_LOG_DEPTH, CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, DESCRIPTOR_BYTES,
                          DESCRIPTOR_VERSION, FLAGS_DEFINED, ID_MAGIC, PERF_COUNTERS, REGMAP_VERSION,
                          WEIGHT_KIND_INT4, WEIGHT_KIND_INT8, ErrorCode, HardwareLimits, Opcode,
                          config_hash_words, descriptor_field_bits)
-from sw.errors import ConfigError
+from sw.contract.errors import ConfigError
 
 from .axi import read_data_layout, transfer_command_layout
 from .axilite import AxiLiteSignature, AxiLiteToCsr
@@ -64,7 +64,7 @@ CYCLE_BITS = 32
 
 
 def descriptor_layout() -> data.StructLayout:
-    """The 512-bit descriptor as sw.commands.DESCRIPTOR_FIELDS lays it out (byte 0 in bits 7..0)."""
+    """The 512-bit descriptor as sw.contract.commands.DESCRIPTOR_FIELDS lays it out (byte 0 in bits 7..0)."""
     fields = descriptor_field_bits()
     layout = data.StructLayout({name: unsigned(width) for name, (_, width) in fields.items()})
     for name, (offset, width) in fields.items():
@@ -112,7 +112,7 @@ class PerfEventSignature(wiring.Signature):
 
 
 class DescriptorChecker(wiring.Component):
-    """Combinational descriptor validation: ``code`` is sw.commands.validate_command's answer.
+    """Combinational descriptor validation: ``code`` is sw.contract.commands.validate_command's answer.
 
     The checks run in ErrorCode order and the first failing one is reported,
     exactly as in software; tests/test_cmdproc.py compares the two on random
@@ -172,7 +172,7 @@ class CommandProcessor(wiring.Component):
 
     Parameters
     ----------
-    config : rtl.config.ArrayConfig (rows, cols, tokens, group_size, engines,
+    config : sw.contract.config.ArrayConfig (rows, cols, tokens, group_size, engines,
         weight_bits, port_bits, clock_mhz are read).
     config_hash : sha256 hex digest shown in CONFIG_HASH0..7; default
         ``config.config_hash``.
@@ -357,7 +357,7 @@ class CommandProcessor(wiring.Component):
         with m.If(abort):
             m.d.sync += [cmd.valid.eq(0), f_busy.eq(0), buf_full.eq(0), f_remaining.eq(0)]
 
-        # ---- validation (sw.commands.validate_command, same order) ------------------------
+        # ---- validation (sw.contract.commands.validate_command, same order) ------------------------
         m.submodules.checker = checker = DescriptorChecker(lim)
         m.d.comb += checker.desc.eq(cur)
         check = checker.code

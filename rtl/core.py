@@ -22,7 +22,7 @@ from amaranth.lib.data import StructLayout
 from amaranth.lib.wiring import In, Out
 
 from .array import MacArray, beat_layout
-from .config import ArrayConfig
+from sw.contract.config import ArrayConfig
 from .dequant import DequantUnit
 
 __all__ = ["LinearCore", "Accelerator", "core_beat_layout"]

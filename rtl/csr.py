@@ -19,7 +19,7 @@ mask, and in the cycle after a strobe ``r_data`` holds the read data and
 AXI4-Lite slave in front of it.
 
 :class:`RegisterBank` builds the bank of the accelerator's register map from
-``sw.commands.REGISTERS``, the one description the driver and the docs share.
+``sw.contract.commands.REGISTERS``, the one description the driver and the docs share.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from amaranth.hdl import Const, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out, connect, flipped
 
-from sw.commands import Access, RegisterSpec
+from sw.contract.commands import Access, RegisterSpec
 
 __all__ = ["Signature", "ElementSignature", "FieldPortSignature", "FieldAction", "R", "RW", "W1C", "W1S",
            "Pulse", "Field", "Register", "Builder", "Bridge", "RegisterBank", "ACTIONS"]
@@ -375,14 +375,14 @@ class Bridge(wiring.Component):
 # ---------------------------------------------------------------------------
 
 class RegisterBank(wiring.Component):
-    """The registers of ``specs`` (default: sw.commands.REGISTERS) behind a CSR bus.
+    """The registers of ``specs`` (default: sw.contract.commands.REGISTERS) behind a CSR bus.
 
     ``bank.reg.STATUS.f.busy.r_data`` etc. reach the fields; the owner drives
     every R field and reads the others.
     """
 
     def __init__(self, specs=None, *, addr_width: int | None = None):
-        from sw.commands import CSR_ADDR_WIDTH, REGISTERS
+        from sw.contract.commands import CSR_ADDR_WIDTH, REGISTERS
         specs = REGISTERS if specs is None else specs
         self._builder = Builder(addr_width=addr_width or CSR_ADDR_WIDTH)
         regs = {}

@@ -1,6 +1,6 @@
 """DequantUnit: exact group sums in, fp32 layer outputs out (numerics contract, step 4).
 
-For every token t, row r of a row tile and group g (sw.numerics.dequant_accumulate):
+For every token t, row r of a row tile and group g (sw.contract.numerics.dequant_accumulate):
 
     corr = acc[t, r] - zero[r] * qsum[t]          exact integer
     s    = fp32(scale_w[r]) * scale_a[t]          fp32 multiply
@@ -22,7 +22,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from sw.errors import ConfigError
+from sw.contract.errors import ConfigError
 
 from .fp32 import Fp16ToFp32, Fp32Add, Fp32Multiply, IntToFp32, _discard
 

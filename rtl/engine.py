@@ -8,7 +8,7 @@ command/data streams of its port's `AxiReadMaster` and `AxiWriteMaster`:
   read master can take a new command (so tiles are handed out as late as
   possible and ports that fall behind simply take fewer tiles), then issues
   one read for the tile's bias (R fp32, only with HAS_BIAS) and one contiguous
-  read for the tile's weight stream (sw/layout.py: per group, the meta beats
+  read for the tile's weight stream (sw/contract/layout.py: per group, the meta beats
   then the weight-column beats);
 * **unpacker**: splits the read stream into bias -> `core.bias` (+0.0 words
   when the command has no bias), meta -> `core.meta` (R fp16 scales, R 4-bit
@@ -19,12 +19,12 @@ command/data streams of its port's `AxiReadMaster` and `AxiWriteMaster`:
   buffer ahead of the unpacker (16 columns x T tokens per read) and the
   per-group s_a/qsum (`core.act`);
 * **writer**: turns each tile's `core.y` (T x R fp32) into one write per token
-  row at out_addr + t*stride + tile*4R (sw.commands.OutputLayout), pads the
+  row at out_addr + t*stride + tile*4R (sw.contract.commands.OutputLayout), pads the
   last tile's rows with zeros up to the 64-byte row stride, splits at 4 KiB
   and 16 beats itself (so one write command is one AXI burst) and counts the
   B responses, so the top knows when each tile is in memory.
 
-`ActivationBuffer` loads a command's activation buffer (sw.commands.
+`ActivationBuffer` loads a command's activation buffer (sw.contract.commands.
 ActivationLayout) from DDR through its own read master: s_a, then qsum, then
 the int8 codes, into two slots (double buffering, so a command's load can
 overlap the previous command's tail). Engines read it through one arbitrated
@@ -47,11 +47,11 @@ from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from sw.errors import ConfigError
-from sw.layout import TileLayout
+from sw.contract.errors import ConfigError
+from sw.contract.layout import TileLayout
 
 from .axi import read_data_layout, transfer_command_layout, write_data_layout
-from .config import ArrayConfig
+from sw.contract.config import ArrayConfig
 from .core import LinearCore, make_dequant
 from .readmux import round_robin
 
@@ -113,7 +113,7 @@ class Geometry:
 
     @property
     def layout(self) -> TileLayout:
-        """The .kq layout of one group of one tile (sw/layout.py)."""
+        """The .kq layout of one group of one tile (sw/contract/layout.py)."""
         return TileLayout(rows=self.R, cols=self.G, group_size=self.G, tile_rows=self.R, bits=self.bits)
 
     # -- the weight stream -------------------------------------------------------------

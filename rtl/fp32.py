@@ -29,7 +29,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed, unsigne
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from sw.errors import ConfigError
+from sw.contract.errors import ConfigError
 
 __all__ = ["Fp16ToFp32", "IntToFp32", "Fp32Multiply", "Fp32Add",
            "CANONICAL_NAN", "leading_zeros"]

@@ -20,7 +20,7 @@ from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from sw.errors import ConfigError
+from sw.contract.errors import ConfigError
 
 from .axi import axi4_read_signature
 

@@ -10,8 +10,8 @@ Ports (what boards/build.py and the block design expect):
 Per LINEAR command (the command processor's ``op`` stream, rtl/cmdproc.py):
 
 1. **set-up** (4 cycles): tiles = ceil(N/R), the output row stride and the
-   row padding (sw.commands.OutputLayout), the three sections of the
-   activation buffer (sw.commands.ActivationLayout), the byte ranges the
+   row padding (sw.contract.commands.OutputLayout), the three sections of the
+   activation buffer (sw.contract.commands.ActivationLayout), the byte ranges the
    command reads and writes;
 2. **activation load** into one of two slots of the shared activation buffer
    (rtl/engine.py, `ActivationBuffer`), through its own read master on hp0;
@@ -54,14 +54,14 @@ from amaranth.hdl import Cat, Module, Mux, ResetInserter, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out, connect, flipped
 
-from sw.commands import CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, ErrorCode
-from sw.errors import ConfigError
+from sw.contract.commands import CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, ErrorCode
+from sw.contract.errors import ConfigError
 
 from .axi import (AxiReadMaster, AxiWriteMaster, axi4_signature, connect_read_channels,
                   connect_write_channels)
 from .axilite import AxiLiteSignature
 from .cmdproc import CommandProcessor, op_layout
-from .config import ArrayConfig
+from sw.contract.config import ArrayConfig
 from .engine import SLOTS, ActivationBuffer, Engine, Geometry, load_layout, op_params_layout
 from .readmux import AxiReadArbiter, round_robin
 

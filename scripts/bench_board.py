@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         print("bench_board: error: --repeats must be at least 1", file=sys.stderr)
         return 2
-    from sw.errors import KriaError
+    from sw.contract.errors import KriaError
     try:
         report = run_sweep(args)
     except KriaError as e:

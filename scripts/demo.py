@@ -66,7 +66,7 @@ def main() -> int:
     try:
         import amaranth  # noqa: F401
         import cocotb  # noqa: F401
-        from rtl import elaborate  # noqa: F401
+        from boards import elaborate  # noqa: F401
     except ImportError:
         print("\n(skipping elaboration and simulation: the hardware/simulation tools are not installed)")
         print("\ndemo finished; outputs are in", OUT)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rtl.elaborate import main  # noqa: E402
+from boards.elaborate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ weights for every layer, which changes nothing for the DDR model, it has no
 cache) and an ``--lm-head-rows`` slice of the LM head go into DDR as one command
 list and run through the accelerator RTL (rtl/top.py) with every HP port on
 the Verilog DDR model (sim/hdl/hp_ddr_model.v): one Verilator build, one run.
-Outputs are checked bit for bit against sw.numerics.golden_linear (``--no-verify``
+Outputs are checked bit for bit against sw.contract.numerics.golden_linear (``--no-verify``
 skips that).
 
 Per linear the report gives the cycles the command processor logged for the
@@ -50,7 +50,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if not any(n in have for n in names):
             parser.add_argument(*names, **kw)
 
-    add("--preset", default=None, help="hardware preset (rtl/config.py), e.g. kv260: runs the RTL bench")
+    add("--preset", default=None, help="hardware preset (sw/contract/config.py), e.g. kv260: runs the RTL bench")
     add("--model-preset", default="qwen2.5-0.5b", help="model shapes (sw/config.py presets)")
     add("--layers", type=int, default=1, help=f"decoder layers to simulate, 1..{MAX_LAYERS} (default 1)")
     add("--lm-head-rows", type=int, default=4096, help="rows of the LM-head slice (default 4096)")
@@ -85,10 +85,10 @@ def run_bench(args) -> int:
 
 
 def bench_report(args) -> dict:
-    from rtl.config import preset as hw_preset
+    from sw.contract.config import preset as hw_preset
     from sw.config import preset as model_preset
-    from sw.errors import ConfigError
-    from sw.layout import TileLayout
+    from sw.contract.errors import ConfigError
+    from sw.contract.layout import TileLayout
 
     from .top_tb import SIM_DDR, Scenario, Workspace, build_sim_top, compare_bits, put_commands, random_linear, \
         run_scenario

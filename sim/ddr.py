@@ -21,7 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
-from sw.errors import ConfigError, DeviceError
+from sw.contract.errors import ConfigError, DeviceError
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_SOURCE = REPO / "sim" / "hdl" / "hp_ddr_model.v"

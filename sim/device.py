@@ -1,7 +1,7 @@
 """The host driver's `sim` backend: sw/driver on the accelerator RTL in Verilator.
 
     kriallm generate MODEL.kq --device sim [--hw-config kv260]
-    dev = open_sim_device(args)          # sw.driver.open_device("sim", args) calls this
+    dev = open_sim_device(args)          # sw.driver.open_device("sim", args) finds it through the kriallm.devices entry point
 
 `SimDevice` implements sw.driver.device.Device on the simulation top of
 sim/top_tb.py (rtl.top.Accelerator with every HP port on the Verilog DDR
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sw.commands import ALIGN
+from sw.contract.commands import ALIGN
 from sw.driver.device import DMA_TO_DEVICE, Buffer, Device, hardware_config
-from sw.errors import DeviceError
+from sw.contract.errors import DeviceError
 
 __all__ = ["SimDevice", "SimBuffer", "open_sim_device"]
 
@@ -222,7 +222,7 @@ def memory_for_model(path) -> int:
     """DDR-model memory for a .kq: its device tensors (linears, LM head, biases) plus 10 % and 16 MiB
     for activations, outputs and command lists, rounded up to a power of two (at least 64 MiB).
     The full-size Qwen2.5-0.5B (266 MB of INT4 weights) gets 512 MiB, tiny 64 MiB."""
-    from sw.errors import KriaError
+    from sw.contract.errors import KriaError
     from sw.kq import KqFile
     need = 0
     if path is not None and Path(path).is_file():
@@ -269,7 +269,7 @@ if cocotb is not None:
 
         from sim.ddr import DdrModelConfig, DdrModelHandle
         from sim.tb_csr import CsrPort
-        from sw.commands import Reg
+        from sw.contract.commands import Reg
 
         cfg = DdrModelConfig.from_json(os.environ[_ENV_DDR])
         conn = Client(os.environ[_ENV_SOCKET], family="AF_UNIX", authkey=bytes.fromhex(os.environ[_ENV_KEY]))

@@ -13,7 +13,7 @@ import itertools
 import os
 from pathlib import Path
 
-from sw.errors import ToolchainError
+from sw.contract.errors import ToolchainError
 
 from .toolchain import default_simulator, setup_simulator
 

@@ -32,7 +32,7 @@ from cocotb.triggers import ClockCycles, FallingEdge, RisingEdge, Timer
 from rtl.axi import AXI_PAGE_BYTES, RESP_DECERR, RESP_SLVERR, split_bursts
 from sim.axi_tops import checksum
 from sim.ddr import DdrModelConfig, DdrModelHandle, write_image
-from sw.errors import DeviceError
+from sw.contract.errors import DeviceError
 
 PERIOD_NS = 4
 BEAT = 16

@@ -25,7 +25,7 @@ from cocotb.triggers import FallingEdge, ReadOnly
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sw.commands import (DESCRIPTOR_BYTES, ID_MAGIC, REGMAP_VERSION, ErrorCode,  # noqa: E402
+from sw.contract.commands import (DESCRIPTOR_BYTES, ID_MAGIC, REGMAP_VERSION, ErrorCode,  # noqa: E402
                          HardwareLimits, LinearCommand, Reg, config_hash_from_words, linear_command,
                          pack_command_list, register, validate_cmd_base, validate_command)
 
@@ -52,7 +52,7 @@ def cmdproc_harness(config, *, addr_width: int = 32, config_hash: str | None = N
     from rtl.axi import AxiReadMaster, axi4_read_signature
     from rtl.axilite import AxiLiteSignature
     from rtl.cmdproc import CommandProcessor, PerfEventSignature, op_done_layout, op_layout
-    from sw.commands import CSR_ADDR_WIDTH
+    from sw.contract.commands import CSR_ADDR_WIDTH
 
     class CmdprocHarness(wiring.Component):
         def __init__(self):

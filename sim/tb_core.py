@@ -1,13 +1,13 @@
 """cocotb bench for LinearCore (MacArray + DequantUnit), end to end in fp32.
 
 The pytest side (tests/test_core.py) cuts a quantized linear into the core's
-streams with sw.layout.pack_linear (so the layout is exercised too) and writes
+streams with sw.contract.layout.pack_linear (so the layout is exercised too) and writes
 CORE_VECTORS, an .npz holding per scenario the payload bytes of `beats`,
 `meta`, `act` and `bias`, their valid probabilities and the `y` ready
 probability. This bench plays them with random stalls on every stream,
 captures every `y` beat into CORE_RESULTS/<scenario>.npz and reports cycles
 against the ideal (one beat per cycle plus the core's fill latency). The fp32
-bits are compared with sw.numerics.golden_linear on the pytest side.
+bits are compared with sw.contract.numerics.golden_linear on the pytest side.
 """
 
 from __future__ import annotations

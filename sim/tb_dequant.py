@@ -6,7 +6,7 @@ the stall probabilities; this bench drives the five streams with those random
 valid/ready stalls (junk payloads while not valid), checks the out stream's
 protocol (valid and payload held until taken), records every handshake cycle
 and writes the received out beats to a results .npz that the pytest side
-compares, bit for bit, with sw.numerics.dequant_accumulate.
+compares, bit for bit, with sw.contract.numerics.dequant_accumulate.
 
 Scenarios: DEQUANT_STALLS (random stalls on every stream) and DEQUANT_STREAM
 (no stalls: throughput and fill latency). Each is optional; a test whose

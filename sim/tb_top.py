@@ -38,7 +38,7 @@ from cocotb.triggers import ClockCycles, RisingEdge, SimTimeoutError, with_timeo
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sim.ddr import DdrModelConfig, DdrModelHandle, write_image  # noqa: E402
-from sw.commands import PERF_COUNTERS, Reg, register  # noqa: E402
+from sw.contract.commands import PERF_COUNTERS, Reg, register  # noqa: E402
 
 try:                    # inside the simulator, sim/ is the test directory
     from tb_csr import CsrPort

@@ -13,7 +13,7 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
-from sw.errors import ToolchainError
+from sw.contract.errors import ToolchainError
 
 SIMULATORS = ("verilator", "icarus")
 

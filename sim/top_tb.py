@@ -9,8 +9,8 @@
   parameters); every run-time number of the DDR model is set by the scenario,
   so one build serves all tests and the benchmark.
 * Workloads: `Workspace` allocates DDR, `random_linear` makes a linear with
-  random weights/activations/bias packed exactly as sw.layout/sw.commands say,
-  and its expected output buffer from sw.numerics.golden_linear; `golden_run`
+  random weights/activations/bias packed exactly as sw.contract.layout/sw.contract.commands say,
+  and its expected output buffer from sw.contract.numerics.golden_linear; `golden_run`
   executes the same memory image with sw/driver/golden_device.py's
   CommandExecutor (the command-level spec), so results are checked against both.
 * `run_scenario`: writes the scenario JSON, runs sim/tb_top.py in the simulator
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rtl.config import ArrayConfig
-from sw.commands import (ALIGN, HardwareLimits, LinearCommand, activation_layout, linear_command,
+from sw.contract.config import ArrayConfig
+from sw.contract.commands import (ALIGN, HardwareLimits, LinearCommand, activation_layout, linear_command,
                          output_layout, pack_activations, pack_bias, pack_command_list)
-from sw.layout import TileLayout, pack_linear
-from sw.numerics import center_weights, golden_linear, quantize_activations
+from sw.contract.layout import TileLayout, pack_linear
+from sw.contract.numerics import center_weights, golden_linear, quantize_activations
 
 from .ddr import MODEL_SOURCE, DdrModelConfig, model_port_widths
 
@@ -67,7 +67,7 @@ def sim_top(config: ArrayConfig, ddr: DdrModelConfig = SIM_DDR, *, max_k: int = 
     from rtl.axi import axi4_signature
     from rtl.axilite import AxiLiteSignature
     from rtl.top import HP_ID_BITS, Accelerator
-    from sw.commands import CSR_ADDR_WIDTH
+    from sw.contract.commands import CSR_ADDR_WIDTH
 
     if ddr.ports != config.engines:
         raise ValueError(f"the DDR model needs one port per engine ({config.engines}), has {ddr.ports}")
@@ -196,9 +196,9 @@ class Linear:
     k: int
     tokens: int
     cmd: LinearCommand
-    expected: bytes                      # the whole output buffer, as sw.numerics + the layout say
+    expected: bytes                      # the whole output buffer, as sw.contract.numerics + the layout say
     weight_bytes: int
-    act_bytes: int                       # the activation buffer's size (sw.commands.ActivationLayout)
+    act_bytes: int                       # the activation buffer's size (sw.contract.commands.ActivationLayout)
     bias_bytes: int                      # bias bytes read: 4 N_pad with HAS_BIAS
     out_bytes: int
     extra: dict = field(default_factory=dict)

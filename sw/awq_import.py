@@ -25,8 +25,8 @@ import numpy as np
 
 from .checkpoint import Checkpoint, is_awq, save_checkpoint
 from .config import Qwen2Config
-from .errors import CheckpointError, ConfigError
-from .numerics import SUPPORTED_GROUP_SIZES
+from .contract.errors import CheckpointError, ConfigError
+from .contract.numerics import SUPPORTED_GROUP_SIZES
 from .qmodel import QuantLinear, QuantModel
 from .quant import (LM_HEAD_KINDS, lm_head_weight, quantize_linear, quantize_rtn,
                     round_to_bf16)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Qwen2Config
-from .errors import ConfigError
+from .contract.errors import ConfigError
 
 MIN_TOKENS = 16
 ZIPF_EXPONENT = 1.1

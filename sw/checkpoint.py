@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Qwen2Config
-from .errors import CheckpointError
+from .contract.errors import CheckpointError
 from .safetensors_io import read_safetensors, write_safetensors
 
 SINGLE_FILE = "model.safetensors"

@@ -1,7 +1,7 @@
 """`kriallm`: one command, many subcommands.
 
 Every subcommand turns a user mistake into one line on stderr and exit
-status 2 (see sw/errors.py); real bugs keep their traceback.
+status 2 (see sw/contract/errors.py); real bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, KriaError
+from .contract.errors import ConfigError, KriaError
 
 EXIT_USER_ERROR = 2
 

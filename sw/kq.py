@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import Qwen2Config
-from .errors import ConfigError, FormatError
-from .layout import TileLayout, pack_linear, unpack_linear
+from .contract.errors import ConfigError, FormatError
+from .contract.layout import TileLayout, pack_linear, unpack_linear
 from .qmodel import QuantLinear, QuantModel
 from .safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import Qwen2Config
-from .errors import ConfigError
-from .numerics import center_weights, check_group_size, golden_linear
+from .contract.errors import ConfigError
+from .contract.numerics import center_weights, check_group_size, golden_linear
 
 
 @dataclass

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import Qwen2Config
-from .errors import CheckpointError, ConfigError
-from .numerics import SUPPORTED_GROUP_SIZES, quantize_activations
+from .contract.errors import CheckpointError, ConfigError
+from .contract.numerics import SUPPORTED_GROUP_SIZES, quantize_activations
 from .qmodel import QuantLinear, QuantModel
 
 F32 = np.float32

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from .config import Qwen2Config
-from .errors import ConfigError
+from .contract.errors import ConfigError
 
 F32 = np.float32
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, KriaError
+from .contract.errors import ConfigError, KriaError
 
 DEVICES = ("reference", "golden")
 

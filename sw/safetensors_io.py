@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
+from .contract.errors import CheckpointError
 
 _HEADER_ALIGN = 8
 # Elements converted per step when writing BF16: bounds the temporaries.

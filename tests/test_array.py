@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtl.config import ArrayConfig, PRESETS, preset
+from sw.contract.config import ArrayConfig, PRESETS, preset
 from rtl.pe import pack_bias, pack_int, split_biased_int, split_packed_int
-from sw.errors import ConfigError
-from sw.numerics import reference_group_sums
+from sw.contract.errors import ConfigError
+from sw.contract.numerics import reference_group_sums
 
 REPO = Path(__file__).resolve().parent.parent
 

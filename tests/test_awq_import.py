@@ -9,7 +9,7 @@ from sw.awq_import import (AWQ_PACK_ORDER, export_awq, import_awq, is_awq_checkp
                            unpack_awq)
 from sw.checkpoint import Checkpoint, load_checkpoint
 from sw.config import PRESETS
-from sw.errors import CheckpointError, ConfigError
+from sw.contract.errors import CheckpointError, ConfigError
 from sw.quant import quantize_model, round_to_bf16
 from sw.reference import Qwen2Runner, reference_linears
 from sw.synth import synthesize

@@ -16,7 +16,7 @@ from amaranth.hdl import Shape
 from rtl.axi import (AXI_PAGE_BYTES, AxiReadMaster, AxiWriteMaster, axi4_read_signature, axi4_signature,
                      split_bursts)
 from sim.ddr import KV260
-from sw.errors import ConfigError
+from sw.contract.errors import ConfigError
 
 # ---------------------------------------------------------------------------
 # Python level

@@ -159,7 +159,7 @@ for mod in list(sys.modules):
 
 
 def board_side_modules() -> list[str]:
-    mods = ["sw.runtime", "sw.cli", "sw.commands", "sw.kq", "sw.sampling", "sw.errors", "rtl.config",
+    mods = ["sw.runtime", "sw.cli", "sw.contract.commands", "sw.kq", "sw.sampling", "sw.contract.errors", "sw.contract.config",
             "boards", "boards.kv260", "boards.build"]
     # the host driver, a module or a package, whichever exists
     mods += sorted(f"sw.{p.stem}" for p in (REPO / "sw").glob("driver*.py"))

@@ -26,8 +26,8 @@ import pytest
 
 from boards import kv260
 from boards.build import EXIT_NEEDS_VIVADO, EXIT_OK, EXIT_USER_ERROR, EXIT_VIVADO_FAILED, STUB_TOP, TOP
-from rtl.config import preset
-from sw.commands import CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, ID_MAGIC, config_hash_words
+from sw.contract.config import preset
+from sw.contract.commands import CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, ID_MAGIC, config_hash_words
 
 REPO = Path(__file__).resolve().parent.parent
 DTC = shutil.which("dtc")
@@ -531,7 +531,7 @@ def test_the_built_top_answers_the_manifest_config_hash():
     from amaranth.sim import Simulator
 
     from boards.build import load_top
-    from sw.commands import REGISTERS, config_hash_from_words
+    from sw.contract.commands import REGISTERS, config_hash_from_words
     top, is_stub, params = load_top(TOP, SMALL)
     assert not is_stub and params["config_hash"] == SMALL.config_hash
     reg = {r.name: r.offset for r in REGISTERS}
@@ -566,7 +566,7 @@ def test_stub_top_registers_and_irq():
     from amaranth.sim import Simulator
 
     from boards.stub_top import STUB_MAGIC, StubTop
-    from sw.commands import REGISTERS
+    from sw.contract.commands import REGISTERS
     top = StubTop(preset("kv260"))
     reg = {r.name: r.offset for r in REGISTERS}
     a = top.csr

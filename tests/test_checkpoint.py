@@ -8,7 +8,7 @@ import pytest
 
 from sw.checkpoint import expected_shapes, load_checkpoint, save_checkpoint
 from sw.config import preset
-from sw.errors import CheckpointError, ConfigError
+from sw.contract.errors import CheckpointError, ConfigError
 from sw.safetensors_io import f32_to_bf16_bits, read_safetensors, write_safetensors
 
 CONFIG = preset("tiny")

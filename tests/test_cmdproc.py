@@ -1,4 +1,4 @@
-"""CommandProcessor: the descriptor decoder and checker against sw.commands (Amaranth sim),
+"""CommandProcessor: the descriptor decoder and checker against sw.contract.commands (Amaranth sim),
 then whole runs in cocotb + Verilator with AxiRamRead holding the command lists."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from amaranth.hdl._ir import UnusedElaboratable
 from amaranth.sim import Simulator
 
 from rtl.cmdproc import CommandProcessor, DescriptorChecker, descriptor_layout, op_layout
-from rtl.config import preset
-from sw.commands import (DESCRIPTOR_FIELDS, WEIGHT_KIND_INT4, WEIGHT_KIND_INT8, HardwareLimits,
+from sw.contract.config import preset
+from sw.contract.commands import (DESCRIPTOR_FIELDS, WEIGHT_KIND_INT4, WEIGHT_KIND_INT8, HardwareLimits,
                          LinearCommand, linear_command, pack_command, validate_command)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,7 +133,7 @@ def test_cmdproc_cocotb(case, tmp_path):
 
     from sim.runner import run_cocotb, write_verilog
     from sim.tb_cmdproc import cmdproc_harness
-    from sw.commands import register
+    from sw.contract.commands import register
 
     name, addr_width, filt = CASES[case]
     cfg = preset(name)

@@ -1,4 +1,4 @@
-"""sw/commands.py in pure Python: descriptors, validation, buffers, the register map and its doc."""
+"""sw/contract/commands.py in pure Python: descriptors, validation, buffers, the register map and its doc."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sw import commands as C
-from sw.commands import (ALIGN, DESCRIPTOR_BYTES, DESCRIPTOR_FIELDS, REGISTERS, ErrorCode, Flags, HardwareLimits,
+from sw.contract import commands as C
+from sw.contract.commands import (ALIGN, DESCRIPTOR_BYTES, DESCRIPTOR_FIELDS, REGISTERS, ErrorCode, Flags, HardwareLimits,
                          LinearCommand, Reg, linear_command, pack_command, unpack_command, validate_command)
-from sw.errors import ConfigError, FormatError
-from sw.layout import TileLayout
-from sw.numerics import quantize_activations
+from sw.contract.errors import ConfigError, FormatError
+from sw.contract.layout import TileLayout
+from sw.contract.numerics import quantize_activations
 
 REPO = Path(__file__).resolve().parent.parent
 HW = HardwareLimits(tile_rows=32, tokens=8, group_size=64, weight_kinds=C.WEIGHT_KIND_INT4, addr_bits=40)
@@ -134,7 +134,7 @@ def test_validate_weight_kinds_and_base():
 
 
 def test_hardware_limits_from_config_and_registers():
-    from rtl.config import preset
+    from sw.contract.config import preset
     kv = preset("kv260")
     hw = HardwareLimits.from_config(kv)
     assert hw == HardwareLimits(tile_rows=32, tokens=8, group_size=64, weight_kinds=C.WEIGHT_KIND_INT4,
@@ -243,7 +243,7 @@ def test_register_field_helpers():
 
 
 def test_config_hash_words_round_trip():
-    from rtl.config import preset
+    from sw.contract.config import preset
     h = preset("kv260").config_hash
     words = C.config_hash_words(h)
     assert len(words) == 8 and C.config_hash_from_words(words) == h
@@ -255,9 +255,9 @@ def test_config_hash_words_round_trip():
 def test_registers_doc_matches_generator():
     doc = (REPO / "docs" / "registers.md").read_text()
     assert doc == C.render_registers_markdown(), \
-        "docs/registers.md is stale: regenerate with `python -m sw.commands > docs/registers.md`"
+        "docs/registers.md is stale: regenerate with `python -m sw.contract.commands > docs/registers.md`"
 
 
 def test_commands_module_needs_no_amaranth():
-    code = "import sys, sw.commands; assert not any(m.startswith('amaranth') for m in sys.modules), 'amaranth'"
+    code = "import sys, sw.contract.commands; assert not any(m.startswith('amaranth') for m in sys.modules), 'amaranth'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

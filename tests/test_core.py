@@ -1,6 +1,6 @@
-"""LinearCore end to end against sw.numerics, bit for bit in fp32.
+"""LinearCore end to end against sw.contract.numerics, bit for bit in fp32.
 
-The streams are cut from sw.layout.pack_linear's blob (not from the codes
+The streams are cut from sw.contract.layout.pack_linear's blob (not from the codes
 directly), so a layout mismatch between the packer and the array fails here.
 The real-shape test runs a whole Qwen2.5-0.5B q_proj (896 x 896, g64, with
 bias) through one kv260 engine (R=32, C=1, T=8) and reports cycles against
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtl.config import ArrayConfig, preset
-from sw.layout import TileLayout, pack_linear
-from sw.numerics import center_weights, golden_linear, quantize_activations
+from sw.contract.config import ArrayConfig, preset
+from sw.contract.layout import TileLayout, pack_linear
+from sw.contract.numerics import center_weights, golden_linear, quantize_activations
 
 REPO = Path(__file__).resolve().parent.parent
 F32 = np.float32

@@ -15,7 +15,7 @@ from amaranth.sim import Simulator
 
 from rtl import csr
 from rtl.csr import RegisterBank
-from sw.commands import REGISTERS
+from sw.contract.commands import REGISTERS
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from sim.ddr import KV260, DdrModelConfig, image_lines, read_dump, write_image
-from sw.errors import ConfigError
+from sw.contract.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""DequantUnit against sw.numerics.dequant_accumulate, bit for bit, on Verilator.
+"""DequantUnit against sw.contract.numerics.dequant_accumulate, bit for bit, on Verilator.
 
 Each parameter point builds once and runs two cocotb scenarios in one
 simulation: many row tiles with random stalls on all five streams (values from
@@ -16,8 +16,8 @@ import pytest
 from amaranth.hdl import Fragment
 
 from rtl.dequant import DequantUnit
-from sw.errors import ConfigError
-from sw.numerics import dequant_accumulate
+from sw.contract.errors import ConfigError
+from sw.contract.numerics import dequant_accumulate
 
 F32 = np.float32
 U32 = np.uint32

@@ -1,5 +1,5 @@
 """The driver on its `golden` backend: bit-exact with sw.runtime's golden model, and the
-register/command semantics of sw/commands.py."""
+register/command semantics of sw/contract/commands.py."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import types
 import numpy as np
 import pytest
 
-from rtl.config import preset
+from sw.contract.config import preset
 from sw.cli import main as cli_main
-from sw.commands import (ErrorCode, HardwareLimits, activation_layout, bias_bytes, linear_command,
+from sw.contract.commands import (ErrorCode, HardwareLimits, activation_layout, bias_bytes, linear_command,
                          output_layout, pack_activations, pack_bias, pack_command_list, unpack_outputs)
 from sw.driver import (DeviceError, add_device_args, bench_report, open_accelerated, open_device)
 from sw.driver.golden_device import GoldenDevice
-from sw.layout import TileLayout, pack_linear
-from sw.numerics import quantize_activations
+from sw.contract.layout import TileLayout, pack_linear
+from sw.contract.numerics import quantize_activations
 from sw.qmodel import QuantLinear
 from sw.runtime import generate, open_model
 from sw.sampling import Sampler, SamplingParams
@@ -87,8 +87,8 @@ def test_int8_lm_head_on_an_int4_design_runs_on_the_host(models):
 
 
 def test_activation_writer_matches_the_contract(models):
-    """The driver's fused in-place quantizer writes exactly sw.commands.pack_activations of
-    sw.numerics.quantize_activations, padding zero, whatever the buffer held before."""
+    """The driver's fused in-place quantizer writes exactly sw.contract.commands.pack_activations of
+    sw.contract.numerics.quantize_activations, padding zero, whatever the buffer held before."""
     model = open_accelerated(models["int4"], "golden")
     rng = np.random.default_rng(1)
     for k in (128, 384):

@@ -29,9 +29,9 @@ import mmap
 import numpy as np
 import pytest
 
-from rtl.config import ArrayConfig, preset
+from sw.contract.config import ArrayConfig, preset
 from sw.cli import main as cli_main
-from sw.commands import (DESCRIPTOR_BYTES, HardwareLimits, activation_layout, output_layout,
+from sw.contract.commands import (DESCRIPTOR_BYTES, HardwareLimits, activation_layout, output_layout,
                          unpack_command)
 from sw.driver import DeviceError, open_accelerated, open_device
 from sw.driver.device import DMA_FROM_DEVICE, DMA_TO_DEVICE

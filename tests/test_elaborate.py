@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rtl.config import ArrayConfig, preset
-from rtl.elaborate import LINT_WAIVERS, add_elaborate_args, elaborate, lint_verilog
+from sw.contract.config import ArrayConfig, preset
+from boards.elaborate import LINT_WAIVERS, add_elaborate_args, elaborate, lint_verilog
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from rtl.fp32 import Fp16ToFp32, Fp32Add, Fp32Multiply, IntToFp32
-from sw.errors import ConfigError
+from sw.contract.errors import ConfigError
 
 F32 = np.float32
 U32 = np.uint32

@@ -9,7 +9,7 @@ import pytest
 
 from sw.cli import main
 from sw.config import PRESETS
-from sw.errors import FormatError
+from sw.contract.errors import FormatError
 from sw.kq import ALIGN, KqFile, load_kq, save_kq
 from sw.qmodel import QuantLinear, QuantModel
 

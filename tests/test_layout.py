@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sw.errors import ConfigError, FormatError
-from sw.layout import TileLayout, pack_linear, unpack_linear
+from sw.contract.errors import ConfigError, FormatError
+from sw.contract.layout import TileLayout, pack_linear, unpack_linear
 
 
 def _random(rng, bits, n, k, g):

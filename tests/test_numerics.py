@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sw.errors import ConfigError
-from sw.numerics import (center_weights, dequant_accumulate, golden_linear, group_partial_sums,
+from sw.contract.errors import ConfigError
+from sw.contract.numerics import (center_weights, dequant_accumulate, golden_linear, group_partial_sums,
                          quantize_activations, reference_group_sums)
 
 F32 = np.float32

@@ -7,7 +7,7 @@ import pytest
 
 from sw.calibration import calibration_tokens, read_token_file, synthetic_tokens
 from sw.config import PRESETS
-from sw.errors import ConfigError, KriaError
+from sw.contract.errors import ConfigError, KriaError
 from sw.quant import (HeadTie, awq_scale_model, awq_scales, fake_quant_weight, quantize_fp16,
                       quantize_int8_per_channel, quantize_model, quantize_rtn, round_to_bf16,
                       search_clip, search_scales, apply_clip)

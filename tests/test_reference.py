@@ -6,7 +6,7 @@ import pytest
 
 from sw.checkpoint import load_checkpoint
 from sw.config import preset
-from sw.errors import ConfigError
+from sw.contract.errors import ConfigError
 from sw.reference import (KVCache, Qwen2Runner, apply_rope, reference_linears, rms_norm,
                           rope_tables, silu, softmax)
 from sw.synth import synthesize, write_synthetic_checkpoint

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from rtl.config import preset
-from rtl.resources import BUDGET_PERCENT, count_resources, memory_mapping, memory_summary, resource_report
+from sw.contract.config import preset
+from boards.resources import BUDGET_PERCENT, count_resources, memory_mapping, memory_summary, resource_report
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
 TOLERANCE = 0.10          # relative, per resource class

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sw.errors import ConfigError
+from sw.contract.errors import ConfigError
 from sw.sampling import Sampler, SamplingParams
 
 

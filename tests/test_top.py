@@ -6,7 +6,7 @@ read arbiter in Amaranth's simulator.
 cocotb + Verilator (sim/top_tb.py builds the tops, sim/tb_top.py plays the
 scenarios; weight streaming runs free in Verilator, cocotb only touches the
 registers, and every wait has a cycle limit). Outputs are compared as uint32
-bit patterns with sw.numerics.golden_linear and with the golden device's
+bit patterns with sw.contract.numerics.golden_linear and with the golden device's
 CommandExecutor run on the same memory image. Three builds:
 
 * SMALL: test-4x4-g32 with one engine (two array beats per port beat, 4-row
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtl.config import preset
+from sw.contract.config import preset
 from sim.top_tb import (SIM_DDR, Scenario, Workspace, build_sim_top, compare_bits, golden_run, put_commands,
                         random_linear, run_scenario)
-from sw.commands import ErrorCode
+from sw.contract.commands import ErrorCode
 
 SMALL = preset("test-4x4-g32").replace(engines=1)
 SMALL_DDR = SIM_DDR.replace(ports=1, mem_bytes=16 << 20)
@@ -74,7 +74,7 @@ def test_geometry_facts():
 
 def test_geometry_refusals():
     from rtl.engine import Geometry
-    from sw.errors import ConfigError
+    from sw.contract.errors import ConfigError
     with pytest.raises(ConfigError, match="128-bit"):
         Geometry(preset("test-8x16-g64"))
     with pytest.raises(ConfigError, match="max_k"):

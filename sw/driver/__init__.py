@@ -16,11 +16,34 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ConfigError, DeviceError
+from ..contract.errors import ConfigError, DeviceError
 from .device import (Buffer, Device, ExpectedHardware, Identity, RunStats, check_identity, check_model,
                      expected_hardware, hardware_config)
 
 DEVICE_NAMES = ("golden", "sim", "kv260")
+
+# Backends outside the driver plug in through this entry-point group (pyproject.toml): the RTL
+# simulation backend, sim.device:open_sim_device, registers itself as "sim". The driver never
+# imports it, so the board install (no Amaranth, no cocotb) stays free of it.
+DEVICE_ENTRY_POINTS = "kriallm.devices"
+
+
+def _plugin_opener(name: str):
+    """The opener a package registered for device `name`, or None if none did."""
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=DEVICE_ENTRY_POINTS):
+        if ep.name != name:
+            continue
+        try:
+            return ep.load()
+        except ImportError as e:
+            missing = getattr(e, "name", None) or str(e)
+            raise DeviceError(f"the {name} device is not available ({missing} could not be imported): it needs "
+                              f"the simulation tools (pip install -e '.[hw,sim]')") from None
+    if name == "sim":
+        raise DeviceError("the sim device is not registered: install kriallm with pip install -e '.[hw,sim]' "
+                          f"(it plugs in through the {DEVICE_ENTRY_POINTS!r} entry points)")
+    return None
 
 __all__ = ["Buffer", "Device", "ExpectedHardware", "Identity", "RunStats", "check_identity", "check_model",
            "expected_hardware", "hardware_config", "DEVICE_NAMES", "add_device_args", "open_device",
@@ -45,7 +68,7 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     """The driver's options (not --device itself, whose choices the command owns)."""
     g = parser.add_argument_group("accelerator device options (golden, sim, kv260)")
     g.add_argument("--hw-config", metavar="PRESET|FILE", default=None,
-                   help="golden/sim: the design to model, a preset of rtl/config.py (default kv260) or an "
+                   help="golden/sim: the design to model, a preset of sw/contract/config.py (default kv260) or an "
                         "ArrayConfig JSON / manifest.json")
     g.add_argument("--manifest", metavar="FILE", default=None,
                    help="the elaboration manifest.json of the loaded design; the driver refuses a design whose "
@@ -88,14 +111,9 @@ def open_device(name: str, args=None) -> Device:
     if name == "kv260":
         from .kv260 import open_kv260
         return open_kv260(args)
-    if name == "sim":
-        try:
-            from sim.device import open_sim_device  # provided by the RTL-simulation backend
-        except ImportError as e:
-            missing = getattr(e, "name", None) or str(e)
-            raise DeviceError(f"the sim device is not available ({missing} could not be imported): it needs "
-                              f"sim/device.py and the simulation tools (pip install -e '.[hw,sim]')") from None
-        return open_sim_device(args)
+    opener = _plugin_opener(name)
+    if opener is not None:
+        return opener(args)
     raise ConfigError(f"unknown device {name!r}; choose from {', '.join(DEVICE_NAMES)}")
 
 

@@ -1,6 +1,6 @@
 """The one `Device` interface every backend implements (golden, sim, kv260).
 
-A device is an AXI4-Lite register window (the map of ``sw.commands.REGISTERS``)
+A device is an AXI4-Lite register window (the map of ``sw.contract.commands.REGISTERS``)
 plus physically contiguous DMA buffers the accelerator reads and writes. The
 driver code above it (sw/driver/runner.py) is the same for every backend:
 
@@ -11,8 +11,8 @@ driver code above it (sw/driver/runner.py) is the same for every backend:
   ``sync_for_device()`` / ``sync_for_cpu()``: the cache maintenance around a
   DMA, because the KV260's HP ports are not cache-coherent;
 * ``start(cmd_base, count)`` and ``wait(timeout_s)`` run a slice of a command
-  list; ``wait`` raises :class:`~sw.errors.DeviceError` with one sentence on a
-  timeout or on ``STATUS.error`` (decoded with ``sw.commands.describe_error``);
+  list; ``wait`` raises :class:`~sw.contract.errors.DeviceError` with one sentence on a
+  timeout or on ``STATUS.error`` (decoded with ``sw.contract.commands.describe_error``);
 * ``identity()`` reads ID, VERSION, HW_PARAMS and CONFIG_HASH, and
   :func:`check_identity` / :func:`check_model` refuse a design or a model that
   does not match.
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..commands import (ALIGN, ID_MAGIC, PERF_COUNTERS, REGISTER_BY_NAME, REGMAP_VERSION, HardwareLimits,
+from ..contract.commands import (ALIGN, ID_MAGIC, PERF_COUNTERS, REGISTER_BY_NAME, REGMAP_VERSION, HardwareLimits,
                         config_hash_from_words, describe_error, register)
-from ..errors import ConfigError, DeviceError
+from ..contract.errors import ConfigError, DeviceError
 
 # STATUS / CTRL field words, computed once from the register map.
 _CTRL = register("CTRL")
@@ -155,7 +155,7 @@ class ExpectedHardware:
     tokens: int
     group_size: int
     source: str
-    config: object | None = None   # rtl.config.ArrayConfig when known
+    config: object | None = None   # sw.contract.config.ArrayConfig when known
 
     @classmethod
     def from_config(cls, cfg, source: str) -> "ExpectedHardware":
@@ -164,15 +164,15 @@ class ExpectedHardware:
 
 def _array_config():
     try:
-        from rtl.config import ArrayConfig, PRESETS  # pure Python; no Amaranth
+        from sw.contract.config import ArrayConfig, PRESETS  # pure Python; no Amaranth
     except ImportError as e:  # pragma: no cover - only on a broken install
-        raise ConfigError(f"cannot read hardware configs: rtl.config failed to import ({e}); "
+        raise ConfigError(f"cannot read hardware configs: sw.contract.config failed to import ({e}); "
                           f"it must stay importable without Amaranth") from None
     return ArrayConfig, PRESETS
 
 
 def hardware_config(spec) -> object:
-    """An rtl.config.ArrayConfig from a preset name, an ArrayConfig JSON file or a manifest.json
+    """An sw.contract.config.ArrayConfig from a preset name, an ArrayConfig JSON file or a manifest.json
     (a JSON object with a "config" member); an ArrayConfig passes through."""
     ArrayConfig, PRESETS = _array_config()
     if isinstance(spec, ArrayConfig):

@@ -9,12 +9,12 @@ and other backends can share them:
   rtl/cmdproc.py does: ``validate_cmd_base`` at start, then for each
   descriptor ``validate_command`` (an invalid one is reported with its index
   and not executed) and a LINEAR execution that reads the packed weight
-  stream (``sw.layout.unpack_linear``), the activation buffer and the bias
-  from memory, computes with ``sw.numerics`` (integer group sums, then
+  stream (``sw.contract.layout.unpack_linear``), the activation buffer and the bias
+  from memory, computes with ``sw.contract.numerics`` (integer group sums, then
   ``dequant_accumulate``) and writes the fp32 outputs. Bit-exact with the
   golden model. Its cycle counts are an **analytical model** (see
   :class:`PerfModel`), not a simulation;
-* :class:`RegisterModel`: the register file of ``sw.commands.REGISTERS`` with
+* :class:`RegisterModel`: the register file of ``sw.contract.commands.REGISTERS`` with
   its access semantics (R, RW, W1C, PULSE, LO/HI counter latching, snapshot).
 
 :class:`GoldenDevice` puts them together. With ``coherent=False`` the CPU's
@@ -30,13 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..commands import (ALIGN, BEAT_BYTES, CMD_LOG_DEPTH, DESCRIPTOR_BYTES, ID_MAGIC, PERF_COUNTERS, REGISTERS,
+from ..contract.commands import (ALIGN, BEAT_BYTES, CMD_LOG_DEPTH, DESCRIPTOR_BYTES, ID_MAGIC, PERF_COUNTERS, REGISTERS,
                         REGMAP_VERSION, ErrorCode, HardwareLimits, LinearCommand, activation_layout, bias_bytes,
                         config_hash_words, output_layout, register, unpack_command, validate_cmd_base,
                         validate_command)
-from ..errors import DeviceError
-from ..layout import TileLayout, unpack_linear
-from ..numerics import dequant_accumulate
+from ..contract.errors import DeviceError
+from ..contract.layout import TileLayout, unpack_linear
+from ..contract.numerics import dequant_accumulate
 from .device import (CTRL_IRQ_ENABLE, CTRL_PERF_CLEAR, CTRL_SOFT_RESET, CTRL_START,
                      DMA_TO_DEVICE, Buffer, Device)
 
@@ -430,7 +430,7 @@ class GoldenBuffer(Buffer):
 class GoldenDevice(Device):
     """The accelerator's registers and command execution, in NumPy. Fast and bit-exact.
 
-    config: an rtl.config.ArrayConfig (default: the kv260 preset). Its config_hash is what
+    config: an sw.contract.config.ArrayConfig (default: the kv260 preset). Its config_hash is what
     CONFIG_HASH0..7 read, and its shape is what HW_PARAMS report.
     """
 

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..commands import ALIGN, CSR_ADDR_WIDTH
-from ..errors import DeviceError
+from ..contract.commands import ALIGN, CSR_ADDR_WIDTH
+from ..contract.errors import DeviceError
 from .device import DMA_TO_DEVICE, Buffer, Device
 
 WINDOW_BYTES = 1 << CSR_ADDR_WIDTH

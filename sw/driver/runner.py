@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..commands import (ALIGN, DESCRIPTOR_BYTES, WEIGHT_KIND_INT4, WEIGHT_KIND_INT8, activation_layout, bias_bytes,
+from ..contract.commands import (ALIGN, DESCRIPTOR_BYTES, WEIGHT_KIND_INT4, WEIGHT_KIND_INT8, activation_layout, bias_bytes,
                         linear_command, output_layout, pack_bias, pack_command_list)
-from ..errors import DeviceError
-from ..numerics import AMAX_MIN, QMAX_A, quantize_activations
+from ..contract.errors import DeviceError
+from ..contract.numerics import AMAX_MIN, QMAX_A, quantize_activations
 from .device import Device, ExpectedHardware, check_model
 
 F32 = np.float32
@@ -161,7 +161,7 @@ class AcceleratedModel:
 
     @staticmethod
     def _host_linear(kq, name):
-        from ..layout import unpack_linear
+        from ..contract.layout import unpack_linear
         from ..qmodel import QuantLinear
         e = kq.entries
         bias = np.array(kq.array(e[(name, "bias")])) if (name, "bias") in e else None
@@ -254,8 +254,8 @@ class AcceleratedModel:
         return v
 
     def _write_activations(self, buf, x: np.ndarray) -> int:
-        """Quantize x [t, K] per group (sw.numerics.quantize_activations, bit for bit) straight into
-        the activation buffer (sw.commands layout, padding zero); returns the bytes to flush."""
+        """Quantize x [t, K] per group (sw.contract.numerics.quantize_activations, bit for bit) straight into
+        the activation buffer (sw.contract.commands layout, padding zero); returns the bytes to flush."""
         t, k = x.shape
         g = self.limits.group_size
         total, codes, scales, qsums = self._act_views(buf, k, t)

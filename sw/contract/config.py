@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from sw.errors import ConfigError
-from sw.numerics import SUPPORTED_GROUP_SIZES
+from .errors import ConfigError
+from .numerics import SUPPORTED_GROUP_SIZES
 
 SCHEMA = "kriallm.array-config/1"
 

@@ -39,9 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from sw.errors import ConfigError, ToolchainError
+from sw.contract.errors import ConfigError, ToolchainError
 
-from .config import K26_CAPACITY, ArrayConfig
+from sw.contract.config import K26_CAPACITY, ArrayConfig
 from .elaborate import add_config_args, config_from_args, tool_versions
 
 __all__ = ["synthesize", "count_resources", "resource_report", "add_resources_args", "run_resources",
@@ -163,10 +163,10 @@ def resource_report(config: ArrayConfig, *, scope: str = "full", preset_name: st
         top, top_params = full_top(config)
         name, mult = "kriallm_top", 1
     elif scope == "engine":
-        from .core import LinearCore
+        from rtl.core import LinearCore
         top, name, mult = LinearCore(config), "linear_core", config.engines
     else:
-        from .array import MacArray
+        from rtl.array import MacArray
         top, name, mult = MacArray(config), "mac_array", config.engines
     t0 = time.perf_counter()
     text = verilog.convert(top, name=name)

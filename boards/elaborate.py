@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from sw.errors import ConfigError, ToolchainError
+from sw.contract.errors import ConfigError, ToolchainError
 
-from .config import PRESETS, ArrayConfig, preset
+from sw.contract.config import PRESETS, ArrayConfig, preset
 
 TOP_NAME = "kriallm_top"
 LINT_WAIVERS = Path(__file__).resolve().parent / "lint.vlt"
@@ -85,7 +85,7 @@ def port_list(top) -> list[dict]:
 def generate_verilog(config: ArrayConfig, top_name: str = TOP_NAME):
     """Returns (verilog text, top component). Elaborates the whole Accelerator."""
     from amaranth.back import verilog
-    from .core import Accelerator
+    from rtl.core import Accelerator
     top = Accelerator(config)
     return verilog.convert(top, name=top_name), top
 
