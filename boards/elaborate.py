@@ -169,7 +169,7 @@ def add_elaborate_args(parser: argparse.ArgumentParser) -> None:
                         help="output directory for <top>.v and manifest.json")
     parser.add_argument("--top", default=TOP_NAME, help=f"Verilog top module name (default {TOP_NAME})")
     parser.add_argument("--lint", action="store_true",
-                        help="run `verilator --lint-only -Wall` with rtl/lint.vlt's waivers; fail if not clean")
+                        help="run `verilator --lint-only -Wall` with boards/lint.vlt's waivers; fail if not clean")
 
 
 def run_elaborate(args) -> int:
