@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from sw.contract.commands import ALIGN
-from sw.driver.device import DMA_TO_DEVICE, Buffer, Device, hardware_config
+from sw.driver.device import DMA_TO_DEVICE, Buffer, Device, RegionAllocator, hardware_config
 from sw.contract.errors import DeviceError
 
 __all__ = ["SimDevice", "SimBuffer", "open_sim_device"]
@@ -86,13 +86,12 @@ class SimDevice(Device):
         self.build = build_sim_top(self.config, self.ddr)
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kriallm-sim-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._next = self.ddr.mem_base + 0x1000
-        self._end = self.ddr.mem_base + self.ddr.mem_bytes
-        self.capacity = self._end - self._next     # the driver checks a model's DMA need against it
+        self.memory_map = RegionAllocator(self.ddr.mem_base + 0x1000, self.ddr.mem_base + self.ddr.mem_bytes,
+                                          full_hint=f" in the DDR model's {self.ddr.mem_bytes >> 20} MiB")
+        self.capacity = self.memory_map.end - self.memory_map.base  # the driver checks a model's DMA need
         self.sim_io_wall_s = 0.0                   # simulator I/O: buffer syncs and register accesses
         self._files = 0
         self._cycle_budget = 0
-        self.allocated = 0
         key = secrets.token_bytes(16)
         sock = self.workdir / "device.sock"
         if sock.exists():
@@ -172,16 +171,7 @@ class SimDevice(Device):
         return self._call("wait_done", self._cycle_budget or 10_000_000)
 
     def alloc(self, nbytes: int, name: str = "", align: int = ALIGN) -> Buffer:
-        if nbytes <= 0:
-            raise DeviceError(f"buffer {name!r}: size must be positive, got {nbytes}")
-        align = max(align, ALIGN)
-        phys = -(-self._next // align) * align
-        size = -(-nbytes // ALIGN) * ALIGN
-        if phys + size > self._end:
-            raise DeviceError(f"buffer {name!r} of {nbytes} bytes does not fit the DDR model's "
-                              f"{self.ddr.mem_bytes >> 20} MiB ({self.allocated} bytes allocated)")
-        self._next = phys + size
-        self.allocated += size
+        phys, _ = self.memory_map.take(nbytes, name, align)
         return SimBuffer(self, phys, np.zeros(nbytes, np.uint8), name)
 
     def _load(self, addr: int, data: np.ndarray) -> None:

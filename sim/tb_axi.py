@@ -246,6 +246,30 @@ def tb_pause() -> float:
     return params().get("pause", 0.3)
 
 
+def random_write_job(rand: random.Random, rng: np.random.Generator, expect: bytearray, base: int,
+                     commands: int, max_beats: int, full_strobe: float):
+    """Random non-overlapping write commands over `expect` (the image at `base`), so the expected image
+    does not depend on their order, and their data words (128 data bits, 16 strobe bits above them;
+    all strobes set with probability `full_strobe`). Applies the writes to `expect`; returns
+    (commands as (address, beats), data words)."""
+    cmds, used, words = [], set(), []
+    for off, beats in random_commands(rand, commands, len(expect), max_beats):
+        span = set(range(off // BEAT, off // BEAT + beats))
+        if not span & used:
+            used |= span
+            cmds.append((base + off, beats))
+    for addr, beats in cmds:
+        for k in range(beats):
+            data = int.from_bytes(rng.integers(0, 256, BEAT, dtype=np.uint8).tobytes(), "little")
+            strb = 0xFFFF if rand.random() < full_strobe else rand.getrandbits(16)
+            words.append(data | (strb << 128))
+            off, raw = addr - base + k * BEAT, data.to_bytes(BEAT, "little")
+            for i in range(BEAT):
+                if strb >> i & 1:
+                    expect[off + i] = raw[i]
+    return cmds, words
+
+
 @cocotb.test()
 async def ram_write_random(dut):
     """Random write commands and data (random strobes, random producer gaps) land exactly in AxiRam."""
@@ -256,25 +280,8 @@ async def ram_write_random(dut):
     before = bytes(rng.integers(0, 256, span, dtype=np.uint8))
     tb.ram.write(0, before)
     expect = bytearray(before)
-    # non-overlapping commands so the expected image does not depend on order
-    cmds, used = [], set()
-    for addr, beats in random_commands(tb.rng, tb.p.get("commands", 40), span, tb.p.get("max_beats", 200)):
-        words = set(range(addr // BEAT, addr // BEAT + beats))
-        if words & used:
-            continue
-        used |= words
-        cmds.append((addr, beats))
-    data_words = []
-    for addr, beats in cmds:
-        for k in range(beats):
-            data = int.from_bytes(rng.integers(0, 256, BEAT, dtype=np.uint8).tobytes(), "little")
-            strb = 0xFFFF if tb.rng.random() < 0.7 else tb.rng.getrandbits(16)
-            data_words.append(data | (strb << 128))
-            a = addr + k * BEAT
-            raw = data.to_bytes(BEAT, "little")
-            for i in range(BEAT):
-                if strb >> i & 1:
-                    expect[a + i] = raw[i]
+    cmds, data_words = random_write_job(tb.rng, rng, expect, 0, tb.p.get("commands", 40),
+                                        tb.p.get("max_beats", 200), full_strobe=0.7)
     cmd_drv = StreamDriver(dut.clk, dut.wr_cmd__valid, dut.wr_cmd__payload, dut.wr_cmd__ready, tb.rng, idle=0.1)
     dat_drv = StreamDriver(dut.clk, dut.wr_data__valid, dut.wr_data__payload, dut.wr_data__ready,
                            random.Random(3), idle=tb.p.get("idle", 0.3))
@@ -599,24 +606,7 @@ async def ddr_write_and_dump(dut):
     before = rng.integers(0, 256, span, dtype=np.uint8).tobytes()
     await tb.model.load(write_image(workdir() / "before.hex", [(base, before)], tb.cfg))
     expect = bytearray(before)
-    cmds = []
-    used = set()
-    for a, b in random_commands(tb.rng, 30, span, 200):
-        words = set(range(a // BEAT, a // BEAT + b))
-        if not words & used:
-            used |= words
-            cmds.append((base + a, b))
-    data = []
-    for addr, beats in cmds:
-        for k in range(beats):
-            word = int.from_bytes(rng.integers(0, 256, BEAT, dtype=np.uint8).tobytes(), "little")
-            strb = 0xFFFF if tb.rng.random() < 0.8 else tb.rng.getrandbits(16)
-            data.append(word | (strb << 128))
-            off = addr - base + k * BEAT
-            raw = word.to_bytes(BEAT, "little")
-            for i in range(BEAT):
-                if strb >> i & 1:
-                    expect[off + i] = raw[i]
+    cmds, data = random_write_job(tb.rng, rng, expect, base, 30, 200, full_strobe=0.8)
     cd = StreamDriver(dut.clk, dut.wr_cmd__valid, dut.wr_cmd__payload, dut.wr_cmd__ready, tb.rng, idle=0.1)
     dd = StreamDriver(dut.clk, dut.wr_data__valid, dut.wr_data__payload, dut.wr_data__ready,
                       random.Random(8), idle=0.2)

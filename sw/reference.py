@@ -190,17 +190,18 @@ class Qwen2Runner:
         x = rms_norm(h, self.norms["model.norm.weight"], self.config.rms_norm_eps)
         return self.linear("lm_head", x)
 
-    def forward(self, token_ids, cache: KVCache) -> np.ndarray:
+    def forward(self, token_ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """Logits float32 [T, vocab] for tokens at positions cache.length ..
         cache.length + T - 1; appends their K/V to the cache. Prefill and
-        single-token decode are the same call."""
+        single-token decode are the same call. last_only=True runs the LM head
+        for the last token only (a generate prefill needs no other logits)."""
         h = self.embed_tokens(token_ids)
         start = cache.length
         cache.reserve(start + h.shape[0])
         for layer in range(self.config.num_hidden_layers):
             h = self.decoder_layer(layer, h, cache, start)
         cache.length = start + h.shape[0]
-        return self.lm_head(h)
+        return self.lm_head(h[-1:] if last_only else h)
 
     def _attention(self, pre: str, layer: int, x: np.ndarray, cache: KVCache,
                    start: int) -> np.ndarray:

@@ -272,6 +272,21 @@ module hp_ddr_model #(
         end
     endtask
 
+    // An AR or AW request (`ch` names which) against what the HP ports accept; `aligned` is its start
+    // address with the byte-in-beat bits cleared, since beats are whole aligned words.
+    task check_request(input [15:0] ch, input integer pp, input [63:0] addr, input [7:0] blen,
+                       input [2:0] bsize, input [1:0] btype, output [63:0] aligned);
+        begin
+            if (blen >= MAX_BURST) proto({ch, " burst longer than MAX_BURST"}, pp, addr);
+            if (bsize != SHIFT) proto({ch, " narrow beat size"}, pp, addr);
+            if (btype != 2'b01) proto({ch, " burst type is not INCR"}, pp, addr);
+            aligned = addr;
+            aligned[SHIFT-1:0] = 0;
+            if ((aligned & 64'hFFF) + ({56'd0, blen} + 1) * BYTES > 64'h1000)
+                proto({ch, " burst crosses a 4 KiB boundary"}, pp, aligned);
+        end
+    endtask
+
     always @(posedge clk) begin
         if (ctl_load) begin
             $readmemh(ctl_file, mem);
@@ -300,14 +315,9 @@ module hp_ddr_model #(
             for (p = 0; p < PORTS; p = p + 1) begin
                 // AR
                 if (s_axi_arvalid[p] && s_axi_arready[p]) begin
-                    a64 = {{(64-ADDR_W){1'b0}}, s_axi_araddr[p*ADDR_W +: ADDR_W]};
                     len = s_axi_arlen[p*8 +: 8];
-                    if (len >= MAX_BURST) proto("AR burst longer than MAX_BURST", p, a64);
-                    if (s_axi_arsize[p*3 +: 3] != SHIFT) proto("AR narrow beat size", p, a64);
-                    if (s_axi_arburst[p*2 +: 2] != 2'b01) proto("AR burst type is not INCR", p, a64);
-                    a64[SHIFT-1:0] = 0;   // unaligned start: beats are whole aligned words
-                    if ((a64 & 64'hFFF) + ({56'd0, len} + 1) * BYTES > 64'h1000)
-                        proto("AR burst crosses a 4 KiB boundary", p, a64);
+                    check_request("AR", p, {{(64-ADDR_W){1'b0}}, s_axi_araddr[p*ADDR_W +: ADDR_W]}, len,
+                                  s_axi_arsize[p*3 +: 3], s_axi_arburst[p*2 +: 2], a64);
                     q = p*QDEPTH + rq_tail[p];
                     rq_addr[q] = a64[ADDR_W-1:0];
                     rq_len[q] = len;
@@ -343,14 +353,9 @@ module hp_ddr_model #(
                 end
                 // AW
                 if (s_axi_awvalid[p] && s_axi_awready[p]) begin
-                    a64 = {{(64-ADDR_W){1'b0}}, s_axi_awaddr[p*ADDR_W +: ADDR_W]};
                     len = s_axi_awlen[p*8 +: 8];
-                    if (len >= MAX_BURST) proto("AW burst longer than MAX_BURST", p, a64);
-                    if (s_axi_awsize[p*3 +: 3] != SHIFT) proto("AW narrow beat size", p, a64);
-                    if (s_axi_awburst[p*2 +: 2] != 2'b01) proto("AW burst type is not INCR", p, a64);
-                    a64[SHIFT-1:0] = 0;   // unaligned start: beats are whole aligned words
-                    if ((a64 & 64'hFFF) + ({56'd0, len} + 1) * BYTES > 64'h1000)
-                        proto("AW burst crosses a 4 KiB boundary", p, a64);
+                    check_request("AW", p, {{(64-ADDR_W){1'b0}}, s_axi_awaddr[p*ADDR_W +: ADDR_W]}, len,
+                                  s_axi_awsize[p*3 +: 3], s_axi_awburst[p*2 +: 2], a64);
                     q = p*QDEPTH + wq_tail[p];
                     wq_addr[q] = a64[ADDR_W-1:0];
                     wq_len[q] = len;

@@ -44,6 +44,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import ConfigError, FormatError
+from .layout import BEAT_BYTES, TileLayout
 
 # ---------------------------------------------------------------------------
 # Identity
@@ -57,7 +58,6 @@ CSR_DATA_BYTES = 4
 CMD_LOG_DEPTH = 32                              # per-command cycle log entries
 COUNTER_BITS = 64
 ALIGN = 64                                      # buffer / descriptor / CMD_BASE alignment in bytes
-BEAT_BYTES = 16                                 # one 128-bit AXI data beat
 DEFAULT_ADDR_BITS = 40                          # bus address width (rtl/axi.py's default)
 
 
@@ -643,7 +643,6 @@ def pack_bias(bias: np.ndarray, tile_rows: int) -> bytes:
 
 def weight_bytes(n: int, k: int, group_size: int, tile_rows: int, weight_int8: bool = False) -> int:
     """Bytes of the packed weight stream a command reads at weight_addr (sw/contract/layout.py)."""
-    from .layout import TileLayout
     return TileLayout(n, k, group_size, tile_rows, 8 if weight_int8 else 4).total_bytes
 
 

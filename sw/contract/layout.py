@@ -27,7 +27,7 @@ import numpy as np
 from .errors import ConfigError, FormatError
 from .numerics import check_group_size
 
-BEAT_BYTES = 16
+BEAT_BYTES = 16          # one 128-bit AXI data beat of an HP port
 
 
 def _pad(n: int, a: int) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..contract.commands import (ALIGN, ID_MAGIC, PERF_COUNTERS, REGISTER_BY_NAME, REGMAP_VERSION, HardwareLimits,
-                        config_hash_from_words, describe_error, register)
+                        align_up, config_hash_from_words, describe_error, register)
 from ..contract.errors import ConfigError, DeviceError
 
 # STATUS / CTRL field words, computed once from the register map.
@@ -269,6 +269,33 @@ class RunStats:
         if self.cycles is not None and self.clock_mhz:
             return self.cycles / (self.clock_mhz * 1e6)
         return self.wall_s
+
+
+class RegionAllocator:
+    """Hands out buffers in order from one physically contiguous region, never freeing them.
+
+    A model allocates all its buffers once, at load time, so a bump pointer is all any backend needs
+    (the golden model's memory map, the DDR model of the sim device, the board's u-dma-buf). Every
+    buffer starts on `align` (at least ALIGN, which descriptors and the AXI masters require) and
+    occupies a whole number of ALIGN blocks.
+    """
+
+    def __init__(self, base: int, end: int | None = None, *, full_hint: str = ""):
+        self.base, self.end, self.next, self.allocated = base, end, base, 0
+        self._full_hint = full_hint
+
+    def take(self, nbytes: int, name: str = "", align: int = ALIGN) -> tuple[int, int]:
+        """(physical address, reserved size) of a new buffer of `nbytes`."""
+        if nbytes <= 0:
+            raise DeviceError(f"buffer {name!r}: size must be positive, got {nbytes}")
+        phys = align_up(self.next, max(align, ALIGN))
+        size = align_up(nbytes, ALIGN)
+        if self.end is not None and phys + size > self.end:
+            raise DeviceError(f"buffer {name or 'a buffer'!r} of {nbytes} bytes does not fit: {self.allocated} of "
+                              f"{self.end - self.base} bytes are allocated{self._full_hint}")
+        self.next = phys + size
+        self.allocated += size
+        return phys, size
 
 
 class Device(abc.ABC):

@@ -38,7 +38,7 @@ from ..contract.errors import DeviceError
 from ..contract.layout import TileLayout, unpack_linear
 from ..contract.numerics import dequant_accumulate
 from .device import (CTRL_IRQ_ENABLE, CTRL_PERF_CLEAR, CTRL_SOFT_RESET, CTRL_START,
-                     DMA_TO_DEVICE, Buffer, Device)
+                     DMA_TO_DEVICE, Buffer, Device, RegionAllocator)
 
 F32 = np.float32
 
@@ -452,8 +452,7 @@ class GoldenDevice(Device):
             clock_mhz=config.clock_mhz, config_hash=config.config_hash))
         self.coherent = coherent
         self.sync_log: list[tuple[int, int, int]] = []
-        self._next = self.DDR_BASE
-        self.allocated = 0
+        self.memory_map = RegionAllocator(self.DDR_BASE)
 
     def describe(self) -> dict:
         return {"backend": self.name, "coherent_model": self.coherent,
@@ -466,14 +465,8 @@ class GoldenDevice(Device):
         self.regs.write(offset, value)
 
     def alloc(self, nbytes: int, name: str = "", align: int = ALIGN) -> Buffer:
-        if nbytes <= 0:
-            raise DeviceError(f"buffer {name!r}: size must be positive, got {nbytes}")
-        align = max(align, ALIGN)
-        phys = -(-self._next // align) * align
-        size = -(-nbytes // ALIGN) * ALIGN
+        phys, size = self.memory_map.take(nbytes, name, align)
         ddr = np.zeros(size, np.uint8)
         self.memory.add_region(phys, ddr)
         cpu = ddr if self.coherent else np.zeros(size, np.uint8)
-        self._next = phys + size
-        self.allocated += size
         return GoldenBuffer(self, phys, ddr[:nbytes], cpu[:nbytes], name, self.coherent)

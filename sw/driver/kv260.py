@@ -40,7 +40,7 @@ import numpy as np
 
 from ..contract.commands import ALIGN, CSR_ADDR_WIDTH
 from ..contract.errors import DeviceError
-from .device import DMA_TO_DEVICE, Buffer, Device
+from .device import DMA_TO_DEVICE, Buffer, Device, RegionAllocator
 
 WINDOW_BYTES = 1 << CSR_ADDR_WIDTH
 PAGE = mmap.PAGESIZE
@@ -263,7 +263,9 @@ class Kv260Device(Device):
             self.close()
             raise
         self.capacity = self.dma.size
-        self._next = 0
+        self.memory_map = RegionAllocator(self.dma.phys, self.dma.phys + self.dma.size,
+                                          full_hint=f" in u-dma-buf {self.dma.name}; reload u-dma-buf with a "
+                                                    f"bigger size (docs/driver.md)")
 
     def describe(self) -> dict:
         return {"backend": self.name, "registers": self.access,
@@ -294,16 +296,8 @@ class Kv260Device(Device):
             os.read(self._irq_fd, 4)
 
     def alloc(self, nbytes: int, name: str = "", align: int = ALIGN) -> Buffer:
-        if nbytes <= 0:
-            raise DeviceError(f"buffer {name!r}: size must be positive, got {nbytes}")
-        align = max(align, ALIGN)
-        off = -(-(self.dma.phys + self._next) // align) * align - self.dma.phys
-        size = -(-nbytes // ALIGN) * ALIGN
-        if off + size > self.dma.size:
-            raise DeviceError(f"u-dma-buf {self.dma.name} is full: {name or 'a buffer'} needs {size} bytes at "
-                              f"offset {off} of {self.dma.size}; reload u-dma-buf with a bigger size "
-                              f"(docs/driver.md)")
-        self._next = off + size
+        phys, _ = self.memory_map.take(nbytes, name, align)
+        off = phys - self.dma.phys
         buf = UdmaBuffer(self.dma, off, nbytes, name)
         buf.array[:] = 0
         return buf

@@ -335,17 +335,7 @@ class AcceleratedModel:
         x0 = getattr(self.dev, "sim_io_wall_s", 0.0)
         t0 = time.perf_counter()
         try:
-            if self.last_logits_only and ids.size > 1:
-                r = self.runner
-                h = r.embed_tokens(ids)
-                start = cache.length
-                cache.reserve(start + h.shape[0])
-                for layer in range(self.config.num_hidden_layers):
-                    h = r.decoder_layer(layer, h, cache, start)
-                cache.length = start + h.shape[0]
-                logits = r.lm_head(h[-1:])
-            else:
-                logits = self.runner.forward(ids, cache)
+            logits = self.runner.forward(ids, cache, last_only=self.last_logits_only)
         finally:
             step.wall_s = time.perf_counter() - t0
             step.transfer_s = getattr(self.dev, "sim_io_wall_s", 0.0) - x0
