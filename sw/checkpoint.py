@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import Qwen2Config
 from .contract.errors import CheckpointError
+from .fileio import safe_write_text
 from .safetensors_io import read_safetensors, write_safetensors
 
 SINGLE_FILE = "model.safetensors"
@@ -207,7 +208,7 @@ def save_checkpoint(out_dir: str | os.PathLike, config: Qwen2Config,
 
     hf = config.to_hf_dict()
     hf.update(extra_config or {})
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    safe_write_text(out / "config.json", json.dumps(hf, indent=2) + "\n", "checkpoint config")
 
     def bytes_of(a: np.ndarray) -> int:
         floating = np.issubdtype(a.dtype, np.floating)
@@ -224,5 +225,5 @@ def save_checkpoint(out_dir: str | os.PathLike, config: Qwen2Config,
         weight_map.update((n, file) for n in names)
     index = {"metadata": {"total_size": sum(bytes_of(a) for a in tensors.values())},
              "weight_map": weight_map}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    safe_write_text(out / INDEX_FILE, json.dumps(index, indent=2) + "\n", "checkpoint index")
     return out

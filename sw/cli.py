@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -362,6 +363,10 @@ def _add_hw_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A file-size limit (ulimit -f) then fails the write with EFBIG, which sw/fileio.py reports and
+    # cleans up, instead of killing the process with a partial file behind.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .contract.errors import CheckpointError
+from .fileio import safe_writer
 
 _HEADER_ALIGN = 8
 # Elements converted per step when writing BF16: bounds the temporaries.
@@ -177,7 +178,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
 
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % _HEADER_ALIGN)
-    with open(path, "wb") as f:
+    with safe_writer(path, "safetensors file") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for arr, dtype_name in plan:

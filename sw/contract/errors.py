@@ -27,3 +27,7 @@ class ToolchainError(KriaError):
 
 class DeviceError(KriaError):
     """The accelerator (real, simulated or modelled) misbehaved or timed out."""
+
+
+class OutputError(KriaError):
+    """An output file that cannot be written safely (see sw/fileio.py): nothing was written."""
