@@ -5,7 +5,7 @@ APT_PACKAGES := g++ make perl device-tree-compiler iverilog tcl
 PYTEST_ARGS ?=
 JOBS ?= 2
 
-.PHONY: setup apt pip demo test test-slow lint clean
+.PHONY: setup apt pip demo test test-slow fuzz lint clean
 
 setup: apt pip
 
@@ -39,6 +39,14 @@ test: setup
 
 test-slow: setup
 	$(PYTHON) -m pytest -m slow -q $(PYTEST_ARGS)
+
+# Coverage-guided fuzzing of the .kq loader (tests/fuzz_kq.py). The working corpus grows in
+# build/fuzz/kq; a crash lands in the regression corpus tests/fuzz_corpus/kq, which the tests replay.
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	mkdir -p build/fuzz/kq
+	OPENBLAS_NUM_THREADS=1 $(PYTHON) tests/fuzz_kq.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	  -artifact_prefix=tests/fuzz_corpus/kq/ build/fuzz/kq tests/fuzz_corpus/kq
 
 clean:
 	rm -rf build sim_build out demo .pytest_cache

@@ -163,7 +163,7 @@ def _validate_header(h, size: int, data_start: int, p: Path) -> tuple[Qwen2Confi
         raise bad(f"quant.group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group!r:.40}")
     if not isinstance(quant.get("method"), str):
         raise bad(f"quant.method must be a string, got {quant.get('method')!r:.40}")
-    if quant.get("lm_head") not in _LM_HEAD_KINDS:
+    if not isinstance(quant.get("lm_head"), str) or quant["lm_head"] not in _LM_HEAD_KINDS:
         raise bad(f"quant.lm_head must be one of {_LM_HEAD_KINDS}, got {quant.get('lm_head')!r:.40}")
 
     layout = h["layout"]
@@ -189,10 +189,10 @@ def _validate_header(h, size: int, data_start: int, p: Path) -> tuple[Qwen2Confi
             raise bad(f"{where}.name must be a non-empty string, got {name!r:.40}")
         where = f"tensor {name:.80}"
         role = t.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise bad(f"{where}: role must be one of {_ROLES}, got {role!r:.40}")
         dtype = t.get("dtype")
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise bad(f"{where}: dtype must be one of {tuple(_DTYPES)}, got {dtype!r:.40}")
         shape = t.get("shape")
         if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
@@ -211,7 +211,7 @@ def _validate_header(h, size: int, data_start: int, p: Path) -> tuple[Qwen2Confi
         part = ""
         if role == "linear":
             part = t.get("part")
-            if part not in _PARTS:
+            if not isinstance(part, str) or part not in _PARTS:
                 raise bad(f"{where}: part must be one of {tuple(_PARTS)}, got {part!r:.40}")
             if dtype != _PARTS[part]:
                 raise bad(f"{where} {part}: dtype must be {_PARTS[part]}, got {dtype}")
@@ -236,13 +236,16 @@ def _validate_header(h, size: int, data_start: int, p: Path) -> tuple[Qwen2Confi
 
 def _check_linear_entry(t: dict, name: str, part: str, cfg: Qwen2Config, tile_rows: int, bad) -> None:
     kind, group, rows, cols = t.get("kind"), t.get("group_size"), t.get("rows"), t.get("cols")
-    if kind not in _KINDS:
+    if not isinstance(kind, str) or kind not in _KINDS:
         raise bad(f"linear {name}: kind must be one of {tuple(_KINDS)}, got {kind!r:.40}")
     if not _is_int(group) or group not in SUPPORTED_GROUP_SIZES:
         raise bad(f"linear {name}: group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group!r:.40}")
+    for key, v in (("rows", rows), ("cols", cols)):
+        if not _is_int(v):
+            raise bad(f"linear {name}: {key} must be an integer, got {v!r:.40}")
     expect = cfg.linear_shape(name)
     if expect is None:
-        raise bad(f"linear {name:.80} is not a linear of the model the header describes")
+        raise bad(f"linear {name:.80} is not part of the model the header describes")
     if (rows, cols) != expect:
         raise bad(f"linear {name} is {rows!r:.20}x{cols!r:.20} but the model config needs {expect[0]}x{expect[1]}",
                   "mismatched .kq")
