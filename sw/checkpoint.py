@@ -68,8 +68,12 @@ def _read_json(path: Path, what: str):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: {what} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: {what} is nested too deeply to be a model config") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read {what} ({e.strerror})") from None
 

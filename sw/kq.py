@@ -325,7 +325,7 @@ class KqFile:
             raise FormatError(f"{p}: corrupt .kq header (checksum mismatch)")
         try:
             self.header = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise FormatError(f"{p}: corrupt .kq header (not valid JSON)") from None
         self.config, self.entries = _validate_header(self.header, size, _PREFIX.size + hlen, p)
         self.layout = self.header["layout"]

@@ -15,6 +15,7 @@ BF16, which is widened to float32 exactly (bits << 16) into a new array.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 from pathlib import Path
@@ -74,7 +75,7 @@ def _fail(path, what: str):
 def _parse_header(path: Path, raw: bytes) -> dict:
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         _fail(path, f"safetensors header is not valid JSON ({e})")
     if not isinstance(header, dict):
         _fail(path, "safetensors header is not a JSON object")
@@ -88,12 +89,12 @@ def _tensor_entry(path: Path, name: str, entry, data_len: int):
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if dtype not in _DTYPES:
-        _fail(path, f"tensor {name!r} has unsupported dtype {dtype!r}; "
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        _fail(path, f"tensor {name!r} has unsupported dtype {dtype!r:.40}; "
                     f"supported: {', '.join(_DTYPES)}")
     if (not isinstance(shape, list)
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        _fail(path, f"tensor {name!r} has an invalid shape {shape!r:.60}")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
         _fail(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
@@ -101,7 +102,7 @@ def _tensor_entry(path: Path, name: str, entry, data_len: int):
     if not 0 <= begin <= end <= data_len:
         _fail(path, f"tensor {name!r} spans bytes {begin}..{end} but the data area holds "
                     f"{data_len} bytes (truncated or corrupt file)")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize       # exact: a shape of [2**70] must not overflow
     if end - begin != nbytes:
         _fail(path, f"tensor {name!r} occupies {end - begin} bytes but shape {shape} of "
                     f"{dtype} needs {nbytes}")

@@ -139,6 +139,8 @@ def _with_header(tmp_path, header: dict, data: bytes = b"") -> str:
     ("outside", "truncated or corrupt"),
     ("size_mismatch", "needs"),
     ("truncated", "truncated or corrupt"),
+    ("shape_2_70", "needs"),
+    ("list_dtype", "unsupported dtype"),
 ])
 def test_bad_safetensors(tmp_path, case, message):
     if case == "missing":
@@ -160,6 +162,12 @@ def test_bad_safetensors(tmp_path, case, message):
     elif case == "outside":
         path = _with_header(tmp_path, {"w": {"dtype": "F32", "shape": [4],
                                               "data_offsets": [0, 16]}}, b"\0" * 8)
+    elif case == "shape_2_70":          # used to overflow into a traceback
+        path = _with_header(tmp_path, {"w": {"dtype": "F32", "shape": [2 ** 70],
+                                              "data_offsets": [0, 16]}}, b"\0" * 16)
+    elif case == "list_dtype":
+        path = _with_header(tmp_path, {"w": {"dtype": ["F32"], "shape": [4],
+                                              "data_offsets": [0, 16]}}, b"\0" * 16)
     elif case == "size_mismatch":
         path = _with_header(tmp_path, {"w": {"dtype": "F32", "shape": [3],
                                               "data_offsets": [0, 16]}}, b"\0" * 16)
@@ -331,3 +339,37 @@ def test_shape_mismatch(tmp_path):
     with pytest.raises(CheckpointError,
                        match=r"gate_proj.weight is \(384, 64\), expected \(384, 128\)"):
         load_checkpoint(tmp_path)
+
+
+# config.json values that used to pass (or crash later): each is now one sentence naming the field,
+# through the CLI as a user meets it: exit status 2, no traceback.
+@pytest.mark.parametrize("patch, words", [
+    ({"rope_theta": "1000000.0"}, "rope_theta"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
+    ({"architectures": 5}, "architectures"),
+    ({"head_dim": None, "hidden_size": None}, "missing required key"),
+    ({"quantization_config": "awq"}, "quantization_config"),
+    ({"num_hidden_layers": 10 ** 8}, "num_hidden_layers"),
+    ({"vocab_size": True}, "vocab_size"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
+    pytest.param(b"\xff\xfe{not utf-8", "not UTF-8", id="not-utf8"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, "nested too deeply", id="deeply-nested"),
+])
+def test_bad_config_json_through_the_cli(tmp_path, patch, words):
+    import subprocess
+    import sys
+    from sw.config import preset
+    d = tmp_path / "ckpt"
+    save_checkpoint(d, preset("tiny"), {})
+    cfg = d / "config.json"
+    if isinstance(patch, bytes):
+        cfg.write_bytes(patch)
+    else:
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **patch}))
+    r = subprocess.run([sys.executable, "-m", "sw.cli", "quantize", str(d), "--quiet", "--out",
+                        str(tmp_path / "x.kq")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "x.kq").exists()
