@@ -10,6 +10,7 @@ AMD/Xilinx's own KV260 constraint files, not read from boards/kv260.py.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -139,6 +140,21 @@ def test_blinker_on_pmod_pin_1_is_placed_on_its_package_pin(tmp_path):
         assert r.returncode == 0 and "%Warning" not in r.stderr and "%Error" not in r.stderr, r.stderr[-3000:]
 
 
+@pytest.mark.skipif(shutil.which("tclsh") is None, reason="tclsh not installed")
+def test_block_design_tcl_with_pins_runs_against_a_recording_mock(tmp_path):
+    _, plan = _prepare(_blinker, resources=[PMOD_LED])
+    (tmp_path / "bd.tcl").write_text(plan.files[f"{DESIGN}_bd.tcl"])
+    (tmp_path / "mock.tcl").write_text(
+        "proc unknown {cmd args} { puts [list $cmd {*}$args]; "
+        "if {$cmd eq \"get_property\"} { return 250000000 }; return [lindex $args end] }\n"
+        "source bd.tcl\nkriallm_create_bd test_bd\n")
+    r = subprocess.run(["tclsh", "mock.tcl"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = r.stdout.splitlines()
+    assert "create_bd_port -dir O pmod_led_0__io" in calls
+    assert "connect_bd_net pmod_led_0__io accel/pmod_led_0__io" in calls     # the mock's get_* return their names
+
+
 # ---------------------------------------------------------------------------
 # The whole Pmod connector, and amaranth-boards' Pmod helpers
 # ---------------------------------------------------------------------------
@@ -238,7 +254,6 @@ class PinsTop(StubTop):
 
 def test_board_build_with_pins_lints_clean_and_places_them(tmp_path):
     import json
-    import shutil
     import sys
     from pathlib import Path
 
