@@ -94,13 +94,15 @@ _APP_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 #
 # Pmod connector J2, in Digilent's Pmod numbering, which amaranth-boards' Connector("pmod", ...)
 # and amaranth_boards.extensions.pmod use: pins 1-4 one row, 5/6 GND/3V3, 7-10 the other row,
-# 11/12 GND/3V3. The KV260 silkscreen numbers J2 odd/even instead (1 3 5 7 9 11 on one row,
-# 2 4 6 8 10 12 on the other): Digilent 1-4 are J2 1 3 5 7, Digilent 7-10 are J2 2 4 6 8.
+# 11/12 GND/3V3. The KV260's own J2 numbering is odd/even instead (1 3 5 7 9 11 on one row, 2 4 6 8
+# 10 12 on the other, per the carrier XDC template's comments quoted in TutorialPMOD.xdc above; J2 pin 1
+# is HDA11/H12, pin 2 HDA15/B10): Digilent 1-4 are J2 1 3 5 7, Digilent 7-10 are J2 2 4 6 8.
 #   [bist] "#Digilent PMOD pins / output - HDA11, HDA12, HDA13, HDA14": H12 E10 D10 C11 (one row)
 #          "input - HDA15, HDA16, HDA17, HDA18":                       B10 E12 D11 B11 (the other)
 PMOD_J2_PINS = {1: "H12", 2: "E10", 3: "D10", 4: "C11", 7: "B10", 8: "E12", 9: "D11", 10: "B11"}
-# Fan enable, active low: [base] and [bist] "#Fan Speed Enable", port fan_en_b on A12 (HDA20,
-# SOM240_1_C24). Xilinx's starter-kit designs drive it from the PS's TTC0 PWM output through EMIO.
+# Fan enable, active low (the _b): [base] and [bist] "#Fan Speed Enable", port fan_en_b on A12 (the
+# carrier's HDA20 in third-party KV260 XDCs). Xilinx's starter-kit designs drive it from the PS's TTC0
+# wave output through EMIO, i.e. as a PWM.
 FAN_EN_B_PIN = "A12"
 CARRIER_IO_ATTRS = {"IOSTANDARD": "LVCMOS33", "SLEW": "SLOW", "DRIVE": "4"}
 # No LED or button appears in these PL constraint files (the board's status LEDs and buttons are
