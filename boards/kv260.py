@@ -1,7 +1,9 @@
 """The Kria KV260 (K26 SOM): Amaranth platform, PS8 block design, Vivado flow and Linux overlay.
 
 Everything the accelerator needs from the board goes through the Zynq
-UltraScale+ PS8, so the platform has no pin resources. The pieces:
+UltraScale+ PS8; the carrier's few PL pins (the Pmod connector J2 and the fan
+enable) are declared as Amaranth resources, in amaranth-boards' style, for
+designs that want them (docs/kv260.md, "Using the KV260's PL I/O"). The pieces:
 
 * :class:`TopPorts` reads the port set of an accelerator top (the real one or
   boards/stub_top.py) and checks it against the config: ``csr`` AXI4-Lite
@@ -16,7 +18,9 @@ UltraScale+ PS8, so the platform has no pin resources. The pieces:
   ports here, once.
 * ``KV260Platform`` is an Amaranth ``XilinxPlatform`` (``xck26`` /
   ``sfvc784`` / ``2LV-c``) whose ``prepare()`` writes all of that as one
-  BuildPlan without running Vivado.
+  BuildPlan without running Vivado. Pins a design requests with
+  ``platform.request()`` become ports of the core, of its block-design cell and
+  of the block design, constrained in the XDC.
 
 Why a block design rather than instantiating PS8 in our Verilog: docs/kv260.md.
 
@@ -38,8 +42,8 @@ from sw.contract.errors import ConfigError
 __all__ = [
     "DEVICE", "PACKAGE", "SPEED", "PART", "BOARD_PART_GLOB", "CSR_BASE", "DDR_LOW_BASE", "DDR_LOW_SIZE",
     "MAX_HP_PORTS", "HPM0_DATA_BITS", "HP_PS_ADDR_BITS", "HP_PS_ID_BITS", "PL_PS_IRQ0_GIC_SPI",
-    "UIO_NAME", "UDMABUF_NAME", "DEFAULT_DMA_MB", "HpPort", "TopPorts", "Kv260Design", "app_design_name",
-    "KV260Platform",
+    "UIO_NAME", "UDMABUF_NAME", "DEFAULT_DMA_MB", "PMOD_J2_PINS", "FAN_EN_B_PIN", "CARRIER_IO_ATTRS",
+    "HpPort", "TopPorts", "PlPort", "Kv260Design", "app_design_name", "KV260Platform",
 ]
 
 # ---------------------------------------------------------------------------
@@ -76,6 +80,33 @@ DEFAULT_DMA_MB = 300                              # INT4 Qwen2.5-0.5B (.kq ~ 266
 DMA_HEADROOM_MB = 64                              # KV cache, activations, command lists beyond the weights
 
 _APP_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+
+# ---------------------------------------------------------------------------
+# The KV260 carrier card's PL-side I/O
+# ---------------------------------------------------------------------------
+# Every package pin here is taken from AMD/Xilinx's own KV260 constraint files in
+# github.com/Xilinx/kria-vitis-platforms (Apache-2.0):
+#   [bist] kv260/platforms/vivado/kv260_bist/xdc/pin.xdc
+#   [base] k26/platforms/k26_base_starter_kit/xdc/default.xdc
+# The files constrain all of them IOSTANDARD LVCMOS33, SLEW SLOW, DRIVE 4: CARRIER_IO_ATTRS. (They are
+# bank-45 pins, IO_L*_45, per the comments of the KV260 carrier XDC template as quoted in
+# github.com/michealcarac/SeniorCapstone VivadoPrjs/ConstraintFiles/TutorialPMOD.xdc.)
+#
+# Pmod connector J2, in Digilent's Pmod numbering, which amaranth-boards' Connector("pmod", ...)
+# and amaranth_boards.extensions.pmod use: pins 1-4 one row, 5/6 GND/3V3, 7-10 the other row,
+# 11/12 GND/3V3. The KV260's own J2 numbering is odd/even instead (1 3 5 7 9 11 on one row, 2 4 6 8
+# 10 12 on the other, per the carrier XDC template's comments quoted in TutorialPMOD.xdc above; J2 pin 1
+# is HDA11/H12, pin 2 HDA15/B10): Digilent 1-4 are J2 1 3 5 7, Digilent 7-10 are J2 2 4 6 8.
+#   [bist] "#Digilent PMOD pins / output - HDA11, HDA12, HDA13, HDA14": H12 E10 D10 C11 (one row)
+#          "input - HDA15, HDA16, HDA17, HDA18":                       B10 E12 D11 B11 (the other)
+PMOD_J2_PINS = {1: "H12", 2: "E10", 3: "D10", 4: "C11", 7: "B10", 8: "E12", 9: "D11", 10: "B11"}
+# Fan enable, active low (the _b): [base] and [bist] "#Fan Speed Enable", port fan_en_b on A12 (the
+# carrier's HDA20 in third-party KV260 XDCs). Xilinx's starter-kit designs drive it from the PS's TTC0
+# wave output through EMIO, i.e. as a PWM.
+FAN_EN_B_PIN = "A12"
+CARRIER_IO_ATTRS = {"IOSTANDARD": "LVCMOS33", "SLEW": "SLOW", "DRIVE": "4"}
+# No LED or button appears in these PL constraint files (the board's status LEDs and buttons are
+# not PL pins there), so the platform declares none.
 
 
 def app_design_name(app_name: str) -> str:
@@ -211,6 +242,31 @@ class TopPorts:
 
 
 # ---------------------------------------------------------------------------
+# PL pins a design requested
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PlPort:
+    """One port of the core that goes to package pins: a resource the design requested."""
+    name: str                                   # Verilog port of the core, the cell and the block design
+    direction: str                              # "input", "output" or "inout", as the core declares it
+    pins: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]   # (package pin, attrs) of bit 0, 1, ...
+
+    @property
+    def width(self) -> int:
+        return len(self.pins)
+
+    @property
+    def bd_dir(self) -> str:
+        return {"input": "I", "output": "O", "inout": "IO"}[self.direction]
+
+    def bits(self):
+        """(the XDC's name of the bit, package pin, attrs) for every bit."""
+        for i, (pin, attrs) in enumerate(self.pins):
+            yield (self.name if self.width == 1 else f"{self.name}[{i}]"), pin, dict(attrs)
+
+
+# ---------------------------------------------------------------------------
 # One HP port
 # ---------------------------------------------------------------------------
 
@@ -272,6 +328,7 @@ class Kv260Design:
     app_name: str
     dma_bytes: int = DEFAULT_DMA_MB << 20
     jobs: int = 4
+    pl_io: tuple[PlPort, ...] = ()      # pins the design requested from the platform (usually none)
 
     def __post_init__(self):
         app_design_name(self.app_name)
@@ -416,6 +473,15 @@ class Kv260Design:
             "",
             "    connect_bd_net [get_bd_pins accel/irq] [get_bd_pins ps/pl_ps_irq0]",
             "",
+        ]
+        if self.pl_io:
+            lines.append("    # PL pins the design requested: external ports of the block design (placed by the XDC).")
+            for port in self.pl_io:
+                rng = f" -from {port.width - 1} -to 0" if port.width > 1 else ""
+                lines.append(f"    create_bd_port -dir {port.bd_dir}{rng} {port.name}")
+                lines.append(f"    connect_bd_net [get_bd_ports {port.name}] [get_bd_pins accel/{port.name}]")
+            lines.append("")
+        lines += [
             "    # A module reference assumes 100 MHz on its clock and interfaces; give it what the PS makes.",
             "    set freq_hz [get_property CONFIG.FREQ_HZ [get_bd_pins ps/pl_clk0]]",
             "    set_property CONFIG.FREQ_HZ $freq_hz [get_bd_pins accel/clk]",
@@ -554,13 +620,31 @@ puts "kriallm: built $app ($pl_clk_hz Hz, WNS $wns ns)"
 """
 
     def xdc(self) -> str:
-        return f"""\
+        if not self.pl_io:
+            return f"""\
 # Constraints for {self.app_name}. Intentionally (almost) empty:
 # * the only clock is pl_clk0; the zynq_ultra_ps_e IP's own XDC creates it (clk_pl_0) at the
 #   frequency the PS really makes ({self.config.clock_mhz} MHz requested), so no create_clock here;
 # * one clock domain and no I/O pins: no false paths, no input/output delays;
 # * reset comes from proc_sys_reset, already synchronous to pl_clk0.
 """
+        lines = [
+            f"# Constraints for {self.app_name}.",
+            "# * the only clock is pl_clk0; the zynq_ultra_ps_e IP's own XDC creates it (clk_pl_0) at the",
+            f"#   frequency the PS really makes ({self.config.clock_mhz} MHz requested), so no create_clock here;",
+            "# * reset comes from proc_sys_reset, already synchronous to pl_clk0;",
+            "# * the PL pins the design requested (KV260Platform resources; package pins from AMD/Xilinx's KV260",
+            "#   constraint files, see boards/kv260.py). They are external ports of the block design with the",
+            "#   core's port names. They carry no input/output delays: slow signals (LEDs, the fan, Pmod GPIO);",
+            "#   a design with a timed Pmod interface adds its own.",
+        ]
+        for port in self.pl_io:
+            lines.append(f"# {port.name}: {port.direction}, {port.width} pin{'s' if port.width > 1 else ''}")
+            for bit, pin, attrs in port.bits():
+                lines.append(f"set_property PACKAGE_PIN {pin} [get_ports {{{bit}}}]")
+                for key, value in attrs.items():
+                    lines.append(f"set_property {key} {value} [get_ports {{{bit}}}]")
+        return "\n".join(lines) + "\n"
 
     def bif(self) -> str:
         return f"all:\n{{\n    {self.app_name}.bit\n}}\n"
@@ -608,8 +692,13 @@ puts "kriallm: built $app ($pl_clk_hz Hz, WNS $wns ns)"
             '    (* X_INTERFACE_PARAMETER = "XIL_INTERFACENAME irq, SENSITIVITY LEVEL_HIGH" *)',
             "    output wire irq",
         ]
+        for port in self.pl_io:       # requested PL pins: straight through to the block design's ports
+            rng = f"[{port.width - 1}:0] " if port.width > 1 else ""
+            decls[-1] += ","
+            decls.append(f"    {port.direction} wire {rng}{port.name}")
         conns = [".clk(clk)", ".rst(rst)"] + [f".{core}({cell})" for cell, core, _m, _b in self._ports_of_cell()]
         conns.append(".irq(irq)")
+        conns += [f".{port.name}({port.name})" for port in self.pl_io]
         return (f"// {self.cell_module}: the kriallm core as the block design sees it (RTL module reference).\n"
                 f"// Generated by `kriallm build` from ArrayConfig {self.config.config_hash[:16]}; do not edit.\n"
                 f"// Vivado reads the X_INTERFACE attributes to group the ports into AXI interfaces.\n"
@@ -670,7 +759,36 @@ puts "kriallm: built $app ($pl_clk_hz Hz, WNS $wns ns)"
                 "// open-tool checks (lint, Yosys) of the wiring. Not a model: every output is constant.\n"
                 "/* verilator lint_off UNUSEDSIGNAL */\n"
                 f"module {self.design}_ps8_stub (\n" + ",\n".join(ports) + "\n);\n" + "\n".join(body)
-                + "\nendmodule\n/* verilator lint_on UNUSEDSIGNAL */\n")
+                + "\nendmodule\n/* verilator lint_on UNUSEDSIGNAL */\n" + self._io_primitive_stubs())
+
+    # Port-level stand-ins for the UNISIM primitives Amaranth's XilinxPlatform instantiates for the
+    # I/O buffers of requested pins (amaranth/vendor/_xilinx.py: Buffer, FFBuffer, DDRBuffer on
+    # UltraScale+), with the ports and parameters it connects. Vivado brings the real ones.
+    _IO_PRIMITIVES = (
+        "module IBUF (input wire I, output wire O);\n    assign O = I;\nendmodule",
+        "module OBUFT (input wire I, input wire T, output wire O);\n    assign O = I;\nendmodule",
+        "module IOBUF (input wire I, input wire T, output wire O, inout wire IO);\n    assign O = I;\nendmodule",
+        "module FDCE (input wire C, input wire CE, input wire CLR, input wire D, output reg Q);\n"
+        "    always @(posedge C) Q <= D;\nendmodule",
+        "module IDDRE1 #(parameter DDR_CLK_EDGE = \"SAME_EDGE_PIPELINED\", parameter [0:0] IS_C_INVERTED = 1'b0,\n"
+        "               parameter [0:0] IS_CB_INVERTED = 1'b1)\n"
+        "    (input wire C, input wire CB, input wire R, input wire D, output reg Q1, output reg Q2);\n"
+        "    always @(posedge C) begin Q1 <= D; Q2 <= D; end\nendmodule",
+        "module ODDRE1 #(parameter [0:0] SRVAL = 1'b0)\n"
+        "    (input wire C, input wire SR, input wire D1, input wire D2, output reg Q);\n"
+        "    always @(posedge C) Q <= D1;\nendmodule",
+    )
+
+    def _io_primitive_stubs(self) -> str:
+        if not self.pl_io:
+            return ""
+        return ("\n// Stand-ins for the Xilinx I/O primitives of the requested PL pins (lint only; Vivado has the real\n"
+                "// ones). Not models.\n"
+                "/* verilator lint_off UNUSEDSIGNAL */\n/* verilator lint_off UNUSEDPARAM */\n"
+                "/* verilator lint_off UNDRIVEN */\n/* verilator lint_off DECLFILENAME */\n"
+                + "\n".join(self._IO_PRIMITIVES)
+                + "\n/* verilator lint_on DECLFILENAME */\n/* verilator lint_on UNDRIVEN */\n"
+                "/* verilator lint_on UNUSEDPARAM */\n/* verilator lint_on UNUSEDSIGNAL */\n")
 
     def lint_top_verilog(self) -> str:
         """PS8 stub + the cell, wired as the block design wires them (SmartConnect and proc_sys_reset as
@@ -686,6 +804,7 @@ puts "kriallm: built $app ($pl_clk_hz Hz, WNS $wns ns)"
         ps_conns += [".pl_clk0(pl_clk0)", ".pl_resetn0(pl_resetn0)", ".maxihpm0_fpd_aclk(pl_clk0)",
                      ".pl_ps_irq0(irq)"]
         cell_conns += [".clk(pl_clk0)", ".rst(!pl_resetn0)", ".irq(irq)"]
+        cell_conns += [f".{port.name}({port.name})" for port in self.pl_io]   # the package pins: ports here
         # Registers (SmartConnect stand-in): low address bits and the low 32-bit data lane.
         for m in self.ports.csr:
             ps_w = self._hpm0_width(m.name, m.width)
@@ -731,10 +850,19 @@ puts "kriallm: built $app ($pl_clk_hz Hz, WNS $wns ns)"
         return (f"// Lint top: {d}_ps8_stub + {self.cell_module}, wired as {self.bd_name} wires them.\n"
                 "// For `verilator --lint-only` and Yosys only; Vivado builds from the block design.\n"
                 "/* verilator lint_off UNUSEDSIGNAL */\n"
-                f"module {d}_lint_top;\n" + "\n".join(wires) + "\n"
+                f"module {d}_lint_top{self._lint_top_ports()};\n" + "\n".join(wires) + "\n"
                 f"    {d}_ps8_stub ps (\n        " + ",\n        ".join(ps_conns) + "\n    );\n"
                 f"    {self.cell_module} accel (\n        " + ",\n        ".join(cell_conns) + "\n    );\n"
                 + "\n".join(assigns) + "\nendmodule\n/* verilator lint_on UNUSEDSIGNAL */\n")
+
+    def _lint_top_ports(self) -> str:
+        if not self.pl_io:
+            return ""
+        decls = []
+        for port in self.pl_io:
+            rng = f"[{port.width - 1}:0] " if port.width > 1 else ""
+            decls.append(f"    {port.direction} wire {rng}{port.name}")
+        return " (\n" + ",\n".join(decls) + "\n)"
 
     def lint_waivers(self) -> str:
         """Verilator configuration: waive Amaranth back-end idioms in the generated core only.
@@ -905,25 +1033,63 @@ def bit_to_bin(bit: bytes) -> bytes:
 # The Amaranth platform (imported lazily: needs Amaranth)
 # ---------------------------------------------------------------------------
 
+def _verilog_ports(verilog: str, module: str) -> dict[str, tuple[str, int]]:
+    """{port: (direction, width)} of one module of Yosys-written Verilog (``input [7:0] x;`` lines)."""
+    m = re.search(rf"^module {re.escape(module)}\(.*?^endmodule", verilog, re.M | re.S)
+    if m is None:
+        raise ConfigError(f"the generated Verilog has no module {module!r}")
+    out = {}
+    for d in re.finditer(r"^\s*(input|output|inout)\s+(?:\[(\d+):(\d+)\]\s+)?([A-Za-z_]\w*)\s*;", m.group(0), re.M):
+        out[d.group(4)] = (d.group(1), abs(int(d.group(2)) - int(d.group(3))) + 1 if d.group(2) else 1)
+    return out
+
+
 @lru_cache(maxsize=None)
 def _platform_class():
+    from amaranth.build import Attrs, Connector, Pins, PinsN, Resource
     from amaranth.build.plat import TemplatedPlatform
-    from amaranth.hdl import Fragment
+    from amaranth.hdl import Fragment, IOPort, Module, Signal, Value
+    from amaranth.lib import wiring
     from amaranth.vendor import XilinxPlatform
 
-    class KV260Platform(XilinxPlatform):
-        """The K26 SOM (xck26 / sfvc784 / 2LV-c), reached only through the PS8.
+    j2 = " ".join(PMOD_J2_PINS.get(i, "-") for i in range(1, 13))    # Digilent pins 1..12; 5, 6, 11, 12 power
 
-        No pin resources: the clock is pl_clk0 at ``config.clock_mhz`` and the
-        reset pl_resetn0 (through proc_sys_reset), both wired in the block
-        design. ``prepare(top)`` writes the core's Verilog with its ports (the
-        block design instantiates it), and every Tcl/XDC/Verilog/.bif file of
-        :class:`Kv260Design`, without running Vivado.
+    class KV260Platform(XilinxPlatform):
+        """The K26 SOM (xck26 / sfvc784 / 2LV-c) on the KV260 carrier; the accelerator reaches it through the PS8.
+
+        The clock is pl_clk0 at ``config.clock_mhz`` and the reset pl_resetn0
+        (through proc_sys_reset), both wired in the block design, so there is
+        no clock or reset resource. ``prepare(top)`` writes the core's Verilog
+        with its ports (the block design instantiates it), and every
+        Tcl/XDC/Verilog/.bif file of :class:`Kv260Design`, without running
+        Vivado.
+
+        The carrier's PL pins are declared as in amaranth-boards (pins and their
+        source: the constants above). A design may request them in its
+        ``elaborate(platform)``:
+
+        * ``platform.request("pmod", 0, dir="-")``: the eight signal pins of J2
+          (Digilent pins 1-4, 7-10) as one port; or a single pin through the
+          connector: ``platform.add_resources([Resource("pmod_led", 0,
+          Pins("1", dir="o", conn=("pmod", 0)), Attrs(IOSTANDARD="LVCMOS33"))])``,
+          also the ``amaranth_boards.extensions.pmod`` helpers;
+        * ``platform.request("fan", 0)``: the fan enable, active low on the pin
+          (``PinsN``), so ``o = 1`` runs the fan.
+
+        Requested pins become ports of the core, of its block-design cell and of
+        the block design, with PACKAGE_PIN and I/O attributes in the XDC.
         """
 
         device, package, speed = DEVICE, PACKAGE, SPEED
-        resources = []
-        connectors = []
+        resources = [
+            # J2's eight signal pins ([bist] PMOD_OUT_tri_o[0..3], PMOD_IN_tri_i[0..3]).
+            Resource("pmod", 0, Pins("1 2 3 4 7 8 9 10", dir="io", conn=("pmod", 0)), Attrs(**CARRIER_IO_ATTRS)),
+            # [base] fan_en_b.
+            Resource("fan", 0, PinsN(FAN_EN_B_PIN, dir="o"), Attrs(**CARRIER_IO_ATTRS)),
+        ]
+        connectors = [
+            Connector("pmod", 0, j2),     # J2, Digilent numbering ([bist]; see PMOD_J2_PINS)
+        ]
 
         def __init__(self, config, *, app_name: str, dma_bytes: int = DEFAULT_DMA_MB << 20, jobs: int = 4):
             super().__init__(toolchain="Vivado")
@@ -957,35 +1123,60 @@ def _platform_class():
                     -tclargs --jobs {{platform.design.jobs}}
             """]
 
+        def iter_port_constraints_bits(self):
+            """(port bit, package pin, attrs) of every requested pin; the bus ports of the core have no pins."""
+            for port_name, port, _dir in self._design.ports:
+                if isinstance(port, IOPort):
+                    for bit, meta in enumerate(port.metadata):
+                        yield (port_name if len(port) == 1 else f"{port_name}[{bit}]"), meta.name, meta.attrs
+
         def prepare(self, elaboratable, name=None, **kwargs):
             """BuildPlan: the core (ports kept: the block design connects them) plus the Vivado sources."""
             assert not self._prepared
             self._prepared = True
             ports = TopPorts.from_component(elaboratable, self._config)
+            # Checked against the board before elaborating; made again below with the requested pins.
             self.design = Kv260Design(self._config, ports, self._app_name, self._dma_bytes, self._jobs)
             name = name or self.design.design
             if name != self.design.design:
                 raise ConfigError(f"the core must be named {self.design.design!r} (from the app name), not {name!r}")
-            from amaranth.hdl import Value
-            from amaranth.hdl._ir import PortDirection   # what amaranth.back.rtlil.convert uses too
-            from amaranth.lib import wiring
-            top_ports = {}
+            # The signature's members are the core's ports, named as amaranth.back.rtlil.convert names them.
+            # Amaranth's public API takes ports without a direction and makes a port that the design drives an
+            # output, any other an input; an output member the top never drives (an idle AXI channel) would
+            # come out as an input. So the top sits in a shell that drives each Out port from the member and
+            # each In member from its port: every direction is then the signature's.
+            shell, top_ports = Module(), {}
+            shell.submodules.core = elaboratable
             for path, member, value in elaboratable.signature.flatten(elaboratable):
-                direction = PortDirection.Input if member.flow == wiring.In else PortDirection.Output
-                top_ports["__".join(map(str, path))] = (Value.cast(value), direction)
+                port_name = "__".join(map(str, path))
+                inner = Value.cast(value)
+                port = Signal(inner.shape(), name=port_name)
+                shell.d.comb += (inner.eq(port) if member.flow == wiring.In else port.eq(inner))
+                top_ports[port_name] = (port, None)
+            fragment = Fragment.get(shell, self)
+            # Pins requested without dir="-" get Amaranth's pin buffers, as Platform.prepare adds them.
+            for pin, _port, buffer in self.iter_pins():
+                fragment.add_subfragment(Fragment.get(buffer, self), name=f"pin_{pin.name}")
             # The sync domain becomes plain clk/rst ports: the block design drives them from pl_clk0 and
             # proc_sys_reset, which already synchronises pl_resetn0, so no platform reset logic is added.
-            self._design = Fragment.get(elaboratable, self).prepare(ports=top_ports, hierarchy=(name,))
-            d = self.design
-            self.add_file(f"{name}.tcl", d.flow_tcl())
-            self.add_file(f"{name}_bd.tcl", d.bd_tcl())
-            self.add_file(f"{name}.xdc", d.xdc())
-            self.add_file(f"{d.cell_module}.v", d.cell_verilog())
-            self.add_file(f"{name}.bif", d.bif())
-            self.add_file(f"sim/{name}_ps8_stub.v", d.ps8_stub_verilog())
-            self.add_file(f"sim/{name}_lint_top.v", d.lint_top_verilog())
-            self.add_file(f"sim/{name}_lint.vlt", d.lint_waivers())
-            return self.toolchain_prepare(self._design, name, **kwargs)
+            self._design = fragment.prepare(ports=top_ports, hierarchy=(name,))
+            plan = self.toolchain_prepare(self._design, name, **kwargs)
+
+            declared = _verilog_ports(plan.files[f"{name}.v"], name)
+            pins: dict[str, list] = {}
+            for bit, pin, attrs in self.iter_port_constraints_bits():
+                pins.setdefault(bit.split("[")[0], []).append((pin, tuple(attrs.items())))
+            pl_io = tuple(PlPort(port, declared[port][0], tuple(bits)) for port, bits in pins.items())
+            self.design = d = Kv260Design(self._config, ports, self._app_name, self._dma_bytes, self._jobs, pl_io)
+            plan.add_file(f"{name}.tcl", d.flow_tcl())
+            plan.add_file(f"{name}_bd.tcl", d.bd_tcl())
+            plan.add_file(f"{name}.xdc", d.xdc())
+            plan.add_file(f"{d.cell_module}.v", d.cell_verilog())
+            plan.add_file(f"{name}.bif", d.bif())
+            plan.add_file(f"sim/{name}_ps8_stub.v", d.ps8_stub_verilog())
+            plan.add_file(f"sim/{name}_lint_top.v", d.lint_top_verilog())
+            plan.add_file(f"sim/{name}_lint.vlt", d.lint_waivers())
+            return plan
 
     return KV260Platform
 

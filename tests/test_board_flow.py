@@ -615,7 +615,8 @@ def test_platform_is_the_k26_without_pins():
     platform = kv260.KV260Platform(SMALL, app_name=SMALL_APP)
     assert platform._part == kv260.PART == "-".join((kv260.DEVICE, kv260.PACKAGE, kv260.SPEED))
     assert platform.family == "ultrascaleplus" and platform.toolchain == "Vivado"
-    assert platform.resources == {} and platform.default_clk_frequency == SMALL.clock_mhz * 1e6
+    assert platform.default_clk_frequency == SMALL.clock_mhz * 1e6
+    assert platform.default_clk is None and platform.default_rst is None    # pl_clk0 / pl_resetn0 via the PS
     plan = platform.prepare(load_top(TOP, SMALL)[0])   # writes every Vivado source, runs nothing
     d = platform.design
     assert {f"{d.design}.v", f"{d.design}.tcl", f"{d.design}_bd.tcl", f"{d.design}.xdc", f"{d.cell_module}.v",
@@ -626,6 +627,9 @@ def test_platform_is_the_k26_without_pins():
     assert widths["clk"] == widths["rst"] == widths["irq"] == 1
     assert widths["hp0__rdata"] == SMALL.port_bits and widths["csr__awaddr"] == CSR_ADDR_WIDTH
     assert widths["hp0__araddr"] == DEFAULT_ADDR_BITS and f"hp{SMALL.engines}__rdata" not in widths
+    # The carrier's pins are declared (tests/test_platform.py) but none is requested: none is placed.
+    assert ("pmod", 0) in platform.resources and d.pl_io == ()
+    assert "PACKAGE_PIN" not in plan.files[f"{d.design}.xdc"]
 
 
 def test_a_top_without_the_port_set_is_refused():
