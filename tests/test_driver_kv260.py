@@ -412,3 +412,35 @@ def test_driver_imports_without_amaranth_or_cocotb():
             "import sw.driver, sw.driver.runner, sw.driver.kv260, sw.driver.golden_device, sw.driver.device\n"
             "from sw.driver import open_device; open_device('golden')\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+@pytest.mark.parametrize("file, garbage, words", [
+    ("class/u-dma-buf/udmabuf0/phys_addr", "not-an-address\n", "physical address as a number"),
+    ("class/u-dma-buf/udmabuf0/size", "lots\n", "buffer size as a number"),
+    ("class/u-dma-buf/udmabuf0/size", "0\n", "size 0"),
+    ("class/uio/uio0/maps/map0/size", "4k\n", "UIO map size as a number"),
+    ("class/uio/uio0/maps/map0/size", b"\xff\xfe\x00", "binary garbage"),
+])
+def test_garbage_in_sysfs_is_one_sentence(board_factory, file, garbage, words):
+    board = board_factory()
+    target = board.sys / file
+    target.write_bytes(garbage) if isinstance(garbage, bytes) else target.write_text(garbage)
+    with pytest.raises(DeviceError, match=words) as e:
+        open_device("kv260", _args(board)).close()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("facts, words", [
+    ("garbage", "board_facts must be a JSON object"),
+    ({"uio_name": 7}, "board_facts.uio_name must be a str"),
+    ({"udmabuf": {"device": 3}}, "board_facts.udmabuf.device must be a str"),
+    ({"udmabuf": {"must_be_below": "high"}}, "board_facts.udmabuf.must_be_below must be a non-negative integer"),
+    ({"csr": {"base": -1}}, "board_facts.csr.base must be a non-negative integer"),
+    ({"csr": []}, "board_facts.csr must be a dict"),
+])
+def test_garbage_in_the_manifests_board_facts_is_one_sentence(board_factory, tmp_path, facts, words):
+    board = board_factory()
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"board_facts": facts}))
+    with pytest.raises(DeviceError, match=words):
+        open_device("kv260", _args(board, manifest=manifest)).close()

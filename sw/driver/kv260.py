@@ -63,6 +63,21 @@ def _read_text(p: Path) -> str:
         return p.read_text().strip()
     except OSError as e:
         raise DeviceError(f"cannot read {p}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise DeviceError(f"{p} holds binary garbage, not text; is this the right device and driver?") from None
+
+
+def _read_int(p: Path, what: str, base: int = 10) -> int:
+    """A non-negative number from a sysfs file (decimal, or hex with or without 0x for base 16)."""
+    text = _read_text(p)
+    try:
+        value = int(text, 16) if base == 16 else int(text, 0 if text.lower().startswith("0x") else 10)
+    except ValueError:
+        raise DeviceError(f"{p}: expected {what} as a number, read {text[:40]!r}; is this the right device "
+                          f"and driver?") from None
+    if value < 0:
+        raise DeviceError(f"{p}: {what} is negative ({value})")
+    return value
 
 
 def _open(path: Path, flags: int, what: str) -> int:
@@ -93,7 +108,7 @@ def find_uio(name: str, paths: Kv260Paths) -> tuple[Path, int]:
         found.append(f"{d.name}={uname}")
         if uname == name:
             size_file = d / "maps" / "map0" / "size"
-            size = int(_read_text(size_file), 0) if size_file.exists() else WINDOW_BYTES
+            size = _read_int(size_file, "the UIO map size") if size_file.exists() else WINDOW_BYTES
             return paths.dev_root / d.name, size
     seen = f" (found: {', '.join(found)})" if found else " (no UIO devices at all)"
     raise DeviceError(f"no UIO device named {name!r} under {root}{seen}; load the design (xmutil loadapp APP) "
@@ -152,9 +167,10 @@ class UdmaBuf:
                               f"enough for the model, e.g. `sudo modprobe u-dma-buf udmabuf0=0x12000000` "
                               f"(docs/driver.md)")
         self.name = name = self.sysdir.name
-        phys_text = _read_text(self.sysdir / "phys_addr")
-        self.phys = int(phys_text, 16) if not phys_text.lower().startswith("0x") else int(phys_text, 0)
-        self.size = int(_read_text(self.sysdir / "size"), 0)
+        self.phys = _read_int(self.sysdir / "phys_addr", "the buffer's physical address", base=16)
+        self.size = _read_int(self.sysdir / "size", "the buffer size")
+        if self.size == 0:
+            raise DeviceError(f"{self.sysdir / 'size'}: the u-dma-buf has size 0")
         coherent = self.sysdir / "dma_coherent"
         self.dma_coherent = coherent.exists() and _read_text(coherent) not in ("0", "")
         if sync_style == "combined" and self.size > 1 << 32:
@@ -414,17 +430,35 @@ def pynq_available() -> bool:
         return False
 
 
+# The board_facts a kv260 run reads, with the type each must have (boards/build.py writes them).
+_FACT_TYPES = {"uio_name": str, "udmabuf": dict, "csr": dict}
+_NESTED_FACT_TYPES = {("udmabuf", "device"): str, ("udmabuf", "must_be_below"): int, ("csr", "base"): int}
+
+
 def board_facts(manifest) -> dict:
-    """The board build manifest's board_facts (boards/build.py), or {} for an elaboration manifest / none."""
+    """The board build manifest's board_facts (boards/build.py), or {} for an elaboration manifest / none.
+    Every fact the driver uses is checked for its type, so a damaged manifest is one sentence."""
     if not manifest:
         return {}
     import json
     try:
         doc = json.loads(Path(manifest).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise DeviceError(f"{manifest}: cannot read the manifest ({e})") from None
     facts = doc.get("board_facts") if isinstance(doc, dict) else None
-    return facts if isinstance(facts, dict) else {}
+    if facts is None:
+        return {}
+    if not isinstance(facts, dict):
+        raise DeviceError(f"{manifest}: board_facts must be a JSON object, got {type(facts).__name__}")
+    for key, kind in _FACT_TYPES.items():
+        if key in facts and not isinstance(facts[key], kind):
+            raise DeviceError(f"{manifest}: board_facts.{key} must be a {kind.__name__}, got {facts[key]!r:.40}")
+    for (key, sub), kind in _NESTED_FACT_TYPES.items():
+        v = facts.get(key, {}).get(sub)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0)):
+            raise DeviceError(f"{manifest}: board_facts.{key}.{sub} must be a "
+                              f"{'non-negative integer' if kind is int else kind.__name__}, got {v!r:.40}")
+    return facts
 
 
 def open_kv260(args=None) -> Device:
@@ -434,10 +468,9 @@ def open_kv260(args=None) -> Device:
     facts = board_facts(get("manifest"))
     uio = get("uio") or facts.get("uio_name") or DEFAULT_UIO
     udmabuf = get("udmabuf") or (Path(facts["udmabuf"]["device"]).name
-                                 if isinstance(facts.get("udmabuf"), dict) and facts["udmabuf"].get("device")
-                                 else DEFAULT_UDMABUFS)
+                                 if facts.get("udmabuf", {}).get("device") else DEFAULT_UDMABUFS)
     mem_base = get("mem_base")
-    csr_base = (facts.get("csr") or {}).get("base") if isinstance(facts.get("csr"), dict) else None
+    csr_base = facts.get("csr", {}).get("base")
     access = get("kv260_access", "auto") or "auto"
     if access == "auto":
         access = "pynq" if pynq_available() else ("devmem" if mem_base is not None else "uio")
@@ -454,7 +487,7 @@ def open_kv260(args=None) -> Device:
     dev = Kv260Device(uio=uio, mem_base=mem_base if access == "devmem" else None, udmabuf=udmabuf,
                       irq=bool(get("irq", False)), paths=paths,
                       sync_style=get("udmabuf_sync", "combined") or "combined")
-    limit = facts.get("udmabuf", {}).get("must_be_below") if isinstance(facts.get("udmabuf"), dict) else None
+    limit = facts.get("udmabuf", {}).get("must_be_below")
     if limit is not None and dev.dma.phys + dev.dma.size > int(limit):
         where = f"0x{dev.dma.phys:x}..0x{dev.dma.phys + dev.dma.size:x}"
         dev.close()
