@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_hw_commands(sub) -> None:
-    """Hardware subcommands register their own flags when Amaranth is importable."""
+    """elaborate and resources: boards/ registers their flags (it imports Amaranth only when run)."""
     for name, module, helptext in (("elaborate", "elaborate", "write the accelerator's Verilog and manifest.json"),
                                    ("resources", "resources", "synthesize with Yosys and count K26 resources")):
         s = sub.add_parser(name, help=helptext, description=helptext)
