@@ -9,13 +9,17 @@ and the board power from /sys/class/hwmon while the run lasts (every
 the energy per decoded token. Writes JSON (machines) and prints a table (people).
 
     python scripts/bench_board.py MODEL.kq --device golden --out bench.json
+    python scripts/bench_board.py MODEL.kq --device kv260 --app kriallm-kv260 --out bench_kv260.json
 
 Devices: everything goes through :func:`open_device`, the one place that knows
-how a device is opened and driven. Today it uses sw.runtime (``golden``,
-``reference``), the API `kriallm generate` uses; the KV260 driver plugs in there
-as ``--device kv260``. A device that knows how long the accelerator was busy
-per token sets ``accel_prefill_s`` / ``accel_decode_s`` on its Generation; the
-table then splits host and accelerator time, otherwise those columns say n/a.
+how a device is opened and driven. ``reference`` and ``golden`` run on the host
+through sw.runtime (the float model, and the accelerator's arithmetic in NumPy);
+``kv260`` (the board) and ``sim`` (the RTL in Verilator) run a .kq through the
+host driver, sw.driver, exactly as `kriallm generate --device kv260` does, with
+the same device options (--app, --manifest, --kv260-access, --uio, ...). The
+driver reports how long the accelerator was busy per token (kv260: measured;
+sim: modeled cycles), so the table splits host and accelerator time; on
+reference and golden those columns say n/a.
 
 Only NumPy and the board-side sw modules are imported: no Amaranth, no cocotb.
 """
@@ -39,11 +43,13 @@ if str(REPO) not in sys.path:
 
 SCHEMA = "kriallm.bench-board/1"
 DEFAULT_LENGTHS = (16, 64, 128, 256)
-DEVICES = ("golden", "reference")       # + "kv260" once the driver is wired into open_device
+HOST_DEVICES = ("golden", "reference")   # sw.runtime, on this host
+DRIVER_DEVICES = ("kv260", "sim")         # sw.driver: the board, the RTL simulation
+DEVICES = HOST_DEVICES + DRIVER_DEVICES
 
 
 # ---------------------------------------------------------------------------
-# The device: the one function to change when the KV260 driver lands
+# The device: open_device is the one place that knows how
 # ---------------------------------------------------------------------------
 
 @dataclass
@@ -62,19 +68,39 @@ class BenchDevice:
     vocab_size: int
     max_positions: int
     _model: object = field(repr=False, default=None)
+    accel_kind: str | None = None          # how the accelerator time is obtained (driver devices)
 
     def run(self, prompt_ids: list[int], new_tokens: int) -> RunTiming:
         from sw.runtime import generate
         from sw.sampling import Sampler, SamplingParams
+        timings = getattr(self._model, "timings", None)        # sw.driver.AcceleratedModel: one per forward
+        if timings is not None:
+            timings.clear()
         gen = generate(self._model, prompt_ids, new_tokens, Sampler(SamplingParams(temperature=0.0)))
-        return RunTiming(gen.prefill_s, list(gen.decode_s), list(gen.new_ids),
-                         getattr(gen, "accel_prefill_s", None), getattr(gen, "accel_decode_s", None))
+        run = RunTiming(gen.prefill_s, list(gen.decode_s), list(gen.new_ids))
+        if timings:
+            run.accel_prefill_s = timings[0].accel_s
+            run.accel_decode_s = [t.accel_s for t in timings[1:]]
+            self.accel_kind = getattr(self._model, "_accel_kind", None) or self._model.dev.cycles_kind
+        return run
+
+    def close(self) -> None:
+        if hasattr(self._model, "close"):
+            self._model.close()
 
 
-def open_device(model_path: Path, device: str) -> BenchDevice:
-    """Open MODEL on DEVICE through the runtime API `kriallm generate` uses."""
-    from sw.runtime import open_model
-    model = open_model(model_path, device, progress=False)
+def open_device(model_path: Path, device: str, args=None) -> BenchDevice:
+    """Open MODEL on DEVICE: reference/golden through the runtime API, kv260/sim through the host
+    driver with the device options in args (sw.driver.add_device_args), as `kriallm generate` does."""
+    if device in DRIVER_DEVICES:
+        from sw.contract.errors import ConfigError
+        from sw.driver import open_accelerated
+        if not Path(model_path).is_file():
+            raise ConfigError(f"--device {device} runs a quantized .kq file, and {model_path} is not a file")
+        model = open_accelerated(model_path, device, args, last_logits_only=True)
+    else:
+        from sw.runtime import open_model
+        model = open_model(model_path, device, progress=False)
     cfg = model.config
     return BenchDevice(device, Path(model_path), int(cfg.vocab_size), int(cfg.max_position_embeddings), model)
 
@@ -198,7 +224,14 @@ def bench_length(dev: BenchDevice, length: int, new_tokens: int, repeats: int, s
 
 
 def run_sweep(args) -> dict:
-    dev = open_device(args.model, args.device)
+    dev = open_device(args.model, args.device, args)
+    try:
+        return _sweep(dev, args)
+    finally:
+        dev.close()
+
+
+def _sweep(dev: BenchDevice, args) -> dict:
     lengths, skipped = [], []
     for n in args.lengths:
         (lengths if n + args.new_tokens <= dev.max_positions else skipped).append(n)
@@ -220,6 +253,8 @@ def run_sweep(args) -> dict:
         notes.append(f"no power*_input under {args.hwmon_root}: power not measured")
     if all(r["accel_ms_per_token"] is None for r in rows):
         notes.append(f"device {args.device} does not report accelerator time: no host/accelerator split")
+    elif dev.accel_kind:
+        notes.append(f"accelerator time on {args.device}: {dev.accel_kind}")
     return {
         "schema": SCHEMA,
         "device": args.device,
@@ -273,17 +308,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_board.py", description="Prompt-length sweep: TTFT, tokens/s, "
                                 "host/accelerator split and board power; JSON plus a table.")
     p.add_argument("model", type=Path, metavar="MODEL", help=".kq file (or checkpoint dir for --device reference)")
-    p.add_argument("--device", choices=DEVICES, default="golden")
-    p.add_argument("--lengths", type=_lengths, default=list(DEFAULT_LENGTHS), help="prompt lengths, e.g. 16,64,128,256")
+    p.add_argument("--device", choices=DEVICES, default="golden",
+                   help="reference: the float model; golden: the accelerator's arithmetic in NumPy; kv260: the "
+                        "board, through the host driver; sim: the RTL in Verilator (default: %(default)s)")
+    p.add_argument("--lengths", type=_lengths, default=list(DEFAULT_LENGTHS), metavar="N,N,...",
+                   help="prompt lengths (default: %s)" % ",".join(map(str, DEFAULT_LENGTHS)))
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per length; medians are reported (default %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="1: one short untimed run first (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
-    p.add_argument("--hwmon-root", type=Path, default=Path("/sys/class/hwmon"))
-    p.add_argument("--power-interval", type=float, default=0.1, help="seconds between power samples")
-    p.add_argument("--idle-s", type=float, default=1.0, help="seconds of idle power measured first (0: skip)")
-    p.add_argument("--out", type=Path, default=None, help="JSON report (default bench_board_<device>.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids (default: %(default)s)")
+    p.add_argument("--hwmon-root", type=Path, default=Path("/sys/class/hwmon"), metavar="DIR",
+                   help="where the power*_input sensors are read (default: %(default)s)")
+    p.add_argument("--power-interval", type=float, default=0.1, metavar="S",
+                   help="seconds between power samples (default: %(default)s)")
+    p.add_argument("--idle-s", type=float, default=1.0, metavar="S",
+                   help="seconds of idle power measured first; 0 skips it (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE",
+                   help="JSON report (default: bench_board_<device>.json)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    from sw.driver import add_device_args      # kv260/sim: the options of `kriallm generate`
+    add_device_args(p)
     return p
 
 

@@ -48,9 +48,10 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     ckpt, kq = OUT / "tiny", OUT / "tiny.kq"
     prompt = "3,14,15,92,65"
-    step("1. synthesize a tiny Qwen2 checkpoint", ["synth-model", "--preset", "tiny", "--seed", "0", "--out", str(ckpt)])
-    step("2. quantize it with AWQ (INT4 g64, INT4 LM head)", ["quantize", str(ckpt), "--method", "awq", "--group-size", "64",
-                                                          "--lm-head", "int4", "--out", str(kq)])
+    step("1. synthesize a tiny Qwen2 checkpoint", ["synth-model", "--model-preset", "tiny", "--seed", "0", "--out", str(ckpt)])
+    step("2. quantize it with AWQ for the kv260 design (INT4 g64, INT4 LM head)",
+         ["quantize", str(ckpt), "--hw-config", "kv260", "--method", "awq", "--group-size", "64", "--lm-head", "int4",
+          "--out", str(kq)])
     ref = step("3a. generate on the float reference", ["generate", str(ckpt), "--device", "reference",
                                                        "--prompt-ids", prompt, "--max-new-tokens", "8", "--json"], True)
     gold = step("3b. generate on the golden model (the accelerator's exact arithmetic)",
@@ -71,7 +72,7 @@ def main() -> int:
         print("\n(skipping elaboration and simulation: the hardware/simulation tools are not installed)")
         print("\ndemo finished; outputs are in", OUT)
         return 0
-    step("5. elaborate the kv260 accelerator", ["elaborate", "--preset", "kv260", "--out", str(OUT / "kv260")])
+    step("5. elaborate the kv260 accelerator", ["elaborate", "--hw-config", "kv260", "--out", str(OUT / "kv260")])
     sim_logits, gold_logits = OUT / "logits_sim.npy", OUT / "logits_golden.npy"
     sim = step("6a. generate on the kv260 accelerator RTL (Verilator + DDR model)",
                ["generate", str(kq), "--device", "sim", "--hw-config", "kv260", "--prompt-ids", prompt,
@@ -89,7 +90,7 @@ def main() -> int:
     if not (same_tokens and same_logits):
         sys.exit("demo check failed: --device sim and --device golden disagree")
     bench = step("7. engine bench: one Qwen2.5-0.5B decoder layer + LM-head slice on the kv260 RTL",
-                 ["bench", "--preset", "kv260", "--model-preset", "qwen2.5-0.5b", "--layers", "1", "--json",
+                 ["bench-engine", "--hw-config", "kv260", "--model-preset", "qwen2.5-0.5b", "--layers", "1", "--json",
                   "--out", str(OUT / "bench")], True)
     pt, ddr = bench["per_token"], bench["ddr_model"]
     print(f"   modeled KV260 decode of the full-size Qwen2.5-0.5B, accelerator time (every linear + LM head "

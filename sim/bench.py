@@ -1,7 +1,7 @@
 """Engine-level benchmark: a decoder layer's linears and an LM-head slice through the RTL simulation.
 
-    kriallm bench --preset kv260 --model-preset qwen2.5-0.5b --layers 1 --json [--out DIR]
-    python -m sim.bench --preset kv260 --model-preset qwen2.5-0.5b --layers 1
+    kriallm bench-engine --hw-config kv260 --model-preset qwen2.5-0.5b --layers 1 --json [--out DIR]
+    python -m sim.bench --hw-config kv260 --model-preset qwen2.5-0.5b --layers 1
 
 No model file: the weights, activations and biases are random, with the real
 shapes (the cycle count of a linear depends on its shape only). The linears of
@@ -42,29 +42,50 @@ ACCEPT_ROOFLINE_RATIO = 1.15
 MAX_LAYERS = 4            # 8 commands per layer: the 32-entry cycle log holds four layers' commands
 
 
+class _DeprecatedPreset(argparse.Action):
+    """The old `--preset NAME`: hidden, stores into --hw-config and says so."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: note: {option_string} is deprecated; use --hw-config", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The engine-level bench options (the lead's `kriallm bench` dispatches on --preset)."""
-    have = set(getattr(parser, "_option_string_actions", {}))
-
-    def add(*names, **kw):
-        if not any(n in have for n in names):
-            parser.add_argument(*names, **kw)
-
-    add("--preset", default=None, help="hardware preset (sw/contract/config.py), e.g. kv260: runs the RTL bench")
-    add("--model-preset", default="qwen2.5-0.5b", help="model shapes (sw/config.py presets)")
-    add("--layers", type=int, default=1, help=f"decoder layers to simulate, 1..{MAX_LAYERS} (default 1)")
-    add("--lm-head-rows", type=int, default=4096, help="rows of the LM-head slice (default 4096)")
-    add("--tokens", type=int, default=1, help="tokens per linear (default 1: decode)")
-    add("--seed", type=int, default=0)
-    add("--out", type=Path, default=None, help="output folder for bench.json and utilization.png "
-        "(default out/bench-PRESET-MODEL)")
-    add("--read-latency", type=int, default=None, help="DDR model read latency in cycles (default: the model's 30)")
-    add("--gap-rate", type=float, default=None, help="DDR model random back-pressure per channel and cycle")
-    add("--shared-hp12", action="store_true",
-        help="model HP1 and HP2 sharing one DDR controller port (the pessimistic case; off by default)")
-    add("--no-verify", action="store_true", help="skip the bit-exact check of the outputs")
-    add("--json", action="store_true", help="print the JSON report instead of the table")
+    """The engine-level bench options (`kriallm bench-engine`, `python -m sim.bench`)."""
+    from sw.contract.config import PRESETS as HW_PRESETS
+    from sw.config import PRESETS as MODEL_PRESETS
+    parser.add_argument("--hw-config", metavar="PRESET|FILE", default="kv260",
+                        help=f"the hardware config: a preset of sw/contract/config.py ({', '.join(HW_PRESETS)}) "
+                             f"or an ArrayConfig JSON / elaboration manifest.json (default: %(default)s)")
+    parser.add_argument("--preset", dest="hw_config", action=_DeprecatedPreset, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--model-preset", default="qwen2.5-0.5b", metavar="NAME",
+                        help=f"the model's shapes (sw/config.py): {', '.join(MODEL_PRESETS)} (default: %(default)s)")
+    parser.add_argument("--layers", type=int, default=1, metavar="N",
+                        help=f"decoder layers to simulate, 1..{MAX_LAYERS} (default: %(default)s)")
+    parser.add_argument("--lm-head-rows", type=int, default=4096, metavar="N",
+                        help="rows of the LM-head slice; the whole head is extrapolated from it (default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=1, metavar="T",
+                        help="tokens per linear, 1..the config's token lanes; 1 is decode (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and activations (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="output folder for bench.json and utilization.png (default: out/bench-CONFIG-MODEL)")
+    parser.add_argument("--read-latency", type=int, default=None, metavar="CYCLES",
+                        help="DDR model read latency (default: the model's 30)")
+    parser.add_argument("--gap-rate", type=float, default=None, metavar="P",
+                        help="DDR model random back-pressure per channel and cycle (default: the model's, none)")
+    parser.add_argument("--shared-hp12", action="store_true",
+                        help="model HP1 and HP2 sharing one DDR controller port (the pessimistic case)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the bit-exact check of the outputs")
+    parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     return parser
+
+
+def config_label(spec) -> str:
+    """A short name for the hardware config: the preset, or the file's stem."""
+    from sw.contract.config import PRESETS as HW_PRESETS
+    text = str(spec)
+    return text if text in HW_PRESETS else Path(text).stem
 
 
 def _layer_linears(mcfg) -> list[tuple[str, int, int, bool]]:
@@ -85,23 +106,28 @@ def run_bench(args) -> int:
 
 
 def bench_report(args) -> dict:
-    from sw.contract.config import preset as hw_preset
     from sw.config import preset as model_preset
+    from sw.driver.device import hardware_config
     from sw.contract.errors import ConfigError
     from sw.contract.layout import TileLayout
 
     from .top_tb import SIM_DDR, Scenario, Workspace, build_sim_top, compare_bits, put_commands, random_linear, \
         run_scenario
 
-    # `args.config` (an ArrayConfig) overrides the preset: the tests use a reduced kv260.
-    cfg = getattr(args, "config", None) or hw_preset(args.preset or "kv260")
+    # `args.config` (an ArrayConfig) overrides --hw-config, which then only names it: the tests use a
+    # reduced kv260.
+    spec = getattr(args, "hw_config", None) or "kv260"
+    cfg = getattr(args, "config", None) or hardware_config(spec)
+    label = config_label(spec)
     mcfg = model_preset(args.model_preset)
     if not 1 <= args.layers <= MAX_LAYERS:
         raise ConfigError(f"--layers must be 1..{MAX_LAYERS} (the command log holds {MAX_LAYERS} layers' commands)")
     if not 1 <= args.tokens <= cfg.tokens:
-        raise ConfigError(f"--tokens must be 1..{cfg.tokens} for preset {args.preset}")
+        raise ConfigError(f"--tokens must be 1..{cfg.tokens} for hardware config {label}")
+    if args.lm_head_rows < 1:
+        raise ConfigError(f"--lm-head-rows must be at least 1, got {args.lm_head_rows}")
     rows = min(args.lm_head_rows, mcfg.vocab_size)
-    out_dir = Path(args.out or f"out/bench-{args.preset or 'kv260'}-{args.model_preset}")
+    out_dir = Path(args.out or f"out/bench-{label}-{args.model_preset}")
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "work"
     ddr = SIM_DDR.replace(ports=cfg.engines)
@@ -178,7 +204,7 @@ def bench_report(args) -> dict:
     report = {
         "schema": "kriallm.engine-bench/1",
         "kind": "modeled (RTL simulation: cycle counts of rtl/top.py in Verilator with the DDR model)",
-        "preset": args.preset or "kv260", "config": cfg.to_dict(), "config_hash": cfg.config_hash,
+        "preset": label, "hw_config": str(spec), "config": cfg.to_dict(), "config_hash": cfg.config_hash,
         "model_preset": args.model_preset, "layers_simulated": args.layers, "tokens": args.tokens,
         "weights": "random INT4 g%d (asymmetric, fp16 scale, 4-bit zero), .kq tile layout; the same weights for "
                    "every simulated layer" % cfg.group_size,
@@ -298,9 +324,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__.split("\n\n")[0])
     add_bench_args(p)
     args = p.parse_args(argv)
-    if args.preset is None:
-        args.preset = "kv260"
-    return run_bench(args)
+    from sw.contract.errors import KriaError
+    try:
+        return run_bench(args)
+    except KriaError as e:
+        print(f"python -m sim.bench: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

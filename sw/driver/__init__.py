@@ -68,19 +68,20 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     """The driver's options (not --device itself, whose choices the command owns)."""
     g = parser.add_argument_group("accelerator device options (golden, sim, kv260)")
     g.add_argument("--hw-config", metavar="PRESET|FILE", default=None,
-                   help="golden/sim: the design to model, a preset of sw/contract/config.py (default kv260) or an "
-                        "ArrayConfig JSON / manifest.json")
+                   help="golden/sim: the hardware config to model, a preset of sw/contract/config.py or an "
+                        "ArrayConfig JSON / elaboration manifest.json (default: kv260); kv260: the loaded design "
+                        "is read from the board")
     g.add_argument("--manifest", metavar="FILE", default=None,
                    help="the elaboration manifest.json of the loaded design; the driver refuses a design whose "
                         "CONFIG_HASH differs (kv260: default /lib/firmware/xilinx/APP/manifest.json with --app)")
     g.add_argument("--timeout", type=float, default=5.0, metavar="S",
-                   help="seconds to wait for one command run before giving up (default 5)")
+                   help="seconds to wait for one command run before giving up (default: %(default)s)")
     g.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="run q/k/v and gate/up as separate starts instead of one start each")
     k = parser.add_argument_group("kv260 options")
     k.add_argument("--kv260-access", choices=["auto", "pynq", "uio", "devmem"], default="auto",
                    help="registers and buffers through PYNQ (MMIO + allocate), UIO + u-dma-buf, or /dev/mem + "
-                        "u-dma-buf; auto = PYNQ when installed, else devmem with --mem-base, else uio")
+                        "u-dma-buf; auto (the default) = PYNQ when installed, else devmem with --mem-base, else uio")
     k.add_argument("--app", metavar="NAME", help="the xmutil app the design was loaded as (finds its manifest)")
     k.add_argument("--uio", default=None, metavar="NAME",
                    help="name of the accelerator's UIO device (/sys/class/uio/uio*/name; default: the build "
@@ -92,7 +93,8 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
                    help="u-dma-buf device (default: the build manifest's, else udmabuf-kriallm, else udmabuf0)")
     k.add_argument("--udmabuf-sync", choices=["combined", "separate"], default="combined",
                    help="u-dma-buf cache sync: one write of offset/size/direction to sync_for_* (u-dma-buf "
-                        ">= 3.2) or sync_offset/sync_size/sync_direction then sync_for_* (older)")
+                        ">= 3.2) or sync_offset/sync_size/sync_direction then sync_for_* (older) (default: "
+                        "%(default)s)")
     k.add_argument("--irq", action="store_true", help="wait on the UIO interrupt instead of polling STATUS")
     k.add_argument("--bitstream", metavar="FILE.bit", help="PYNQ: load this overlay (needs the .hwh beside it)")
     k.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
