@@ -245,8 +245,8 @@ def check_model(kq, ident: Identity) -> None:
         if wanted_hash:
             built += f" / config hash {short_hash(wanted_hash)}"
         raise DeviceError(f"{kq.path.name} was built for {built} but the loaded design is {ident.describe()}; "
-                          f"re-quantize with --tile-rows {lim.tile_rows} --group-size {lim.group_size} or load "
-                          f"the matching design")
+                          f"re-quantize for it (kriallm quantize --hw-config with this design's manifest.json: "
+                          f"rows {lim.tile_rows}, group size {lim.group_size}) or load the matching design")
 
 
 # ---------------------------------------------------------------------------
