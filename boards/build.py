@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from sw.contract.errors import ConfigError, KriaError, ToolchainError
+from sw.argtypes import int_range
 
 from . import kv260
 
@@ -311,12 +312,12 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     parser.add_argument("--name", help="xmutil app / firmware name (default kriallm-<preset>)")
     parser.add_argument("--vivado", metavar="PATH", help="the vivado executable (default: vivado on PATH)")
-    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--jobs", type=int_range(1, 1024), default=min(8, os.cpu_count() or 1),
                         help="parallel Vivado jobs for synthesis and implementation (default %(default)s)")
     m = parser.add_mutually_exclusive_group()
     m.add_argument("--model", type=Path, metavar="MODEL.kq",
                    help=f"size the u-dma-buf for this model (+{kv260.DMA_HEADROOM_MB} MiB headroom)")
-    m.add_argument("--dma-mb", type=int, default=kv260.DEFAULT_DMA_MB,
+    m.add_argument("--dma-mb", type=int_range(1, 4096), default=kv260.DEFAULT_DMA_MB,
                    help="u-dma-buf size in MiB when no --model is given (default %(default)s)")
     parser.add_argument("--top", default=TOP, metavar="MODULE:CLASS",
                         help=f"the accelerator top, called with the config (default {TOP})")

@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from sw.argtypes import float_range, int_range  # noqa: E402
+
 SCHEMA = "kriallm.bench-board/1"
 DEFAULT_LENGTHS = (16, 64, 128, 256)
 HOST_DEVICES = ("golden", "reference")   # sw.runtime, on this host
@@ -313,15 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "board, through the host driver; sim: the RTL in Verilator (default: %(default)s)")
     p.add_argument("--lengths", type=_lengths, default=list(DEFAULT_LENGTHS), metavar="N,N,...",
                    help="prompt lengths (default: %s)" % ",".join(map(str, DEFAULT_LENGTHS)))
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per length; medians are reported (default %(default)s)")
-    p.add_argument("--warmup", type=int, default=1, help="1: one short untimed run first (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int_range(1, 1 << 20), default=32, help="tokens generated per run (default %(default)s)")
+    p.add_argument("--repeats", type=int_range(1, 1000), default=3, help="runs per length; medians are reported (default %(default)s)")
+    p.add_argument("--warmup", type=int_range(0, 1), default=1, help="1: one short untimed run first (default %(default)s)")
+    p.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0, help="seed of the random prompt ids (default: %(default)s)")
     p.add_argument("--hwmon-root", type=Path, default=Path("/sys/class/hwmon"), metavar="DIR",
                    help="where the power*_input sensors are read (default: %(default)s)")
-    p.add_argument("--power-interval", type=float, default=0.1, metavar="S",
+    p.add_argument("--power-interval", type=float_range(0.0, 60.0, lo_open=True), default=0.1, metavar="S",
                    help="seconds between power samples (default: %(default)s)")
-    p.add_argument("--idle-s", type=float, default=1.0, metavar="S",
+    p.add_argument("--idle-s", type=float_range(0.0, 3600.0), default=1.0, metavar="S",
                    help="seconds of idle power measured first; 0 skips it (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, metavar="FILE",
                    help="JSON report (default: bench_board_<device>.json)")

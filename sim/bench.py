@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sw.argtypes import float_range, int_range
+
 ACCEPT_UTILIZATION = 0.90
 ACCEPT_ROOFLINE_RATIO = 1.15
 MAX_LAYERS = 4            # 8 commands per layer: the 32-entry cycle log holds four layers' commands
@@ -61,18 +63,18 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=argparse.SUPPRESS)
     parser.add_argument("--model-preset", default="qwen2.5-0.5b", metavar="NAME",
                         help=f"the model's shapes (sw/config.py): {', '.join(MODEL_PRESETS)} (default: %(default)s)")
-    parser.add_argument("--layers", type=int, default=1, metavar="N",
+    parser.add_argument("--layers", type=int_range(1, 1024), default=1, metavar="N",
                         help=f"decoder layers to simulate, 1..{MAX_LAYERS} (default: %(default)s)")
-    parser.add_argument("--lm-head-rows", type=int, default=4096, metavar="N",
+    parser.add_argument("--lm-head-rows", type=int_range(1, 1 << 22), default=4096, metavar="N",
                         help="rows of the LM-head slice; the whole head is extrapolated from it (default: %(default)s)")
-    parser.add_argument("--tokens", type=int, default=1, metavar="T",
+    parser.add_argument("--tokens", type=int_range(1, 256), default=1, metavar="T",
                         help="tokens per linear, 1..the config's token lanes; 1 is decode (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and activations (default: %(default)s)")
+    parser.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0, help="seed of the random weights and activations (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="output folder for bench.json and utilization.png (default: out/bench-CONFIG-MODEL)")
-    parser.add_argument("--read-latency", type=int, default=None, metavar="CYCLES",
+    parser.add_argument("--read-latency", type=int_range(1, 100_000), default=None, metavar="CYCLES",
                         help="DDR model read latency (default: the model's 30)")
-    parser.add_argument("--gap-rate", type=float, default=None, metavar="P",
+    parser.add_argument("--gap-rate", type=float_range(0.0, 1.0, hi_open=True), default=None, metavar="P",
                         help="DDR model random back-pressure per channel and cycle (default: the model's, none)")
     parser.add_argument("--shared-hp12", action="store_true",
                         help="model HP1 and HP2 sharing one DDR controller port (the pessimistic case)")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .contract.errors import ConfigError, KriaError
+from .argtypes import float_range, int_range
 
 EXIT_USER_ERROR = 2
 
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-preset", required=True, choices=list(MODEL_PRESETS), metavar="NAME",
                    help=f"the model's shapes (sw/config.py): {', '.join(MODEL_PRESETS)}")
     s.renamed = {"--preset": "--model-preset"}
-    s.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    s.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0, help="seed of the random weights")
     s.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     s.set_defaults(func=cmd_synth_model)
 
@@ -364,20 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the LM head's format; fp16 runs on the host")
     s.add_argument("--calib", type=Path, metavar="FILE", help="calibration token file (.npy or ids) or text file "
                    "(default: synthetic calibration, docs/quantization.md)")
-    s.add_argument("--calib-tokens", type=int, default=256, metavar="N", help="calibration tokens to use")
+    s.add_argument("--calib-tokens", type=int_range(1, 1 << 24), default=256, metavar="N", help="calibration tokens to use")
     s.add_argument("--clip", action="store_true", help="also search AWQ weight clipping")
     s.add_argument("--tile-rows", type=int, default=None, action=DeprecatedOption, use="--hw-config")
-    s.add_argument("--seed", type=int, default=0, help="seed of the synthetic calibration tokens")
+    s.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0, help="seed of the synthetic calibration tokens")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_quantize)
 
     def sampling_args(s):
         g = s.add_argument_group("sampling")
-        g.add_argument("--temperature", type=float, default=0.0, help="softmax temperature; 0 = greedy")
-        g.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens; 0 = all")
-        g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+        g.add_argument("--temperature", type=float_range(0.0, 1e4), default=0.0, help="softmax temperature; 0 = greedy")
+        g.add_argument("--top-k", type=int_range(0), default=0, metavar="K", help="keep the K most likely tokens; 0 = all")
+        g.add_argument("--top-p", type=float_range(0.0, 1.0, lo_open=True), default=1.0, metavar="P",
                        help="keep the smallest set of tokens with probability >= P (nucleus); 1 = all")
-        g.add_argument("--seed", type=int, default=0, help="sampling seed")
+        g.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0, help="sampling seed")
 
     from .driver import add_device_args
     s = sub.add_parser("generate", help="generate tokens", description="Generate tokens from a checkpoint "
@@ -388,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
     g.add_argument("--prompt-ids", type=_parse_ids, metavar="IDS", help="comma-separated token ids, e.g. 1,2,3")
-    s.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens to generate")
+    s.add_argument("--max-new-tokens", type=int_range(1, 1 << 20), default=16, metavar="N", help="tokens to generate")
     s.add_argument("--device", choices=["reference", *ACCEL_DEVICES], default="golden",
                    help="reference: float model (checkpoint dir); golden: the accelerator's exact arithmetic "
                    "(a .kq runs through the driver's register-level model); sim: the RTL in Verilator; kv260: the board")
@@ -410,9 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="golden: the accelerator's arithmetic, modeled time; sim: the RTL in Verilator; kv260: the board")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--prompt-ids", type=_parse_ids, metavar="IDS", help="comma-separated prompt token ids")
-    g.add_argument("--prompt-len", type=int, default=16, metavar="N",
+    g.add_argument("--prompt-len", type=int_range(1, 1 << 20), default=16, metavar="N",
                    help="length of a synthetic prompt 1..N, when no --prompt-ids")
-    s.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens to generate")
+    s.add_argument("--max-new-tokens", type=int_range(1, 1 << 20), default=16, metavar="N", help="tokens to generate")
     s.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     sampling_args(s)
     add_device_args(s)
@@ -443,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["reference", "golden"], default="golden",
                    help="reference: the float model; golden: the accelerator's exact arithmetic")
     s.add_argument("--reference", type=Path, metavar="DIR", help="float checkpoint directory (default: the .kq's source)")
-    s.add_argument("--max-tokens", type=int, default=512, metavar="N", help="evaluate at most N tokens")
-    s.add_argument("--window", type=int, default=256, metavar="N", help="tokens per independent context window")
+    s.add_argument("--max-tokens", type=int_range(2, 1 << 24), default=512, metavar="N", help="evaluate at most N tokens")
+    s.add_argument("--window", type=int_range(2, 1 << 20), default=256, metavar="N", help="tokens per independent context window")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     s.set_defaults(func=cmd_eval)
 

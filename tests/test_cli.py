@@ -219,3 +219,21 @@ def test_subcommand_help_shows_defaults_and_hides_old_spellings(capsys):
     assert "--tile-rows" not in out and "--hw-config PRESET|FILE" in out and "(default: kv260)" in out
     out = _help(capsys, "synth-model")
     assert "--model-preset NAME" in out and "--preset " not in out
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["generate", "m.kq", "--timeout", "nan"], "--timeout"),        # used to poll forever
+    (["generate", "m.kq", "--timeout", "0"], "--timeout"),
+    (["eval", "m.kq", "--window", "0"], "--window"),                # used to be a traceback
+    (["generate", "m.kq", "--temperature", "nan"], "--temperature"),  # used to be a traceback
+    (["generate", "m.kq", "--temperature", "-1"], "--temperature"),
+    (["generate", "m.kq", "--top-p", "1.5"], "--top-p"),
+    (["bench", "m.kq", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["quantize", "d", "--out", "x.kq", "--calib-tokens", "inf"], "--calib-tokens"),
+    (["synth-model", "--model-preset", "tiny", "--out", "d", "--seed", "-1"], "--seed"),
+])
+def test_numeric_options_are_checked_when_parsed(argv, option):
+    r = subprocess.run([sys.executable, "-m", "sw.cli", *argv], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0] and "Traceback" not in r.stderr, r.stderr

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 HIDDEN = {
     ("generate", "--sysfs-root"), ("generate", "--dev-root"),       # the kv260 backend's test roots
     ("bench", "--sysfs-root"), ("bench", "--dev-root"),
+    ("generate", "--firmware-root"), ("bench", "--firmware-root"),   # where apps' manifests live (tests)
     ("synth-model", "--preset"),                                     # deprecated: --model-preset
     ("quantize", "--tile-rows"),                                     # deprecated: --hw-config
     ("bench-engine", "--preset"),                                    # deprecated: --hw-config
@@ -104,7 +105,7 @@ def test_script_options_have_help_with_their_default(parser):
         hidden = {"--preset"}                      # deprecated: --hw-config
     else:
         p = load_script("bench_board").build_parser()
-        hidden = {"--sysfs-root", "--dev-root"}    # the kv260 backend's test roots
+        hidden = {"--sysfs-root", "--dev-root", "--firmware-root"}    # the kv260 backend's test roots
     bad, _ = problems(p)
     bad = [b for b in bad if not any(f" {h}: hidden" in b for h in hidden)]
     assert not bad, "\n".join(bad)

@@ -444,3 +444,24 @@ def test_garbage_in_the_manifests_board_facts_is_one_sentence(board_factory, tmp
     manifest.write_text(json.dumps({"board_facts": facts}))
     with pytest.raises(DeviceError, match=words):
         open_device("kv260", _args(board, manifest=manifest)).close()
+
+
+def test_app_without_a_manifest_is_refused_unless_asked(tiny_kq, board_factory, tmp_path, capsys):
+    """--app NAME with no manifest.json beside the app used to run with no config-hash check, silently."""
+    board = board_factory()
+    firmware = tmp_path / "firmware"
+    (firmware / "kriallm-kv260").mkdir(parents=True)
+    args = _args(board, app="kriallm-kv260", firmware_root=str(firmware), manifest_check=True)
+    with pytest.raises(DeviceError, match="config hash cannot be checked.*--no-manifest-check") as e:
+        open_accelerated(tiny_kq, "kv260", args)
+    assert "\n" not in str(e.value)
+    args.manifest_check = False
+    open_accelerated(tiny_kq, "kv260", args).close()
+    assert "config hash was not checked" in capsys.readouterr().err
+    # with the app's manifest in place it is read and checked: a wrong hash is refused
+    other = preset("kv260").replace(tokens=4)
+    (firmware / "kriallm-kv260" / "manifest.json").write_text(
+        json.dumps({"config": other.to_dict(), "config_hash": other.config_hash}))
+    args.manifest_check = True
+    with pytest.raises(DeviceError, match=other.config_hash[:12]):
+        open_accelerated(tiny_kq, "kv260", args)

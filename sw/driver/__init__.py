@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..argtypes import float_range
 from ..contract.errors import ConfigError, DeviceError
 from .device import (Buffer, Device, ExpectedHardware, Identity, RunStats, check_identity, check_model,
                      expected_hardware, hardware_config)
@@ -74,7 +75,7 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--manifest", metavar="FILE", default=None,
                    help="the elaboration manifest.json of the loaded design; the driver refuses a design whose "
                         "CONFIG_HASH differs (kv260: default /lib/firmware/xilinx/APP/manifest.json with --app)")
-    g.add_argument("--timeout", type=float, default=5.0, metavar="S",
+    g.add_argument("--timeout", type=float_range(0.0, 1e6, lo_open=True), default=5.0, metavar="S",
                    help="seconds to wait for one command run before giving up (default: %(default)s)")
     g.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="run q/k/v and gate/up as separate starts instead of one start each")
@@ -97,6 +98,10 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
                         "%(default)s)")
     k.add_argument("--irq", action="store_true", help="wait on the UIO interrupt instead of polling STATUS")
     k.add_argument("--bitstream", metavar="FILE.bit", help="PYNQ: load this overlay (needs the .hwh beside it)")
+    k.add_argument("--no-manifest-check", dest="manifest_check", action="store_false",
+                   help="with --app but no manifest.json beside the app: run anyway, without checking the "
+                        "design's config hash against the one the .kq expects (a warning says so)")
+    k.add_argument("--firmware-root", default="/lib/firmware/xilinx", help=argparse.SUPPRESS)
     k.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
     k.add_argument("--dev-root", default="/dev", help=argparse.SUPPRESS)
 
@@ -120,12 +125,25 @@ def open_device(name: str, args=None) -> Device:
 
 
 def expected_from_args(name: str, args) -> ExpectedHardware | None:
-    """The design the user says is loaded: --manifest, or the app's manifest on the board."""
+    """The design the user says is loaded: --manifest, or the app's manifest on the board.
+
+    With --app and no manifest beside the app, the config hash cannot be checked: that is refused
+    unless --no-manifest-check is given, and then a warning says so."""
     manifest = _arg(args, "manifest")
-    if manifest is None and name == "kv260" and _arg(args, "app"):
+    app = _arg(args, "app")
+    if manifest is None and name == "kv260" and app:
+        import sys
         from pathlib import Path
-        p = Path("/lib/firmware/xilinx") / args.app / "manifest.json"
-        manifest = p if p.exists() else None
+        p = Path(_arg(args, "firmware_root") or "/lib/firmware/xilinx") / app / "manifest.json"
+        if p.is_file():
+            manifest = p
+        elif _arg(args, "manifest_check", True):
+            raise DeviceError(f"app {app!r} has no {p}, so the loaded design's config hash cannot be checked "
+                              f"against the .kq; pass --manifest FILE (the build's manifest.json) or "
+                              f"--no-manifest-check to run unchecked")
+        else:
+            print(f"kriallm: warning: app {app!r} has no {p}; the design's config hash was not checked",
+                  file=sys.stderr)
     return expected_hardware(manifest) if manifest else None
 
 
