@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from sw.argtypes import float_range, int_range  # noqa: E402
+from sw.fileio import safe_write_text  # noqa: E402
 
 SCHEMA = "kriallm.bench-board/1"
 DEFAULT_LENGTHS = (16, 64, 128, 256)
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_board: error: no prompt length fits the model ({'; '.join(report['notes'])})", file=sys.stderr)
         return 2
     out = args.out or Path(f"bench_board_{args.device}.json")
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    safe_write_text(out, json.dumps(report, indent=2) + "\n", "bench report")
     if args.json:
         print(json.dumps(report))
     else:

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from sw.argtypes import float_range, int_range
+from sw.fileio import safe_write_text, safe_writer
 
 ACCEPT_UTILIZATION = 0.90
 ACCEPT_ROOFLINE_RATIO = 1.15
@@ -129,8 +130,12 @@ def bench_report(args) -> dict:
     if args.lm_head_rows < 1:
         raise ConfigError(f"--lm-head-rows must be at least 1, got {args.lm_head_rows}")
     rows = min(args.lm_head_rows, mcfg.vocab_size)
-    out_dir = Path(args.out or f"out/bench-{label}-{args.model_preset}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Absolute before anything reaches the simulator, which runs in its own build directory.
+    out_dir = Path(args.out or f"out/bench-{label}-{args.model_preset}").expanduser().resolve()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the output folder {out_dir}: {e.strerror}") from None
     work = out_dir / "work"
     ddr = SIM_DDR.replace(ports=cfg.engines)
     changes = {}
@@ -257,10 +262,9 @@ def bench_report(args) -> dict:
             "passed": min(utils) >= ACCEPT_UTILIZATION and model_s / roof_s <= ACCEPT_ROOFLINE_RATIO,
         },
     }
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
     report["files"] = {"json": str(out_dir / "bench.json"), "png": str(out_dir / "utilization.png")}
     plot_utilization(report, out_dir / "utilization.png")
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
+    safe_write_text(out_dir / "bench.json", json.dumps(report, indent=1), "bench report")
     return report
 
 
@@ -287,7 +291,8 @@ def plot_utilization(report: dict, path: Path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     fig.text(0.01, 0.01, report["ddr_model_text"], fontsize=6, wrap=True)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=120)
+    with safe_writer(path, "utilization chart") as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
 
 

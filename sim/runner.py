@@ -18,7 +18,16 @@ from sw.contract.errors import ToolchainError
 from .toolchain import default_simulator, setup_simulator
 
 REPO = Path(__file__).resolve().parent.parent
-BUILD_ROOT = Path(os.environ.get("KRIALLM_SIM_BUILD", REPO / "sim_build"))
+
+
+def _default_build_root() -> Path:
+    """The per-user cache (XDG_CACHE_HOME, else ~/.cache), so an installed copy never writes into its
+    source tree and every checkout shares the compiled models; KRIALLM_SIM_BUILD overrides it."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "kriallm" / "sim_build"
+
+
+BUILD_ROOT = Path(os.environ.get("KRIALLM_SIM_BUILD") or _default_build_root()).expanduser().resolve()
 
 # Amaranth output trips WIDTH/UNUSED warnings that are harmless for simulation;
 # lint runs (scripts/elaborate, tests/test_lint) keep -Wall and list waivers.

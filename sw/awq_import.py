@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint, is_awq, save_checkpoint
 from .config import Qwen2Config
 from .contract.errors import CheckpointError, ConfigError
 from .contract.numerics import SUPPORTED_GROUP_SIZES
+from .fileio import safe_write_bytes
 from .qmodel import QuantLinear, QuantModel
 from .quant import (LM_HEAD_KINDS, lm_head_weight, quantize_linear, quantize_rtn,
                     round_to_bf16)
@@ -209,7 +210,7 @@ def export_awq(qmodel: QuantModel, out_dir: str | os.PathLike,
     out = save_checkpoint(out_dir, config, tensors, bf16=False,
                           extra_config={"quantization_config": qc, "torch_dtype": "float16"})
     if qmodel.tokenizer_json:
-        (out / "tokenizer.json").write_bytes(qmodel.tokenizer_json)
+        safe_write_bytes(out / "tokenizer.json", qmodel.tokenizer_json, "tokenizer")
     if tokenizer_from is not None:
         src = Path(tokenizer_from)
         for f in TOKENIZER_FILES:

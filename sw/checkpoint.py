@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import Qwen2Config
 from .contract.errors import CheckpointError
-from .fileio import safe_write_text
+from .fileio import safe_directory, safe_write_text
 from .safetensors_io import read_safetensors, write_safetensors
 
 SINGLE_FILE = "model.safetensors"
@@ -202,14 +202,18 @@ def save_checkpoint(out_dir: str | os.PathLike, config: Qwen2Config,
     """Write config.json and the weights (floats as BF16 unless bf16=False).
 
     With shard_bytes, the weights go to model-0000i-of-0000n.safetensors plus
-    model.safetensors.index.json. Weight files of an earlier save in out_dir
-    are removed first, so a directory never mixes two saves.
+    model.safetensors.index.json. The files appear together or not at all
+    (sw/fileio.py, safe_directory); weight files of an earlier save in out_dir
+    are removed then, so a directory never mixes two saves.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [out / INDEX_FILE, out / SINGLE_FILE, *out.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)
+    with safe_directory(out, "checkpoint", replaces=(INDEX_FILE, SINGLE_FILE, "model-*-of-*.safetensors")) as d:
+        _write_checkpoint(d, config, tensors, bf16, shard_bytes, extra_config)
+    return out
 
+
+def _write_checkpoint(out: Path, config: Qwen2Config, tensors: dict[str, np.ndarray], bf16: bool,
+                      shard_bytes: int | None, extra_config: dict | None) -> None:
     hf = config.to_hf_dict()
     hf.update(extra_config or {})
     safe_write_text(out / "config.json", json.dumps(hf, indent=2) + "\n", "checkpoint config")
@@ -220,7 +224,7 @@ def save_checkpoint(out_dir: str | os.PathLike, config: Qwen2Config,
 
     if shard_bytes is None:
         write_safetensors(out / SINGLE_FILE, tensors, bf16=bf16)
-        return out
+        return
     shards = _shards(tensors, bytes_of, shard_bytes)
     weight_map = {}
     for i, names in enumerate(shards):
@@ -230,4 +234,3 @@ def save_checkpoint(out_dir: str | os.PathLike, config: Qwen2Config,
     index = {"metadata": {"total_size": sum(bytes_of(a) for a in tensors.values())},
              "weight_map": weight_map}
     safe_write_text(out / INDEX_FILE, json.dumps(index, indent=2) + "\n", "checkpoint index")
-    return out

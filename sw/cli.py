@@ -17,6 +17,7 @@ import numpy as np
 
 from .contract.errors import ConfigError, KriaError
 from .argtypes import float_range, int_range
+from .fileio import safe_writer
 
 EXIT_USER_ERROR = 2
 
@@ -191,7 +192,8 @@ def cmd_generate(args) -> int:
         if hasattr(model, "close"):
             model.close()          # a device backend (the sim device stops its simulator thread)
     if args.dump_logits:
-        np.save(args.dump_logits, np.stack(gen.logits).astype(np.float32))
+        with safe_writer(args.dump_logits, "logits file") as f:
+            np.save(f, np.stack(gen.logits).astype(np.float32))
     text = model.tokenizer.decode(gen.new_ids) if model.tokenizer is not None else None
     report = {"device": args.device, "model": str(args.model), "prompt_ids": ids, "new_ids": gen.new_ids,
               "text": text, "prefill_s": gen.prefill_s, "decode_tok_s": gen.decode_tok_s,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -106,3 +107,41 @@ def safe_write_bytes(path: str | os.PathLike, data: bytes, what: str = "output")
 
 def safe_write_text(path: str | os.PathLike, text: str, what: str = "output") -> Path:
     return safe_write_bytes(path, text.encode("utf-8"), what)
+
+
+@contextlib.contextmanager
+def safe_directory(path: str | os.PathLike, what: str = "output directory",
+                   replaces: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A fresh directory to fill; on success its files appear in `path` together, else nothing changes.
+
+    A new `path` is the filled directory renamed into place. Into an existing directory each file is
+    moved over its namesake, and then the files matching the `replaces` globs that this save did not
+    write are removed (so a directory never mixes two saves); an existing file that is not a regular
+    file is refused, never replaced.
+    """
+    target = Path(path).expanduser()
+    target = target.parent.resolve() / target.name
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"refusing to write the {what} {target}: it exists and is not a directory")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write the {what} {target}: {describe_os_error(e)}") from None
+    try:
+        yield tmp
+        if not target.exists():
+            os.replace(tmp, target)
+        else:
+            written = sorted(tmp.iterdir())
+            for f in written:
+                check_target(target / f.name, what)
+            stale = {p for pattern in replaces for p in target.glob(pattern)} - {target / f.name for f in written}
+            for f in written:
+                os.replace(f, target / f.name)
+            for p in stale:
+                p.unlink(missing_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot write the {what} {target}: {describe_os_error(e)}; nothing was written") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

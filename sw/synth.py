@@ -38,6 +38,7 @@ from tqdm import tqdm
 from .calibration import ZIPF_EXPONENT, ZIPF_OFFSET
 from .checkpoint import save_checkpoint
 from .config import Qwen2Config, preset
+from .fileio import safe_write_text
 from .reference import KVCache, Qwen2Runner, apply_rope, reference_linears, rope_tables
 
 F32 = np.float32
@@ -658,6 +659,5 @@ def write_synthetic_checkpoint(out_dir: str | os.PathLike,
                           extra_config={"kriallm_synthetic": asdict(s)})
     special = _special_token(config)
     generation = {"bos_token_id": special, "eos_token_id": special, "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n",
-                                                encoding="utf-8")
+    safe_write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n", "generation config")
     return out

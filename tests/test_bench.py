@@ -37,9 +37,17 @@ def test_bench_args_take_the_hw_config_and_the_old_preset_spelling(capsys):
     assert capsys.readouterr().err.strip() == "python -m sim.bench: note: --preset is deprecated; use --hw-config"
 
 
-def test_bench_tiny_model_on_the_reduced_kv260(tmp_path, capsys):
+def test_bench_tiny_model_on_the_reduced_kv260(tmp_path, capsys, monkeypatch):
+    # run from elsewhere with a relative --out, as a user would: it used to resolve from the simulator's
+    # build directory and fail; nothing may land in the source tree
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    before = {p.name for p in repo.iterdir()}
+    monkeypatch.chdir(tmp_path)
     args = _args(tmp_path, config=LITE, hw_config="kv260-lite", model_preset="tiny", lm_head_rows=4096)
+    args.out = Path("bench")
     rep = bench_report(args)
+    assert {p.name for p in repo.iterdir()} == before
     assert rep["verified_bit_exact"] is True
     names = [p["name"] for p in rep["linears"]]
     assert names == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head_slice"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import shutil
 import stat
 import subprocess
 import sys
@@ -160,3 +161,32 @@ def test_quantize_under_a_file_size_limit(tiny_ckpt, tmp_path):
     _one_sentence(r, "file-size limit", str(out))
     assert out.read_bytes() == b"an older model"
     assert _debris(tmp_path) == []
+
+
+def test_synth_model_under_a_file_size_limit_leaves_nothing(tmp_path):
+    """It used to leave a truncated model.safetensors (issue 12); now the checkpoint appears whole or not."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    out = tmp_path / "tiny"
+    r = subprocess.run([sys.executable, "-m", "sw.cli", "synth-model", "--model-preset", "tiny", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    _one_sentence(r, "file-size limit")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_save_keeps_the_old_checkpoint(tmp_path, tiny_ckpt, monkeypatch):
+    from sw.checkpoint import load_checkpoint, save_checkpoint
+    out = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    ckpt = load_checkpoint(out)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputError, match="disk is full"):
+        save_checkpoint(out, ckpt.config, ckpt.tensors, shard_bytes=1 << 20)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
