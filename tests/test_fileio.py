@@ -190,3 +190,24 @@ def test_a_failed_save_keeps_the_old_checkpoint(tmp_path, tiny_ckpt, monkeypatch
         save_checkpoint(out, ckpt.config, ckpt.tensors, shard_bytes=1 << 20)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_ctrl_c_during_the_kq_write_exits_130_and_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the .kq is being written used to leave the .partial file behind."""
+    import sw.kq
+    from sw.cli import main
+
+    class InterruptingPrefix:           # the prefix is the first thing written inside the safe writer
+        size = sw.kq._PREFIX.size
+
+        def pack(self, *a):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "tiny.kq"
+    out.write_bytes(b"an older model")
+    monkeypatch.setattr(sw.kq, "_PREFIX", InterruptingPrefix())
+    assert main(["quantize", str(tiny_ckpt), "--method", "rtn", "--quiet", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0]
+    assert out.read_bytes() == b"an older model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.kq"]
