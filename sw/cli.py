@@ -228,7 +228,7 @@ def cmd_info(args) -> int:
 def _hw(module: str, fn: str):
     def run(args):
         try:
-            mod = __import__(f"rtl.{module}", fromlist=[fn])
+            mod = __import__(f"boards.{module}", fromlist=[fn])
         except ImportError as e:
             raise KriaError(f"this command needs the hardware tools ({e.name} is missing): "
                             f"pip install -e '.[hw]'") from None
@@ -354,7 +354,7 @@ def _add_hw_commands(sub) -> None:
                                    ("resources", "resources", "synthesize with Yosys and count K26 resources")):
         s = sub.add_parser(name, help=helptext, description=helptext)
         try:
-            mod = __import__(f"rtl.{module}", fromlist=["x"])
+            mod = __import__(f"boards.{module}", fromlist=["x"])
             getattr(mod, f"add_{module}_args")(s)
             s.set_defaults(func=getattr(mod, f"run_{module}"))
         except ImportError:
