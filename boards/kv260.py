@@ -3,8 +3,8 @@
 Everything the accelerator needs from the board goes through the Zynq
 UltraScale+ PS8, so the platform has no pin resources. The pieces:
 
-* :class:`TopPorts` reads the port set of an accelerator top (the real one or
-  boards/stub_top.py) and checks it against the config: ``csr`` AXI4-Lite
+* :class:`TopPorts` reads the port set of the accelerator top
+  (``rtl.top.build_top``) and checks it against the config: ``csr`` AXI4-Lite
   slave, ``hp0..hp{engines-1}`` AXI4 masters of ``port_bits``, ``irq``, and
   the ``sync`` domain's ``clk``/``rst``.
 * :class:`Kv260Design` turns (config, ports, app name) into every text file of

@@ -71,7 +71,7 @@ def main() -> int:
         print("\n(skipping elaboration and simulation: the hardware/simulation tools are not installed)")
         print("\ndemo finished; outputs are in", OUT)
         return 0
-    step("5. elaborate the kv260 accelerator", ["elaborate", "--preset", "kv260", "--out", str(OUT / "kv260")])
+    step("5. elaborate the kv260 accelerator", ["elaborate", "--hw-config", "kv260", "--out", str(OUT / "kv260")])
     sim_logits, gold_logits = OUT / "logits_sim.npy", OUT / "logits_golden.npy"
     sim = step("6a. generate on the kv260 accelerator RTL (Verilator + DDR model)",
                ["generate", str(kq), "--device", "sim", "--hw-config", "kv260", "--prompt-ids", prompt,
