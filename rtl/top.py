@@ -65,7 +65,7 @@ from sw.contract.config import ArrayConfig
 from .engine import SLOTS, ActivationBuffer, Engine, Geometry, load_layout, op_params_layout
 from .readmux import AxiReadArbiter, round_robin
 
-__all__ = ["Accelerator", "ENGINE_ARID", "ACT_ARID", "FETCH_ARID", "HP_ID_BITS"]
+__all__ = ["Accelerator", "build_top", "ENGINE_ARID", "ACT_ARID", "FETCH_ARID", "HP_ID_BITS"]
 
 HP_ID_BITS = 6
 ENGINE_ARID = 0
@@ -131,6 +131,16 @@ class Accelerator(wiring.Component):
     @property
     def ops_in_flight(self) -> int:
         return self._ops_in_flight
+
+    @property
+    def addr_width(self) -> int:
+        return self._addr_width
+
+    @property
+    def parameters(self) -> dict:
+        """The constructor's keyword arguments this top was built with (the manifests record them)."""
+        return {"config_hash": self._hash, "addr_width": self._addr_width, "max_k": self.max_k,
+                "ops_in_flight": self._ops_in_flight}
 
     def elaborate(self, platform):
         m = Module()
@@ -434,3 +444,18 @@ class Accelerator(wiring.Component):
             cp.perf.bytes_written.eq(w_beats * beat_bytes),
         ]
         return m
+
+
+def build_top(config: ArrayConfig, **parameters) -> Accelerator:
+    """The accelerator top for an ArrayConfig: the one constructor every consumer goes through.
+
+    `kriallm elaborate`, `kriallm resources` (scope full) and `kriallm build` (boards/) call it with
+    the config alone, so they build the same top with the same parameters: CONFIG_HASH0..7 read
+    ``config.config_hash`` (what the manifests record and the driver compares) and the HP masters
+    have ``DEFAULT_ADDR_BITS`` of address (the driver's DMA address limit). The simulator
+    (sim/top_tb.py, hence the sim device and the engine bench) overrides ``addr_width`` and
+    ``max_k`` for its DDR model. ``parameters`` are Accelerator's keyword arguments.
+    """
+    top = Accelerator(config, **parameters)
+    top._MustUse__silence = True      # a flow that refuses the config before elaborating did not forget the top
+    return top

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Write the accelerator's Verilog and manifest.json: a thin wrapper of `kriallm elaborate`.
 
-    python scripts/elaborate.py --preset kv260 --out build/kv260 [--lint]
-    python scripts/elaborate.py --config my_array.json --out build/mine
+    python scripts/elaborate.py --hw-config kv260 --out build/kv260 [--lint]
+    python scripts/elaborate.py --hw-config my_array.json --out build/mine
 """
 
 import sys

@@ -8,7 +8,7 @@ shapes (the cycle count of a linear depends on its shape only). The linears of
 ``--layers`` decoder layers (q, k, v with bias, o, gate, up, down; the same
 weights for every layer, which changes nothing for the DDR model, it has no
 cache) and an ``--lm-head-rows`` slice of the LM head go into DDR as one command
-list and run through the accelerator RTL (rtl/top.py) with every HP port on
+list and run through the accelerator RTL (rtl.top.build_top) with every HP port on
 the Verilog DDR model (sim/hdl/hp_ddr_model.v): one Verilator build, one run.
 Outputs are checked bit for bit against sw.contract.numerics.golden_linear (``--no-verify``
 skips that).

@@ -4,8 +4,9 @@
     dev = open_sim_device(args)          # sw.driver.open_device("sim", args) finds it through the kriallm.devices entry point
 
 `SimDevice` implements sw.driver.device.Device on the simulation top of
-sim/top_tb.py (rtl.top.Accelerator with every HP port on the Verilog DDR
-model, one Verilator build per config, shared with the tests and the bench):
+sim/top_tb.py (rtl.top.Accelerator, from rtl.top.build_top like every flow's top, with
+every HP port on the Verilog DDR model, one Verilator build per config, shared
+with the tests and the bench):
 
 * the simulator runs in a background thread of the host process (cocotb's
   runner), its cocotb test `sim_device_server` (below) serving requests over a

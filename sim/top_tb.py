@@ -1,9 +1,9 @@
 """The accelerator in simulation: tops, builds, workloads and the scenario runner (pytest side).
 
-* `SimTop`: `rtl.top.Accelerator` with every HP port on sim/hdl/hp_ddr_model.v
-  (instance ``ddr``); only ``csr`` (AXI4-Lite), ``irq`` and ``cycle`` are top
-  ports, so weight streaming runs free in Verilator and cocotb only touches the
-  registers. Optionally hp0 can be switched at run time to an external port
+* `SimTop`: `rtl.top.Accelerator`, built by `rtl.top.build_top` as every flow
+  builds it, with every HP port on sim/hdl/hp_ddr_model.v (instance ``ddr``);
+  only ``csr`` (AXI4-Lite), ``irq`` and ``cycle`` are top ports, so weight
+  streaming runs free in Verilator and cocotb only touches the registers. Optionally hp0 can be switched at run time to an external port
   ``ext`` for cocotbext-axi's AxiRam, the third-party check of our AXI behaviour.
 * `build_sim_top`: Verilog + Verilator build, once per (config, DDR build
   parameters); every run-time number of the DDR model is set by the scenario,
@@ -66,7 +66,7 @@ def sim_top(config: ArrayConfig, ddr: DdrModelConfig = SIM_DDR, *, max_k: int = 
 
     from rtl.axi import axi4_signature
     from rtl.axilite import AxiLiteSignature
-    from rtl.top import HP_ID_BITS, Accelerator
+    from rtl.top import HP_ID_BITS, build_top
     from sw.contract.commands import CSR_ADDR_WIDTH
 
     if ddr.ports != config.engines:
@@ -74,7 +74,7 @@ def sim_top(config: ArrayConfig, ddr: DdrModelConfig = SIM_DDR, *, max_k: int = 
 
     class SimTop(wiring.Component):
         def __init__(self):
-            self.accel = Accelerator(config, addr_width=ddr.addr_width, max_k=max_k, **accel)
+            self.accel = build_top(config, addr_width=ddr.addr_width, max_k=max_k, **accel)
             members = {
                 "csr": In(AxiLiteSignature(addr_width=CSR_ADDR_WIDTH)),
                 "irq": Out(1),

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 
 from boards import kv260
-from boards.build import EXIT_NEEDS_VIVADO, EXIT_OK, EXIT_USER_ERROR, EXIT_VIVADO_FAILED, STUB_TOP, TOP
+from boards.build import EXIT_NEEDS_VIVADO, EXIT_OK, EXIT_USER_ERROR, EXIT_VIVADO_FAILED
 from sw.contract.config import preset
+from rtl.top import HP_ID_BITS, build_top
 from sw.contract.commands import CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, ID_MAGIC, config_hash_words
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,9 +40,9 @@ SMALL_NAME = "test-4x4-g32"            # a preset the accelerator top takes (rtl
 SMALL = preset(SMALL_NAME)
 SMALL_APP = f"kriallm-{SMALL_NAME}"
 CONFIGS = {
-    "small": (SMALL, SMALL_APP, ["--preset", SMALL_NAME]),
+    "small": (SMALL, SMALL_APP, ["--hw-config", SMALL_NAME]),
     "two-engines-200mhz": (SMALL.replace(engines=2, clock_mhz=200), "kriallm-e2-200", None),
-    "kv260": (BASE, "kriallm-kv260", ["--preset", "kv260"]),
+    "kv260": (BASE, "kriallm-kv260", ["--hw-config", "kv260"]),
 }
 SLOW_CONFIGS = {"kv260"}               # the full-size top: about 1.5 min to elaborate and lint
 
@@ -82,7 +83,7 @@ def built(request, tmp_path_factory):
     if argv is None:
         cfg = tmp / "config.json"
         cfg.write_text(config.to_json())
-        argv = ["--config", str(cfg), "--name", app]
+        argv = ["--hw-config", str(cfg), "--name", app]
     root = tmp / "build"
     r = run_build([*argv, "--out", str(root), "--lint", "--jobs", "3"])
     assert r.returncode == EXIT_NEEDS_VIVADO, r.stdout + r.stderr
@@ -110,8 +111,9 @@ def test_manifest_records_config_and_the_real_top(built):
     m = built.manifest
     assert m["config"] == built.config.to_dict()
     assert m["config_hash"] == built.config.config_hash
-    assert m["top"]["factory"] == TOP == "rtl.top:Accelerator"
-    assert m["top"]["stub"] is False and m["top"]["class"] == "Accelerator"
+    top = build_top(built.config)                     # the one top every flow builds
+    assert m["top"]["class"] == f"{type(top).__module__}.{type(top).__qualname__}"
+    assert m["top"]["module"] == built.design and m["top"]["parameters"] == top.parameters
     params = m["top"]["parameters"]
     assert params["config_hash"] == built.config.config_hash and params["addr_width"] == DEFAULT_ADDR_BITS
     assert m["app_name"] == built.app
@@ -186,11 +188,32 @@ def test_block_design_cell_ports_follow_config(built):
 def test_lint_catches_a_top_that_does_not_match_the_config(tmp_path):
     """The stub check has teeth: a 64-bit top wired into a 128-bit block design fails the lint."""
     from amaranth.back import verilog
+    from amaranth.hdl import Module
+    from amaranth.lib import wiring
+    from amaranth.lib.wiring import Out
 
-    from boards.stub_top import StubTop
+    from rtl.axi import axi4_signature, tie_off_read, tie_off_write
     from sim.toolchain import verilator_bin
     narrow = BASE.replace(port_bits=64, rows=16)
-    top = StubTop(narrow)
+
+    class Narrow(wiring.Component):
+        """The accelerator top's port set with `narrow`'s HP width; idle."""
+        def __init__(self):
+            members = dict(build_top(BASE).signature.members)
+            for k in range(narrow.engines):
+                members[f"hp{k}"] = Out(axi4_signature(addr_width=DEFAULT_ADDR_BITS, data_width=narrow.port_bits,
+                                                       id_width=HP_ID_BITS))
+            super().__init__(members)
+
+        def elaborate(self, platform):
+            m = Module()
+            m.d.sync += self.irq.eq(self.csr.awvalid)        # the sync domain: clk and rst ports
+            for k in range(narrow.engines):
+                tie_off_read(m, getattr(self, f"hp{k}"))
+                tie_off_write(m, getattr(self, f"hp{k}"))
+            return m
+
+    top = Narrow()
     with pytest.raises(Exception, match="64 bits wide but the config says port_bits=128"):
         kv260.TopPorts.from_component(top, BASE)
     ports = kv260.TopPorts.from_component(top, narrow)        # bypass the check on purpose
@@ -386,7 +409,7 @@ def test_model_sizes_the_dma_buffer(tmp_path):
     assert main(["synth-model", "--preset", "tiny", "--out", str(tmp_path / "tiny")]) == 0
     kq = tmp_path / "m.kq"
     assert main(["quantize", str(tmp_path / "tiny"), "--method", "rtn", "--quiet", "--out", str(kq)]) == 0
-    r = run_build(["--preset", SMALL_NAME, "--model", str(kq), "--out", str(tmp_path / "b"), "--generate-only",
+    r = run_build(["--hw-config", SMALL_NAME, "--model", str(kq), "--out", str(tmp_path / "b"), "--generate-only",
                    "--no-lint"])
     assert r.returncode == EXIT_NEEDS_VIVADO, r.stderr
     mib = 1 << 20
@@ -399,7 +422,7 @@ def test_model_sizes_the_dma_buffer(tmp_path):
 def test_missing_dtc_is_one_line(tmp_path):
     env = dict(os.environ, PATH=str(tmp_path))       # nothing on PATH: no dtc, no vivado
     env.pop("DTC", None)
-    r = run_build(["--preset", "kv260", "--out", str(tmp_path / "b")], env=env)
+    r = run_build(["--hw-config", "kv260", "--out", str(tmp_path / "b")], env=env)
     assert r.returncode == EXIT_USER_ERROR
     assert r.stderr.strip().splitlines() == ["build: error: dtc (the device-tree compiler) is not installed: "
                                              "apt-get install device-tree-compiler"]
@@ -412,7 +435,7 @@ def test_missing_dtc_is_one_line(tmp_path):
 def test_configs_the_board_cannot_take_are_refused(tmp_path, change, message):
     cfg = tmp_path / "c.json"
     cfg.write_text(BASE.replace(**change).to_json())
-    r = run_build(["--config", str(cfg), "--out", str(tmp_path / "b")])
+    r = run_build(["--hw-config", str(cfg), "--out", str(tmp_path / "b")])
     assert r.returncode == EXIT_USER_ERROR and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -469,7 +492,7 @@ def _fake_vivado(tmp_path: Path, ok: bool) -> Path:
 @needs_dtc
 def test_after_vivado_the_firmware_folder_is_complete(tmp_path):
     root = tmp_path / "b"
-    r = run_build(["--preset", SMALL_NAME, "--out", str(root), "--no-lint",
+    r = run_build(["--hw-config", SMALL_NAME, "--out", str(root), "--no-lint",
                    "--vivado", str(_fake_vivado(tmp_path, True))])
     assert r.returncode == EXIT_OK, r.stdout + r.stderr
     app = SMALL_APP
@@ -487,13 +510,13 @@ def test_after_vivado_the_firmware_folder_is_complete(tmp_path):
 
     # Again without Vivado, same sources (another --jobs and DMA size do not change the bitstream):
     # the earlier outputs are packaged, nothing is lost.
-    r = run_build(["--preset", SMALL_NAME, "--out", str(root), "--dma-mb", "256", "--jobs", "1", "--no-lint"])
+    r = run_build(["--hw-config", SMALL_NAME, "--out", str(root), "--dma-mb", "256", "--jobs", "1", "--no-lint"])
     assert r.returncode == EXIT_OK, r.stdout + r.stderr
     assert (fw / f"{app}.bit.bin").exists() and "earlier Vivado run" in r.stdout
     # Other sources (another clock): the old bitstream must not stay next to the new overlay.
     cfg = tmp_path / "c.json"
     cfg.write_text(SMALL.replace(clock_mhz=200).to_json())
-    r = run_build(["--config", str(cfg), "--name", app, "--out", str(root), "--no-lint"])
+    r = run_build(["--hw-config", str(cfg), "--name", app, "--out", str(root), "--no-lint"])
     assert r.returncode == EXIT_NEEDS_VIVADO, r.stdout + r.stderr
     assert not (fw / f"{app}.bit.bin").exists() and not (root / "pynq" / f"{app}.bit").exists()
     assert f"firmware/xilinx/{app}/{app}.bit.bin" in json.loads((root / "manifest.json").read_text())[
@@ -503,7 +526,7 @@ def test_after_vivado_the_firmware_folder_is_complete(tmp_path):
 @needs_dtc
 def test_failed_vivado_exits_4(tmp_path):
     root = tmp_path / "b"
-    r = run_build(["--preset", SMALL_NAME, "--out", str(root), "--no-lint",
+    r = run_build(["--hw-config", SMALL_NAME, "--out", str(root), "--no-lint",
                    "--vivado", str(_fake_vivado(tmp_path, False))])
     assert r.returncode == EXIT_VIVADO_FAILED
     status = {s["name"]: s["status"] for s in json.loads((root / "manifest.json").read_text())["steps"]}
@@ -512,7 +535,7 @@ def test_failed_vivado_exits_4(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# The real top identifies itself as the manifest says; the stub stays available
+# The real top identifies itself as the manifest says
 # ---------------------------------------------------------------------------
 
 async def _axil_read(ctx, a, addr):
@@ -526,14 +549,13 @@ async def _axil_read(ctx, a, addr):
 
 
 def test_the_built_top_answers_the_manifest_config_hash():
-    """What the board flow instantiates (boards.build.load_top with TOP) reads ID = KRIA and the config
-    hash the manifest records, which is what the driver compares (sw/driver/device.py check_identity)."""
+    """What every flow instantiates (rtl.top.build_top) reads ID = KRIA and the config hash the manifest
+    records, which is what the driver compares (sw/driver/device.py check_identity)."""
     from amaranth.sim import Simulator
 
-    from boards.build import load_top
     from sw.contract.commands import REGISTERS, config_hash_from_words
-    top, is_stub, params = load_top(TOP, SMALL)
-    assert not is_stub and params["config_hash"] == SMALL.config_hash
+    top = build_top(SMALL)
+    assert top.parameters["config_hash"] == SMALL.config_hash
     reg = {r.name: r.offset for r in REGISTERS}
     got = {}
 
@@ -551,73 +573,13 @@ def test_the_built_top_answers_the_manifest_config_hash():
     assert config_hash_from_words(w for w, _ in got["hash"]) == SMALL.config_hash
 
 
-@needs_dtc
-def test_the_stub_top_can_still_be_built(tmp_path):
-    root = tmp_path / "b"
-    r = run_build(["--preset", SMALL_NAME, "--top", STUB_TOP, "--out", str(root), "--no-lint"])
-    assert r.returncode == EXIT_NEEDS_VIVADO, r.stdout + r.stderr
-    assert "a STUB with the accelerator's ports" in r.stdout
-    m = json.loads((root / "manifest.json").read_text())
-    assert m["top"]["stub"] is True and m["top"]["class"] == "StubTop" and m["top"]["factory"] == STUB_TOP
-    assert {s["name"]: s["status"] for s in m["steps"]}["lint"] == "skipped"
-
-
-def test_stub_top_registers_and_irq():
-    from amaranth.sim import Simulator
-
-    from boards.stub_top import STUB_MAGIC, StubTop
-    from sw.contract.commands import REGISTERS
-    top = StubTop(preset("kv260"))
-    reg = {r.name: r.offset for r in REGISTERS}
-    a = top.csr
-
-    async def read(ctx, addr):
-        return await _axil_read(ctx, a, addr)
-
-    async def write(ctx, addr, value):
-        ctx.set(a.awaddr, addr)
-        ctx.set(a.awvalid, 1)
-        ctx.set(a.wdata, value)
-        ctx.set(a.wstrb, 0xF)
-        ctx.set(a.wvalid, 1)
-        ctx.set(a.bready, 1)
-        await ctx.tick().until(a.awready & a.wready)
-        ctx.set(a.awvalid, 0)
-        ctx.set(a.wvalid, 0)
-        await ctx.tick().until(a.bvalid)
-
-    results = {}
-
-    async def bench(ctx):
-        results["id"] = await read(ctx, reg["ID"])
-        digest = bytes.fromhex(top.config.config_hash)
-        results["hash0"] = (await read(ctx, reg["CONFIG_HASH0"]))[0] == int.from_bytes(digest[:4], "little")
-        results["unmapped"] = await read(ctx, reg["CTRL"])
-        results["irq_before"] = ctx.get(top.irq)
-        await write(ctx, top.scratch_offset, 1)
-        await ctx.tick()
-        results["irq_after"] = ctx.get(top.irq)
-        results["hp_idle"] = all(ctx.get(getattr(top, f"hp{k}").arvalid) == 0 for k in range(top.config.engines))
-
-    sim = Simulator(top)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run_until(2e-6)
-    assert results["id"] == (STUB_MAGIC, 0)
-    assert results["hash0"]
-    assert results["unmapped"][1] == 2              # SLVERR
-    assert results["irq_before"] == 0 and results["irq_after"] == 1
-    assert results["hp_idle"]
-
-
 def test_platform_is_the_k26_without_pins():
-    from boards.build import load_top
     platform = kv260.KV260Platform(SMALL, app_name=SMALL_APP)
     assert platform._part == kv260.PART == "-".join((kv260.DEVICE, kv260.PACKAGE, kv260.SPEED))
     assert platform.family == "ultrascaleplus" and platform.toolchain == "Vivado"
     assert platform.default_clk_frequency == SMALL.clock_mhz * 1e6
     assert platform.default_clk is None and platform.default_rst is None    # pl_clk0 / pl_resetn0 via the PS
-    plan = platform.prepare(load_top(TOP, SMALL)[0])   # writes every Vivado source, runs nothing
+    plan = platform.prepare(build_top(SMALL))   # writes every Vivado source, runs nothing
     d = platform.design
     assert {f"{d.design}.v", f"{d.design}.tcl", f"{d.design}_bd.tcl", f"{d.design}.xdc", f"{d.cell_module}.v",
             f"{d.design}.bif", f"build_{d.design}.sh"} <= set(plan.files)

@@ -183,16 +183,15 @@ STALLS = {"beats": 0.7, "meta": 0.5, "act": 0.6, "bias": 0.5, "y": 0.4}
 # ---------------------------------------------------------------------------
 
 def test_core_ports_and_facts():
-    from rtl.core import Accelerator, LinearCore
+    from rtl.core import LinearCore
+    from rtl.top import build_top
     cfg = preset("kv260")
     core = LinearCore(cfg)
     core._MustUse__silence = True
     assert core.latency == core.array_latency + core.dequant_latency
     assert core.cycles_per_group == cfg.beats_per_group == 64      # dequant keeps up with the array
-    top = Accelerator(cfg)
-    top._MustUse__silence = True
-    names = set(top.signature.members)
-    assert {f"e{i}_{s}" for i in range(4) for s in ("beats", "meta", "act", "bias", "y")} == names
+    top = build_top(cfg)              # the accelerator top: one engine (a LinearCore) per HP port
+    assert set(top.signature.members) == {"csr", "irq"} | {f"hp{i}" for i in range(cfg.engines)}
 
 
 def test_stream_cut_matches_layout():
