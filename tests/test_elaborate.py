@@ -14,6 +14,8 @@ import pytest
 from sw.contract.config import ArrayConfig, preset
 from boards.elaborate import LINT_WAIVERS, add_elaborate_args, elaborate, lint_verilog
 
+pytestmark = pytest.mark.synth
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -1,4 +1,5 @@
-"""The cocotb runner itself: a passing run passes and a failing cocotb test fails pytest by name."""
+"""The cocotb runner itself: a passing run passes, a failing cocotb test fails pytest by name, and a
+run in which every cocotb test was skipped fails too (it checked nothing)."""
 
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from amaranth import Elaboratable, Module, Signal  # noqa: E402
 from amaranth.back import verilog  # noqa: E402
 
 from sim.runner import run_cocotb, write_verilog  # noqa: E402
+
+pytestmark = pytest.mark.sim
 
 SIM_DIR = Path(__file__).resolve().parent.parent / "sim"
 
@@ -32,9 +35,10 @@ def source():
     return write_verilog(verilog.convert(c, name="selftest_counter", ports=[c.en, c.q]), "selftest_counter")
 
 
-def _run(source, expect):
+def _run(source, expect, skip=False):
     return run_cocotb(sources=[source], toplevel="selftest_counter", test_module="tb_runner_selftest",
-                      build_name="selftest_counter", test_dir=SIM_DIR, extra_env={"SELFTEST_EXPECT": str(expect)})
+                      build_name="selftest_counter", test_dir=SIM_DIR,
+                      extra_env={"SELFTEST_EXPECT": str(expect), "SELFTEST_SKIP": "1" if skip else "0"})
 
 
 def test_passing_run_returns_results(source):
@@ -44,3 +48,8 @@ def test_passing_run_returns_results(source):
 def test_failing_cocotb_test_fails_pytest_with_its_name(source):
     with pytest.raises(AssertionError, match="counter_counts"):
         _run(source, 11)
+
+
+def test_run_with_every_test_skipped_fails_pytest(source):
+    with pytest.raises(AssertionError, match=r"skipped every test \(counter_counts"):
+        _run(source, 10, skip=True)
