@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from sw.contract.config import preset
-from sw.cli import main as cli_main
 from sw.contract.commands import (ErrorCode, HardwareLimits, activation_layout, bias_bytes, linear_command,
                          output_layout, pack_activations, pack_bias, pack_command_list, unpack_outputs)
 from sw.driver import (DeviceError, add_device_args, bench_report, open_accelerated, open_device)
@@ -23,15 +22,8 @@ from sw.sampling import Sampler, SamplingParams
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("drvgolden")
-    assert cli_main(["synth-model", "--preset", "tiny", "--seed", "2", "--out", str(d / "tiny")]) == 0
-    out = {}
-    for head in ("int4", "fp16", "int8"):
-        out[head] = d / f"tiny-{head}.kq"
-        assert cli_main(["quantize", str(d / "tiny"), "--method", "rtn", "--group-size", "64", "--lm-head", head,
-                         "--quiet", "--out", str(out[head])]) == 0
-    return out
+def models(make_tiny_kq):
+    return {head: make_tiny_kq(head) for head in ("int4", "fp16", "int8")}
 
 
 PROMPT = [7, 3, 11, 100, 42, 5, 9, 250, 17, 33, 1]   # 11 tokens: an 8-lane chunk and a 3-token chunk
