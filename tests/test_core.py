@@ -187,7 +187,6 @@ def test_core_ports_and_facts():
     cfg = preset("kv260")
     core = LinearCore(cfg)
     core._MustUse__silence = True
-    assert core.latency == core.array_latency + core.dequant_latency
     assert core.cycles_per_group == cfg.beats_per_group == 64      # dequant keeps up with the array
     top = Accelerator(cfg)
     top._MustUse__silence = True

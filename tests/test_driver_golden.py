@@ -221,11 +221,20 @@ def test_open_device_names_and_cli_args():
     assert open_device("golden", args).name == "golden"
     with pytest.raises(Exception, match="unknown device 'tpu'"):
         open_device("tpu", args)
-    try:
-        import sim.device  # noqa: F401
-    except ImportError:
-        with pytest.raises(DeviceError, match="the sim device is not available"):
-            open_device("sim", args)
+
+
+def test_sim_device_missing_or_unloadable_is_one_clear_error(monkeypatch):
+    """The sim device plugs in through an entry point; on an install without the simulation tools it
+    cannot load, and one without the entry point never registered it."""
+    import importlib.metadata as md
+    broken = md.EntryPoint(name="sim", value="kriallm_no_such_module:open_sim_device", group="kriallm.devices")
+    monkeypatch.setattr(md, "entry_points", lambda group: [broken] if group == "kriallm.devices" else [])
+    with pytest.raises(DeviceError, match=r"^the sim device is not available \(kriallm_no_such_module could not "
+                                          r"be imported\): it needs the simulation tools"):
+        open_device("sim")
+    monkeypatch.setattr(md, "entry_points", lambda group: [])
+    with pytest.raises(DeviceError, match="the sim device is not registered"):
+        open_device("sim")
 
 
 def test_bench_report(models):

@@ -4,13 +4,10 @@ run in which every cocotb test was skipped fails too (it checked nothing)."""
 from pathlib import Path
 
 import pytest
+from amaranth import Elaboratable, Module, Signal
+from amaranth.back import verilog
 
-pytest.importorskip("amaranth")
-
-from amaranth import Elaboratable, Module, Signal  # noqa: E402
-from amaranth.back import verilog  # noqa: E402
-
-from sim.runner import run_cocotb, write_verilog  # noqa: E402
+from sim.runner import run_cocotb, write_verilog
 
 pytestmark = pytest.mark.sim
 
