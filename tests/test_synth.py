@@ -222,9 +222,7 @@ def test_robust_like_a_trained_model(tiny_tensors):
 
 
 @pytest.mark.slow
-def test_qwen25_05b(tmp_path, request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("full-size synthesis; run with -m slow")
+def test_qwen25_05b(tmp_path):
     config = preset("qwen2.5-0.5b")
     start = time.perf_counter()
     out = write_synthetic_checkpoint(tmp_path / "q", "qwen2.5-0.5b", seed=0)
