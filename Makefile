@@ -54,7 +54,7 @@ endef
 
 test: setup
 	$(call tier,fast,$(FAST_TIER),KRIALLM_HIDE_TOOLS=$(HIDE_ALL_TOOLS))
-	$(call tier,simulator,$(SIM_TIER),)
+	$(call tier,simulator,$(SIM_TIER),KRIALLM_HIDE_TOOLS=)
 
 test-fast: setup
 	$(call tier,fast,$(FAST_TIER),KRIALLM_HIDE_TOOLS=$(HIDE_ALL_TOOLS))
