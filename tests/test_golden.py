@@ -10,14 +10,15 @@ over the worst seed so that a numerics or quantizer regression (which moves
 KL by whole nats, as RTN shows) fails while seed noise does not.
 """
 
-import numpy as np
+import json
+
 import pytest
 
 from sw.checkpoint import load_checkpoint
+from sw.config import preset
 from sw.quant import quantize_model
 from sw.reference import Qwen2Runner
 from sw.runtime import compare_logits, open_model, sample_tokens, sequence_logits
-from sw.config import preset
 
 SEED = 0                 # the seed of conftest.tiny_checkpoint
 # Seed 0 measured KL 0.534, top-1 0.596, perplexity 64.1 vs 36.5 (ratio 1.76).
@@ -28,10 +29,12 @@ PPL_RATIO_MAX = 2.5
 
 @pytest.fixture(scope="module")
 def setup(tiny_checkpoint):
-    assert load_checkpoint(tiny_checkpoint).config == preset("tiny")      # the bounds are for tiny, seed 0
+    ckpt = load_checkpoint(tiny_checkpoint)
+    meta = json.loads((tiny_checkpoint / "config.json").read_text())["kriallm_synthetic"]
+    assert ckpt.config == preset("tiny") and meta["seed"] == SEED        # what the bounds were measured on
     ref = open_model(tiny_checkpoint, "reference")
     ids = sample_tokens(ref, 256, seed=SEED + 100)
-    return load_checkpoint(tiny_checkpoint), ids, sequence_logits(ref, ids, 256)
+    return ckpt, ids, sequence_logits(ref, ids, 256)
 
 
 def _golden_metrics(setup, method, group_size):
