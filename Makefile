@@ -5,7 +5,7 @@ APT_PACKAGES := g++ make perl device-tree-compiler iverilog tcl
 PYTEST_ARGS ?=
 JOBS ?= 2
 
-.PHONY: setup apt pip demo test test-slow fuzz lint clean
+.PHONY: setup apt pip demo test test-fast test-slow fuzz lint clean
 
 setup: apt pip
 
@@ -32,13 +32,35 @@ pip:
 demo: setup
 	$(PYTHON) scripts/demo.py
 
+# Test tiers (markers in pyproject.toml, tests/conftest.py): the fast tier is pure Python and
+# runs with the simulator and Yosys hidden (KRIALLM_HIDE_TOOLS), so a test that needs them
+# and lacks the `sim` or `synth` marker fails there; the simulator tier runs only if the fast
+# tier passed. Together they are `-m "not slow"`.
+FAST_TIER := not sim and not synth and not slow
+SIM_TIER := not slow and (sim or synth)
+HIDE_ALL_TOOLS := sim,synth
 # One BLAS thread per pytest worker: two workers on two cores already fill the
 # machine, and OpenBLAS threads spin-waiting on small matrices cost 10x.
+PYTEST := OPENBLAS_NUM_THREADS=1 $(PYTHON) -m pytest
+
+# $(call tier,name,marker expression,environment): pytest exit status 5 (no test selected)
+# fails the tier, unless PYTEST_ARGS narrowed the selection on purpose.
+define tier
+	@echo "== $(1) tier: pytest -m \"$(2)\" -n $(JOBS)"
+	@$(3) $(PYTEST) -m "$(2)" -n $(JOBS) -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then $(if $(strip $(PYTEST_ARGS)),rc=0; echo "$(1) tier: PYTEST_ARGS selects none of its tests",echo "$(1) tier: no test collected; are the tier markers broken?" >&2); fi; \
+	exit $$rc
+endef
+
 test: setup
-	OPENBLAS_NUM_THREADS=1 $(PYTHON) -m pytest -m "not slow" -n $(JOBS) -q $(PYTEST_ARGS)
+	$(call tier,fast,$(FAST_TIER),KRIALLM_HIDE_TOOLS=$(HIDE_ALL_TOOLS))
+	$(call tier,simulator,$(SIM_TIER),KRIALLM_HIDE_TOOLS=)
+
+test-fast: setup
+	$(call tier,fast,$(FAST_TIER),KRIALLM_HIDE_TOOLS=$(HIDE_ALL_TOOLS))
 
 test-slow: setup
-	$(PYTHON) -m pytest -m slow -q $(PYTEST_ARGS)
+	$(PYTEST) -m slow -q $(PYTEST_ARGS)
 
 # Coverage-guided fuzzing of the .kq loader (tests/fuzz_kq.py). The working corpus grows in
 # build/fuzz/kq; a crash lands in the regression corpus tests/fuzz_corpus/kq, which the tests replay.

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from sw.argtypes import int_range
 from sw.contract.errors import ConfigError, ToolchainError
+from sw.fileio import safe_write_bytes, safe_write_text
 
 from . import kv260
 from .elaborate import (EXIT_OK, EXIT_USER_ERROR, add_config_args, cli_main, config_from_args, file_entry,
@@ -208,7 +209,7 @@ def package_outputs(layout: BuildLayout) -> dict:
     if bin_.exists() and bin_.stat().st_mtime >= bit.stat().st_mtime:
         method = "bootgen -arch zynqmp -process_bitstream bin"
     else:
-        bin_.write_bytes(kv260.bit_to_bin(bit.read_bytes()))
+        safe_write_bytes(bin_, kv260.bit_to_bin(bit.read_bytes()), "bitstream")
         method = "header stripped and 32-bit words byte-swapped in Python (bootgen not found)"
     layout.firmware.mkdir(parents=True, exist_ok=True)
     layout.pynq.mkdir(parents=True, exist_ok=True)
@@ -310,11 +311,11 @@ def run_build(args) -> int:
 
     # 4-5: overlay and the xmutil folder.
     layout.dt.mkdir(parents=True, exist_ok=True)
-    layout.dtsi.write_text(d.dtsi())
+    safe_write_text(layout.dtsi, d.dtsi(), "overlay source")
     warnings = compile_overlay(dtc, layout.dtsi, layout.dtbo)
     step("overlay", "done", dtsi=str(layout.dtsi.relative_to(layout.root)),
          dtbo=str(layout.dtbo.relative_to(layout.root)), dtc_warnings=warnings)
-    layout.shell_json.write_text(d.shell_json())
+    safe_write_text(layout.shell_json, d.shell_json(), "shell.json")
     step("firmware", "done", folder=str(layout.firmware.relative_to(layout.root)),
          needs_vivado=[layout.bit_bin.name] if not layout.bit_bin.exists() else [])
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from sw.contract.config import PRESETS, ArrayConfig
 from sw.contract.errors import ConfigError, KriaError, ToolchainError
+from sw.fileio import safe_write_text
 
 TOP_NAME = "kriallm_top"
 LINT_WAIVERS = Path(__file__).resolve().parent / "lint.vlt"
@@ -206,7 +207,7 @@ def write_manifest(manifest: dict, *paths: Path) -> str:
     text = json.dumps(manifest, indent=2) + "\n"
     for p in paths:
         Path(p).parent.mkdir(parents=True, exist_ok=True)
-        Path(p).write_text(text)
+        safe_write_text(p, text, "manifest")
     return text
 
 
@@ -246,7 +247,7 @@ def elaborate(config: ArrayConfig, out_dir, *, top_name: str = TOP_NAME, preset_
     t0 = time.perf_counter()
     text, top = generate_verilog(config, top_name)
     vpath = out / f"{top_name}.v"
-    vpath.write_text(text)
+    safe_write_text(vpath, text, "Verilog")
     manifest = new_manifest(config, top, command="elaborate", module=top_name, preset_name=preset_name)
     steps = manifest["steps"]
     steps.append({"name": "elaborate", "status": "done", "file": vpath.name,

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from sw.contract.errors import ConfigError, ToolchainError
+from sw.fileio import safe_write_text
 
 from sw.contract.config import K26_CAPACITY, ArrayConfig
 from .elaborate import TOP_NAME, add_config_args, cli_main, config_from_args, tool_versions
@@ -253,7 +254,7 @@ def run_resources(args) -> int:
     rep = resource_report(config, scope=args.scope, preset_name=name, workdir=args.workdir)
     text = json.dumps(rep, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        safe_write_text(args.out, text + "\n", "resource report")
     print(text if args.json else format_table(rep))
     return 0
 

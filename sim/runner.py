@@ -50,8 +50,8 @@ def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, build_na
                test_dir: Path | None = None, waves: bool = False, timescale=("1ns", "1ps")) -> Path:
     """Build `sources` (once per build_name) and run cocotb module `test_module`.
 
-    Raises AssertionError when any cocotb test fails, ToolchainError when the
-    simulator is missing. Returns the results.xml path.
+    Raises AssertionError when any cocotb test fails or every one was skipped,
+    ToolchainError when the simulator is missing. Returns the results.xml path.
     """
     sim = setup_simulator(simulator or default_simulator())
     try:
@@ -99,7 +99,13 @@ def _check_results(path: Path) -> None:
     root = ET.parse(path).getroot()
     cases = list(root.iter("testcase"))
     failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
+    skipped = [c for c in cases if c.find("skipped") is not None]
     if not cases:
         raise AssertionError(f"cocotb ran no test ({path})")
     if failed:
         raise AssertionError(f"cocotb test(s) failed: {', '.join(failed)} (see {path})")
+    # A run that checked nothing must not pass: a skip condition or a test filter gone wrong.
+    if len(skipped) == len(cases):
+        reasons = sorted({s.find("skipped").get("message") or "no reason given" for s in skipped})
+        raise AssertionError(f"cocotb skipped every test ({', '.join(c.get('name') for c in skipped)}: "
+                             f"{'; '.join(reasons)}), so nothing was checked (see {path})")

@@ -12,7 +12,6 @@ from sw.config import PRESETS
 from sw.contract.errors import CheckpointError, ConfigError
 from sw.quant import quantize_model, round_to_bf16
 from sw.reference import Qwen2Runner, reference_linears
-from sw.synth import synthesize
 
 TINY = PRESETS["tiny"]
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
@@ -59,9 +58,9 @@ def test_pack_bit_order():
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_tensors):
     """The tiny synthetic model as a BF16 checkpoint loads (float32 of bf16 values)."""
-    return {k: round_to_bf16(v) for k, v in synthesize(TINY, seed=0).items()}
+    return {k: round_to_bf16(v) for k, v in tiny_tensors.items()}
 
 
 @pytest.fixture(scope="module", params=[64, 128])

@@ -23,6 +23,7 @@ from sw.contract.errors import ConfigError
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.synth
 def test_signature_members_and_verilog_names():
     sig = axi4_signature(addr_width=49)
     for name in ("araddr", "arlen", "arsize", "arburst", "arid", "arvalid", "arready", "rdata", "rresp", "rlast",

@@ -17,6 +17,8 @@ import pytest
 from sim.bench import ACCEPT_ROOFLINE_RATIO, ACCEPT_UTILIZATION, add_bench_args, bench_report, print_table
 from tests.test_top import LITE
 
+pytestmark = pytest.mark.sim
+
 
 def _args(tmp_path, **kw):
     p = add_bench_args(argparse.ArgumentParser())

@@ -3,9 +3,6 @@ then whole runs in cocotb + Verilator with AxiRamRead holding the command lists.
 
 from __future__ import annotations
 
-import gc
-import warnings
-
 import dataclasses
 import json
 import random
@@ -13,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from amaranth.hdl import Const
-from amaranth.hdl._ir import UnusedElaboratable
 from amaranth.sim import Simulator
 
 from rtl.cmdproc import CommandProcessor, DescriptorChecker, descriptor_layout, op_layout
@@ -24,16 +20,9 @@ from sw.contract.commands import (DESCRIPTOR_FIELDS, WEIGHT_KIND_INT4, WEIGHT_KI
 REPO = Path(__file__).resolve().parent.parent
 
 
-pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl._ir.UnusedElaboratable")
-
-
-@pytest.fixture(autouse=True)
-def _collect_unelaborated():
-    """The structural tests build components they never elaborate; drop them quietly."""
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnusedElaboratable)
-        gc.collect()
+# The structural tests build components they never elaborate; drop them quietly.
+pytestmark = [pytest.mark.filterwarnings("ignore::amaranth.hdl._ir.UnusedElaboratable"),
+              pytest.mark.usefixtures("collect_unelaborated")]
 
 
 def test_descriptor_layout_is_the_sw_table():

@@ -16,7 +16,6 @@ from sw.contract import commands as C
 from sw.contract.commands import (ALIGN, DESCRIPTOR_BYTES, DESCRIPTOR_FIELDS, REGISTERS, ErrorCode, Flags, HardwareLimits,
                          LinearCommand, Reg, linear_command, pack_command, unpack_command, validate_command)
 from sw.contract.errors import ConfigError, FormatError
-from sw.contract.layout import TileLayout
 from sw.contract.numerics import quantize_activations
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,9 +201,15 @@ def test_output_and_bias_buffers():
     assert np.array_equal(arr[:70], np.arange(70)) and not arr[70:].any()
 
 
-def test_weight_bytes_is_the_kq_layout():
-    assert C.weight_bytes(896, 4864, 64, 32) == TileLayout(896, 4864, 64, 32, 4).total_bytes
-    assert C.weight_bytes(100, 128, 64, 32, weight_int8=True) == TileLayout(100, 128, 64, 32, 8).total_bytes
+def test_weight_bytes_counts_the_documented_stream():
+    """docs/format.md by hand: ceil(N/R) row tiles x K/G group blocks, a block being the meta (R fp16
+    scales, then R/2 bytes of INT4 zero points, padded to 16-byte beats) and G columns of R codes."""
+    # down_proj of Qwen2.5-0.5B, R = 32, G = 64: 28 tiles x 76 groups x (5 meta + 64 weight beats)
+    assert C.weight_bytes(896, 4864, 64, 32) == 28 * 76 * 69 * 16
+    # R = 16: 32 + 8 = 40 meta bytes padded to 48; 40 rows pad to 3 tiles; 64 columns of 8 bytes
+    assert C.weight_bytes(40, 128, 64, 16) == 3 * 2 * (48 + 64 * 8)
+    # INT8 per channel: 64 bytes of scales, no zero points; 100 rows pad to 4 tiles; 32 bytes a column
+    assert C.weight_bytes(100, 128, 64, 32, weight_int8=True) == 4 * 2 * (64 + 64 * 32)
 
 
 # ---------------------------------------------------------------------------

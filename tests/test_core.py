@@ -188,7 +188,6 @@ def test_core_ports_and_facts():
     cfg = preset("kv260")
     core = LinearCore(cfg)
     core._MustUse__silence = True
-    assert core.latency == core.array_latency + core.dequant_latency
     assert core.cycles_per_group == cfg.beats_per_group == 64      # dequant keeps up with the array
     top = build_top(cfg)              # the accelerator top: one engine (a LinearCore) per HP port
     assert set(top.signature.members) == {"csr", "irq"} | {f"hp{i}" for i in range(cfg.engines)}

@@ -3,14 +3,10 @@ AXI4-Lite bridge in cocotb + Verilator against cocotbext-axi's AxiLiteMaster."""
 
 from __future__ import annotations
 
-import gc
-import warnings
-
 from pathlib import Path
 
 import pytest
 from amaranth.hdl import Module
-from amaranth.hdl._ir import UnusedElaboratable
 from amaranth.sim import Simulator
 
 from rtl import csr
@@ -20,16 +16,9 @@ from sw.contract.commands import REGISTERS
 REPO = Path(__file__).resolve().parent.parent
 
 
-pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl._ir.UnusedElaboratable")
-
-
-@pytest.fixture(autouse=True)
-def _collect_unelaborated():
-    """The structural tests build components they never elaborate; drop them quietly."""
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnusedElaboratable)
-        gc.collect()
+# The structural tests build components they never elaborate; drop them quietly.
+pytestmark = [pytest.mark.filterwarnings("ignore::amaranth.hdl._ir.UnusedElaboratable"),
+              pytest.mark.usefixtures("collect_unelaborated")]
 
 
 def test_builder_places_and_checks():

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from sw.contract.config import preset
-from sw.cli import main as cli_main
 from sw.contract.commands import (ErrorCode, HardwareLimits, activation_layout, bias_bytes, linear_command,
                          output_layout, pack_activations, pack_bias, pack_command_list, unpack_outputs)
 from sw.driver import (DeviceError, add_device_args, bench_report, open_accelerated, open_device)
@@ -23,15 +22,8 @@ from sw.sampling import Sampler, SamplingParams
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("drvgolden")
-    assert cli_main(["synth-model", "--preset", "tiny", "--seed", "2", "--out", str(d / "tiny")]) == 0
-    out = {}
-    for head in ("int4", "fp16", "int8"):
-        out[head] = d / f"tiny-{head}.kq"
-        assert cli_main(["quantize", str(d / "tiny"), "--method", "rtn", "--group-size", "64", "--lm-head", head,
-                         "--quiet", "--out", str(out[head])]) == 0
-    return out
+def models(make_tiny_kq):
+    return {head: make_tiny_kq(head) for head in ("int4", "fp16", "int8")}
 
 
 PROMPT = [7, 3, 11, 100, 42, 5, 9, 250, 17, 33, 1]   # 11 tokens: an 8-lane chunk and a 3-token chunk
@@ -229,11 +221,20 @@ def test_open_device_names_and_cli_args():
     assert open_device("golden", args).name == "golden"
     with pytest.raises(Exception, match="unknown device 'tpu'"):
         open_device("tpu", args)
-    try:
-        import sim.device  # noqa: F401
-    except ImportError:
-        with pytest.raises(DeviceError, match="the sim device is not available"):
-            open_device("sim", args)
+
+
+def test_sim_device_missing_or_unloadable_is_one_clear_error(monkeypatch):
+    """The sim device plugs in through an entry point; on an install without the simulation tools it
+    cannot load, and one without the entry point never registered it."""
+    import importlib.metadata as md
+    broken = md.EntryPoint(name="sim", value="kriallm_no_such_module:open_sim_device", group="kriallm.devices")
+    monkeypatch.setattr(md, "entry_points", lambda group: [broken] if group == "kriallm.devices" else [])
+    with pytest.raises(DeviceError, match=r"^the sim device is not available \(kriallm_no_such_module could not "
+                                          r"be imported\): it needs the simulation tools"):
+        open_device("sim")
+    monkeypatch.setattr(md, "entry_points", lambda group: [])
+    with pytest.raises(DeviceError, match="the sim device is not registered"):
+        open_device("sim")
 
 
 def test_bench_report(models):

@@ -30,7 +30,6 @@ import numpy as np
 import pytest
 
 from sw.contract.config import ArrayConfig, preset
-from sw.cli import main as cli_main
 from sw.contract.commands import (DESCRIPTOR_BYTES, HardwareLimits, activation_layout, output_layout,
                          unpack_command)
 from sw.driver import DeviceError, open_accelerated, open_device
@@ -46,12 +45,8 @@ DMA_BYTES = 4 << 20
 
 
 @pytest.fixture(scope="module")
-def tiny_kq(tmp_path_factory):
-    d = tmp_path_factory.mktemp("kv260")
-    assert cli_main(["synth-model", "--preset", "tiny", "--seed", "5", "--out", str(d / "tiny")]) == 0
-    assert cli_main(["quantize", str(d / "tiny"), "--method", "rtn", "--group-size", "64", "--lm-head", "int4",
-                     "--quiet", "--out", str(d / "tiny.kq")]) == 0
-    return d / "tiny.kq"
+def tiny_kq(make_tiny_kq):
+    return make_tiny_kq("int4")
 
 
 class FakeBoard:
@@ -288,7 +283,7 @@ def test_manifest_and_model_mismatch_are_one_clear_error(tiny_kq, board_factory,
     open_accelerated(tiny_kq, "kv260", _args(board, manifest=ok)).dev.close()
     # a design with 16-row tiles cannot run a .kq packed for 32
     board16 = board_factory(preset("kv260").replace(rows=16))
-    with pytest.raises(DeviceError, match=r"tiny.kq was built for tile_rows 32 / group size 64 but the loaded "
+    with pytest.raises(DeviceError, match=r"tiny-int4\.kq was built for tile_rows 32 / group size 64 but the loaded "
                                           r"design is rows 16 / group size 64"):
         open_accelerated(tiny_kq, "kv260", _args(board16))
 

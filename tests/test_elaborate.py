@@ -24,6 +24,8 @@ from boards.elaborate import (DEFAULT_HW_CONFIG, LINT_WAIVERS, MANIFEST_KEYS, MA
 from sw.contract.commands import CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS
 from sw.contract.config import ArrayConfig, preset
 
+pytestmark = pytest.mark.synth
+
 REPO = Path(__file__).resolve().parent.parent
 SMALL_NAME = "test-4x4-g32"          # a preset the accelerator top takes, elaborated in seconds
 DTC = shutil.which("dtc")

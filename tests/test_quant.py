@@ -12,14 +12,8 @@ from sw.quant import (HeadTie, awq_scale_model, awq_scales, fake_quant_weight, q
                       quantize_int8_per_channel, quantize_model, quantize_rtn, round_to_bf16,
                       search_clip, search_scales, apply_clip)
 from sw.reference import Qwen2Runner, reference_linears
-from sw.synth import synthesize
 
 TINY = PRESETS["tiny"]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return synthesize(TINY, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +22,9 @@ def calib():
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tiny, calib):
+def tiny_models(tiny_tensors, calib):
     """(method, group) -> QuantModel of the tiny synthetic model, fp16 LM head."""
-    return {(m, g): quantize_model(TINY, tiny, method=m, group_size=g, lm_head="fp16",
+    return {(m, g): quantize_model(TINY, tiny_tensors, method=m, group_size=g, lm_head="fp16",
                                    calib_tokens=calib, progress=False, n_grid=10)
             for m in ("rtn", "awq") for g in (64, 128)}
 
@@ -211,38 +205,38 @@ def logits(config, params, linear, tokens):
     return runner.forward(tokens, runner.new_cache())
 
 
-def test_awq_folding_is_an_identity_of_the_float_model(tiny, calib):
-    cfg2, scaled, info = awq_scale_model(TINY, tiny, calib, 64, lm_head="int4", n_grid=5)
+def test_awq_folding_is_an_identity_of_the_float_model(tiny_tensors, calib):
+    cfg2, scaled, info = awq_scale_model(TINY, tiny_tensors, calib, 64, lm_head="int4", n_grid=5)
     assert not cfg2.tie_word_embeddings and "lm_head.weight" in scaled
     tokens = calibration_tokens(None, TINY, 64, seed=5)
-    y0 = logits(TINY, tiny, reference_linears(TINY, tiny), tokens)
+    y0 = logits(TINY, tiny_tensors, reference_linears(TINY, tiny_tensors), tokens)
     y1 = logits(cfg2, scaled, reference_linears(cfg2, scaled), tokens)
     assert rel(y1, y0) < 1e-5
     # Something was actually scaled, the caller's tensors were not touched.
     p = "model.layers.0."
-    assert not np.allclose(scaled[p + "input_layernorm.weight"], tiny[p + "input_layernorm.weight"])
-    assert scaled[p + "mlp.up_proj.weight"] is not tiny[p + "mlp.up_proj.weight"]
+    assert not np.allclose(scaled[p + "input_layernorm.weight"], tiny_tensors[p + "input_layernorm.weight"])
+    assert scaled[p + "mlp.up_proj.weight"] is not tiny_tensors[p + "mlp.up_proj.weight"]
     assert all(0 <= info[l][g]["alpha"] < 1 for l in range(TINY.num_hidden_layers)
                for g in ("attn_in", "attn_out", "mlp_in", "mlp_out"))
     # GQA: the o_proj input scale is tied across the query heads of one KV head.
     ratio = (np.linalg.norm(scaled[p + "self_attn.o_proj.weight"], axis=0)
-             / np.linalg.norm(tiny[p + "self_attn.o_proj.weight"], axis=0))
+             / np.linalg.norm(tiny_tensors[p + "self_attn.o_proj.weight"], axis=0))
     rep = TINY.num_attention_heads // TINY.num_key_value_heads
     per_head = ratio.reshape(TINY.num_key_value_heads, rep, TINY.head_dim)
     assert np.allclose(per_head, per_head[:, :1], rtol=1e-5)
     assert np.ptp(per_head) > 0.1
 
 
-def test_vo_scaling_skip(tiny, calib):
-    _, scaled, info = awq_scale_model(TINY, tiny, calib, 64, vo_scaling="skip", n_grid=4)
+def test_vo_scaling_skip(tiny_tensors, calib):
+    _, scaled, info = awq_scale_model(TINY, tiny_tensors, calib, 64, vo_scaling="skip", n_grid=4)
     assert info[0]["attn_out"]["alpha"] is None
-    assert scaled["model.layers.0.self_attn.o_proj.weight"] is tiny["model.layers.0.self_attn.o_proj.weight"]
+    assert scaled["model.layers.0.self_attn.o_proj.weight"] is tiny_tensors["model.layers.0.self_attn.o_proj.weight"]
 
 
 @pytest.mark.parametrize("g", [64, 128])
-def test_awq_model_beats_rtn_model(tiny, tiny_models, g):
+def test_awq_model_beats_rtn_model(tiny_tensors, tiny_models, g):
     tokens = calibration_tokens(None, TINY, 128, seed=9)
-    y = logits(TINY, tiny, reference_linears(TINY, tiny), tokens)
+    y = logits(TINY, tiny_tensors, reference_linears(TINY, tiny_tensors), tokens)
     errs = {}
     for method in ("rtn", "awq"):
         qm = tiny_models[(method, g)]
@@ -251,8 +245,8 @@ def test_awq_model_beats_rtn_model(tiny, tiny_models, g):
     assert errs["awq"] < 0.8 * errs["rtn"]
 
 
-def test_quantize_model_output(tiny, calib, tiny_models):
-    qm = quantize_model(TINY, tiny, method="awq", group_size=128, lm_head="int8",
+def test_quantize_model_output(tiny_tensors, calib, tiny_models):
+    qm = quantize_model(TINY, tiny_tensors, method="awq", group_size=128, lm_head="int8",
                         calib_tokens=calib, clip=True, progress=False, n_grid=6)
     assert set(qm.linears) == set(TINY.linear_names())
     assert all(qm.linears[n].kind == "int4" for n in TINY.linear_names()[:-1])
@@ -274,20 +268,20 @@ def test_quantize_model_output(tiny, calib, tiny_models):
     rtn = tiny_models[("rtn", 128)]
     assert rtn.quant["method"] == "rtn" and rtn.linears["lm_head"].kind == "fp16"
     assert np.array_equal(rtn.params["model.layers.0.input_layernorm.weight"],
-                          tiny["model.layers.0.input_layernorm.weight"])
+                          tiny_tensors["model.layers.0.input_layernorm.weight"])
 
 
-def test_quantize_model_errors(tiny):
+def test_quantize_model_errors(tiny_tensors):
     with pytest.raises(ConfigError, match="32, 64, 128"):
-        quantize_model(TINY, tiny, method="rtn", group_size=16, progress=False)
+        quantize_model(TINY, tiny_tensors, method="rtn", group_size=16, progress=False)
     with pytest.raises(ConfigError, match="method"):
-        quantize_model(TINY, tiny, method="gptq", progress=False)
+        quantize_model(TINY, tiny_tensors, method="gptq", progress=False)
     with pytest.raises(ConfigError, match="LM head"):
-        quantize_model(TINY, tiny, method="rtn", lm_head="int2", progress=False)
+        quantize_model(TINY, tiny_tensors, method="rtn", lm_head="int2", progress=False)
     with pytest.raises(ConfigError, match="calibration token ids"):
-        quantize_model(TINY, tiny, calib_tokens=np.array([0, TINY.vocab_size]), progress=False)
+        quantize_model(TINY, tiny_tensors, calib_tokens=np.array([0, TINY.vocab_size]), progress=False)
     with pytest.raises(KriaError, match="model.norm.weight"):
-        quantize_model(TINY, {k: v for k, v in tiny.items() if k != "model.norm.weight"},
+        quantize_model(TINY, {k: v for k, v in tiny_tensors.items() if k != "model.norm.weight"},
                        method="rtn", progress=False)
 
 
@@ -347,12 +341,12 @@ def test_calibration_from_text(tmp_path):
     assert "text file" in got.description
 
 
-def test_default_and_multi_sequence_calibration(tiny):
-    qm = quantize_model(TINY, tiny, method="awq", group_size=64, lm_head="fp16", n_grid=2,
+def test_default_and_multi_sequence_calibration(tiny_tensors):
+    qm = quantize_model(TINY, tiny_tensors, method="awq", group_size=64, lm_head="fp16", n_grid=2,
                         progress=False)
     assert qm.quant["calibration"]["tokens"] == 512
     assert "synthetic" in qm.quant["calibration"]["source"]
     seqs = calibration_tokens(None, TINY, 96, seed=2).reshape(3, 32)
-    qm = quantize_model(TINY, tiny, method="awq", group_size=64, lm_head="fp16", n_grid=2,
+    qm = quantize_model(TINY, tiny_tensors, method="awq", group_size=64, lm_head="fp16", n_grid=2,
                         calib_tokens=seqs, progress=False)
     assert qm.quant["calibration"]["sequences"] == 3 and qm.quant["calibration"]["tokens"] == 96

@@ -9,19 +9,14 @@ from sw.config import preset
 from sw.contract.errors import ConfigError
 from sw.reference import (KVCache, Qwen2Runner, apply_rope, reference_linears, rms_norm,
                           rope_tables, silu, softmax)
-from sw.synth import synthesize, write_synthetic_checkpoint
+from sw.synth import write_synthetic_checkpoint
 
 CONFIG = preset("tiny")
 
 
 @pytest.fixture(scope="module")
-def tensors():
-    return synthesize(CONFIG, seed=0)
-
-
-@pytest.fixture(scope="module")
-def runner(tensors):
-    return Qwen2Runner(CONFIG, tensors, reference_linears(CONFIG, tensors))
+def runner(tiny_tensors):
+    return Qwen2Runner(CONFIG, tiny_tensors, reference_linears(CONFIG, tiny_tensors))
 
 
 def _tokens(n, seed=5):
@@ -106,8 +101,8 @@ def test_chunked_prefill_and_cache_growth(runner):
     np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-5 * np.abs(full).max(), rtol=0)
 
 
-def test_wrapped_linear_sees_exact_inputs(tensors, runner):
-    base = reference_linears(CONFIG, tensors)
+def test_wrapped_linear_sees_exact_inputs(tiny_tensors, runner):
+    base = reference_linears(CONFIG, tiny_tensors)
     calls = []
 
     def record(name, x):
@@ -115,25 +110,25 @@ def test_wrapped_linear_sees_exact_inputs(tensors, runner):
         return base(name, x)
 
     ids = _tokens(6)
-    wrapped = Qwen2Runner(CONFIG, tensors, record)
+    wrapped = Qwen2Runner(CONFIG, tiny_tensors, record)
     logits = wrapped.forward(ids, wrapped.new_cache())
     np.testing.assert_array_equal(logits, runner.forward(ids, runner.new_cache()))
     names = [n for n, _ in calls]
     assert names == CONFIG.linear_names()          # each linear once, in execution order
     by_name = dict(calls)
     pre = "model.layers.0"
-    h = tensors["model.embed_tokens.weight"][ids]
-    x = rms_norm(h, tensors[f"{pre}.input_layernorm.weight"], CONFIG.rms_norm_eps)
+    h = tiny_tensors["model.embed_tokens.weight"][ids]
+    x = rms_norm(h, tiny_tensors[f"{pre}.input_layernorm.weight"], CONFIG.rms_norm_eps)
     for proj in ("q_proj", "k_proj", "v_proj"):
         np.testing.assert_array_equal(by_name[f"{pre}.self_attn.{proj}"], x)
     assert by_name["lm_head"].shape == (6, CONFIG.hidden_size)
 
 
-def test_linear_is_pluggable(tensors):
-    base = reference_linears(CONFIG, tensors)
+def test_linear_is_pluggable(tiny_tensors):
+    base = reference_linears(CONFIG, tiny_tensors)
     ids = _tokens(4)
-    plain = Qwen2Runner(CONFIG, tensors, base)
-    doubled = Qwen2Runner(CONFIG, tensors,
+    plain = Qwen2Runner(CONFIG, tiny_tensors, base)
+    doubled = Qwen2Runner(CONFIG, tiny_tensors,
                           lambda n, x: 2 * base(n, x) if n == "lm_head" else base(n, x))
     np.testing.assert_allclose(doubled.forward(ids, doubled.new_cache()),
                                2 * plain.forward(ids, plain.new_cache()), rtol=1e-6)
@@ -145,11 +140,11 @@ def test_token_validation(runner, bad):
         runner.forward(np.array(bad), runner.new_cache())
 
 
-def test_missing_params(tensors):
-    params = dict(tensors)
+def test_missing_params(tiny_tensors):
+    params = dict(tiny_tensors)
     del params["model.layers.1.post_attention_layernorm.weight"]
     with pytest.raises(ConfigError, match="post_attention_layernorm"):
-        Qwen2Runner(CONFIG, params, reference_linears(CONFIG, tensors))
+        Qwen2Runner(CONFIG, params, reference_linears(CONFIG, tiny_tensors))
 
 
 def test_kv_cache_layout():

@@ -94,7 +94,7 @@ def _check_memories(rep: dict) -> None:
     assert rep["used"]["BRAM36"] + rep["used"]["URAM"] > 0 and rep["used"]["LUT_memory"] > 0
 
 
-@pytest.mark.sim
+@pytest.mark.synth
 def test_dsp_packing_halves_multipliers():
     """Same array, packing on vs off: one DSP48E2 per product pair vs one per product."""
     cfg = dataclasses.replace(preset(SMALL), engines=1)
@@ -105,7 +105,7 @@ def test_dsp_packing_halves_multipliers():
     assert on["used"]["DSP"] == products // 2
 
 
-@pytest.mark.sim
+@pytest.mark.synth
 def test_small_full_top_matches_baseline():
     """The whole accelerator top (DMA masters, CSRs, command processor, activation buffer, engine)."""
     rep = resource_report(preset(SMALL), preset_name=SMALL)
@@ -118,13 +118,13 @@ def test_small_full_top_matches_baseline():
     _check_baseline(SMALL, rep)
 
 
-@pytest.mark.sim
+@pytest.mark.synth
 def test_small_engine_matches_baseline():
     _check_baseline(SMALL, resource_report(preset(SMALL), scope="engine", preset_name=SMALL))
 
 
 @pytest.mark.slow
-@pytest.mark.sim
+@pytest.mark.synth
 def test_kv260_full_top_fits_the_budget():
     """Acceptance: the whole kv260 top within 60 % LUT and 50 % DSP of the K26 (Yosys estimate)."""
     rep = resource_report(preset("kv260"), preset_name="kv260")
@@ -137,7 +137,7 @@ def test_kv260_full_top_fits_the_budget():
 
 
 @pytest.mark.slow
-@pytest.mark.sim
+@pytest.mark.synth
 @pytest.mark.parametrize("name", ["kv260", "kv260-nopack"])
 def test_kv260_engine_matches_baseline(name):
     rep = resource_report(preset(name), scope="engine", preset_name=name)

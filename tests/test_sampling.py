@@ -12,9 +12,11 @@ def test_greedy_takes_first_maximum():
 def test_top_k_one_is_greedy_and_seed_reproducible():
     logits = np.random.default_rng(0).standard_normal(100)
     assert Sampler(SamplingParams(temperature=1.0, top_k=1))(logits) == int(np.argmax(logits))
-    a = [Sampler(SamplingParams(temperature=1.0, seed=7))(logits) for _ in range(3)]
-    s = Sampler(SamplingParams(temperature=1.0, seed=7))
-    assert a[0] == s(logits)
+
+    def draws(seed):
+        s = Sampler(SamplingParams(temperature=1.0, seed=seed))
+        return [s(logits) for _ in range(20)]
+    assert draws(7) == draws(7) and draws(7) != draws(8)
 
 
 def test_top_p_restricts_to_nucleus():

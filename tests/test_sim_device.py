@@ -22,7 +22,7 @@ import pytest
 
 from sw.cli import main as cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.sim]
 
 PROMPT = "3,14,15,92"
 

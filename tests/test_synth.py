@@ -19,15 +19,10 @@ CONFIG = preset("tiny")
 
 
 @pytest.fixture(scope="module")
-def tensors():
-    return synthesize(CONFIG, seed=0)
-
-
-@pytest.fixture(scope="module")
-def run(tensors):
+def run(tiny_tensors):
     """Forward passes of tiny over 4 random sequences, recording every
     linear's input and output."""
-    base = reference_linears(CONFIG, tensors)
+    base = reference_linears(CONFIG, tiny_tensors)
     runs = []
     for seq in range(4):
         seen = {}
@@ -38,7 +33,7 @@ def run(tensors):
             return y
 
         ids = np.random.default_rng(100 + seq).integers(0, CONFIG.vocab_size, 32)
-        runner = Qwen2Runner(CONFIG, tensors, record)
+        runner = Qwen2Runner(CONFIG, tiny_tensors, record)
         logits = runner.forward(ids, runner.new_cache())
         runs.append((ids, logits, seen))
     return runs
@@ -48,9 +43,9 @@ def _bf16(x):
     return bf16_bits_to_f32(f32_to_bf16_bits(x))
 
 
-def _residuals(tensors, ids, seen):
+def _residuals(tiny_tensors, ids, seen):
     """The residual stream after each layer: embedding + o_proj and down_proj outputs."""
-    h = tensors["model.embed_tokens.weight"][ids]
+    h = tiny_tensors["model.embed_tokens.weight"][ids]
     out = []
     for layer in range(CONFIG.num_hidden_layers):
         pre = f"model.layers.{layer}"
@@ -66,12 +61,12 @@ def _entropy(logits):
     return -(p * np.log(np.maximum(p, 1e-30))).sum(axis=-1), p
 
 
-def test_write_read_round_trip(tmp_path, tensors):
+def test_write_read_round_trip(tmp_path, tiny_tensors):
     out = write_synthetic_checkpoint(tmp_path / "tiny", "tiny", seed=0)
     ck = load_checkpoint(out)
     assert ck.config == CONFIG and not ck.has_tokenizer and ck.quantization_config is None
-    assert set(ck.tensors) == set(tensors) == set(expected_shapes(CONFIG))
-    for name, value in tensors.items():
+    assert set(ck.tensors) == set(tiny_tensors) == set(expected_shapes(CONFIG))
+    for name, value in tiny_tensors.items():
         np.testing.assert_array_equal(ck.tensors[name], _bf16(value))
     meta = json.loads((out / "config.json").read_text())["kriallm_synthetic"]
     s = synthetic_structure(CONFIG, 0)
@@ -90,28 +85,28 @@ def test_sharded_loads_identically(tmp_path):
         np.testing.assert_array_equal(single.tensors[name], sharded.tensors[name])
 
 
-def test_deterministic_per_seed(tensors):
+def test_deterministic_per_seed(tiny_tensors):
     again = synthesize(CONFIG, seed=0)
     other = synthesize(CONFIG, seed=1)
-    for name in tensors:
-        np.testing.assert_array_equal(again[name], tensors[name])
+    for name in tiny_tensors:
+        np.testing.assert_array_equal(again[name], tiny_tensors[name])
     assert not np.array_equal(other["model.layers.0.mlp.up_proj.weight"],
-                              tensors["model.layers.0.mlp.up_proj.weight"])
+                              tiny_tensors["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_weight_statistics(tensors):
-    for name, value in tensors.items():
+def test_weight_statistics(tiny_tensors):
+    for name, value in tiny_tensors.items():
         assert value.dtype == np.float32 and np.all(np.isfinite(value)), name
-    w = tensors["model.layers.0.mlp.gate_proj.weight"]
+    w = tiny_tensors["model.layers.0.mlp.gate_proj.weight"]
     row_std = w.std(axis=1)
     assert np.percentile(row_std, 90) / np.percentile(row_std, 10) > 1.5   # per-row spread
-    k_bias = tensors["model.layers.0.self_attn.k_proj.bias"]
+    k_bias = tiny_tensors["model.layers.0.self_attn.k_proj.bias"]
     assert np.abs(k_bias).max() > 2.0
-    assert np.abs(tensors["model.layers.0.self_attn.q_proj.bias"]).max() > 0
-    assert 0.02 < tensors["model.embed_tokens.weight"].std() < 0.05
+    assert np.abs(tiny_tensors["model.layers.0.self_attn.q_proj.bias"]).max() > 0
+    assert 0.02 < tiny_tensors["model.embed_tokens.weight"].std() < 0.05
 
 
-def test_outlier_input_channels(tensors, run):
+def test_outlier_input_channels(tiny_tensors, run):
     """A few q/k/v (and gate/up) input channels sit far above the rest,
     exactly at the planted channels."""
     s = synthetic_structure(CONFIG, 0)
@@ -138,10 +133,10 @@ def test_outlier_intermediate_channels(run):
     assert min(ratios) > 6 and max(ratios) > 20
 
 
-def test_massive_activations(tensors, run):
+def test_massive_activations(tiny_tensors, run):
     s = synthetic_structure(CONFIG, 0)
     for ids, _, seen in run:
-        residuals = _residuals(tensors, ids, seen)
+        residuals = _residuals(tiny_tensors, ids, seen)
         for layer, h in enumerate(residuals):
             typical = np.median(np.abs(h))
             per_dim = np.median(np.abs(h), axis=0)
@@ -177,9 +172,9 @@ def test_numerically_sane(run):
     assert np.corrcoef(a[-1], b[-1])[0, 1] < 0.9
 
 
-def _self_sample(tensors, n_tokens=128, seed=0):
+def _self_sample(tiny_tensors, n_tokens=128, seed=0):
     """n_tokens sampled from the float model itself at temperature 1."""
-    runner = Qwen2Runner(CONFIG, tensors, reference_linears(CONFIG, tensors))
+    runner = Qwen2Runner(CONFIG, tiny_tensors, reference_linears(CONFIG, tiny_tensors))
     rng = np.random.default_rng(seed)
     ids, cache = [1], runner.new_cache(n_tokens)
     logits = runner.forward(np.array(ids), cache)[-1]
@@ -190,22 +185,22 @@ def _self_sample(tensors, n_tokens=128, seed=0):
     return np.array(ids)
 
 
-def test_robust_like_a_trained_model(tensors):
+def test_robust_like_a_trained_model(tiny_tensors):
     """On text it writes itself, the model reacts to small weight changes
     about as a trained LLM does (docs/synthetic.md, "Robustness"): 1 %
     multiplicative noise on every linear weight barely moves the logits,
     INT8 activations hardly matter, INT4 round-to-nearest costs a real LLM's
     KL -- not nothing, not a collapse."""
-    ids = _self_sample(tensors)
-    base = reference_linears(CONFIG, tensors)
+    ids = _self_sample(tiny_tensors)
+    base = reference_linears(CONFIG, tiny_tensors)
 
-    def kl_top1(linear, params=tensors):
+    def kl_top1(linear, params=tiny_tensors):
         runner = Qwen2Runner(CONFIG, params, linear)
         logits = runner.forward(ids, runner.new_cache())
         c = compare_logits(logits[:-1], ref[:-1], ids[1:])
         return c["kl_ref_test"], c["top1_agreement"]
 
-    runner = Qwen2Runner(CONFIG, tensors, base)
+    runner = Qwen2Runner(CONFIG, tiny_tensors, base)
     ref = runner.forward(ids, runner.new_cache())
     entropy, _ = _entropy(ref.astype(np.float64))
     assert 2.5 < entropy.mean() < 3.7
@@ -213,7 +208,7 @@ def test_robust_like_a_trained_model(tensors):
 
     rng = np.random.default_rng(5)
     noisy = {k: v * (1 + 0.01 * rng.standard_normal(v.shape)).astype(np.float32)
-             if k.endswith("_proj.weight") else v for k, v in tensors.items()}
+             if k.endswith("_proj.weight") else v for k, v in tiny_tensors.items()}
     kl, top1 = kl_top1(reference_linears(CONFIG, noisy))
     assert kl < 0.01 and top1 > 0.9, (kl, top1)
 
@@ -221,15 +216,13 @@ def test_robust_like_a_trained_model(tensors):
     assert kl < 0.05, kl
 
     rtn = {k: fake_quant_weight(v, 64) if k.endswith("_proj.weight") else v
-           for k, v in tensors.items()}
+           for k, v in tiny_tensors.items()}
     kl, _ = kl_top1(reference_linears(CONFIG, rtn))
     assert 0.02 < kl < 0.5, kl
 
 
 @pytest.mark.slow
-def test_qwen25_05b(tmp_path, request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("full-size synthesis; run with -m slow")
+def test_qwen25_05b(tmp_path):
     config = preset("qwen2.5-0.5b")
     start = time.perf_counter()
     out = write_synthetic_checkpoint(tmp_path / "q", "qwen2.5-0.5b", seed=0)

@@ -29,6 +29,8 @@ from sim.top_tb import (SIM_DDR, Scenario, Workspace, build_sim_top, compare_bit
                         random_linear, run_scenario)
 from sw.contract.commands import ErrorCode
 
+pytestmark = pytest.mark.sim
+
 SMALL = preset("test-4x4-g32").replace(engines=1)
 SMALL_DDR = SIM_DDR.replace(ports=1, mem_bytes=16 << 20)
 SMALL_MAX_K = 1024
