@@ -265,7 +265,10 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
                         help="stop after generating even if Vivado is found (exit status 3)")
 
 
-def run_build(args) -> int:
+def run_build(args, top=None) -> int:
+    """`kriallm build`. `top` is for Python callers with a design of their own around the accelerator:
+    an instance of a subclass of rtl.top.Accelerator (for example one that requests Pmod pins of the
+    KV260Platform, docs/kv260.md); by default the accelerator top of the config."""
     t0 = time.perf_counter()
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
@@ -282,9 +285,12 @@ def run_build(args) -> int:
         steps.append({"name": name, "status": status, **detail})
 
     # 1-2: the core and every Vivado source, as one Amaranth BuildPlan.
-    from rtl.top import build_top
-    top = build_top(config)
+    from rtl.top import Accelerator, build_top
     platform = kv260.KV260Platform(config, app_name=app, dma_bytes=dma_bytes, jobs=args.jobs)
+    if top is None:
+        top = build_top(config)
+    elif not isinstance(top, Accelerator) or top.config != config:
+        raise ConfigError(f"the top must be an rtl.top.Accelerator of the build's config, got {type(top).__name__}")
     plan = platform.prepare(top, design)
     d = platform.design
     # What the bitstream depends on: every generated source except the scripts that only carry --jobs.

@@ -27,6 +27,8 @@ HIDDEN = {
     ("synth-model", "--preset"),                                     # deprecated: --model-preset
     ("quantize", "--tile-rows"),                                     # deprecated: --hw-config
     ("bench-engine", "--preset"),                                    # deprecated: --hw-config
+    *((cmd, opt) for cmd in ("elaborate", "resources", "build")     # deprecated: --hw-config
+      for opt in ("--preset", "--config")),
 }
 SKIP = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
 
