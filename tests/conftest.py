@@ -67,7 +67,7 @@ def tiny_tensors() -> dict:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The tiny model (seed 0) as an HF checkpoint directory (BF16 safetensors), as
-    `kriallm synth-model --preset tiny --seed 0` writes it. Read it, do not write into it."""
+    `kriallm synth-model --model-preset tiny --seed 0` writes it. Read it, do not write into it."""
     from sw.synth import write_synthetic_checkpoint
     return write_synthetic_checkpoint(tmp_path_factory.mktemp("shared") / "tiny", "tiny", seed=0)
 

@@ -408,7 +408,7 @@ def test_overlay_compiles_and_decompiles_to_the_config(built):
 @needs_dtc
 def test_model_sizes_the_dma_buffer(tmp_path):
     from sw.cli import main
-    assert main(["synth-model", "--preset", "tiny", "--out", str(tmp_path / "tiny")]) == 0
+    assert main(["synth-model", "--model-preset", "tiny", "--out", str(tmp_path / "tiny")]) == 0
     kq = tmp_path / "m.kq"
     assert main(["quantize", str(tmp_path / "tiny"), "--method", "rtn", "--quiet", "--out", str(kq)]) == 0
     r = run_build(["--hw-config", SMALL_NAME, "--model", str(kq), "--out", str(tmp_path / "b"), "--generate-only",

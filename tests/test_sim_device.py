@@ -39,7 +39,7 @@ def _generate(capsys, kq, device, n, logits):
 
 
 def test_tiny_sim_vs_golden_8_tokens_cli(tmp_path, capsys):
-    assert cli(["synth-model", "--preset", "tiny", "--seed", "0", "--out", str(tmp_path / "tiny")]) == 0
+    assert cli(["synth-model", "--model-preset", "tiny", "--seed", "0", "--out", str(tmp_path / "tiny")]) == 0
     kq = tmp_path / "tiny.kq"
     assert cli(["quantize", str(tmp_path / "tiny"), "--method", "awq", "--group-size", "64", "--lm-head", "int4",
                 "--quiet", "--out", str(kq)]) == 0
@@ -57,7 +57,7 @@ def full_kq(tmp_path_factory):
     if given:
         return Path(given)
     d = tmp_path_factory.mktemp("full")
-    assert cli(["synth-model", "--preset", "qwen2.5-0.5b", "--seed", "0", "--out", str(d / "ckpt")]) == 0
+    assert cli(["synth-model", "--model-preset", "qwen2.5-0.5b", "--seed", "0", "--out", str(d / "ckpt")]) == 0
     kq = d / "q05.kq"
     assert cli(["quantize", str(d / "ckpt"), "--method", "rtn", "--group-size", "64", "--lm-head", "int4",
                 "--quiet", "--out", str(kq)]) == 0

@@ -426,7 +426,7 @@ def test_sim_device_runs_the_driver_bit_identical(lite_build, tmp_path):
     from sw.sampling import Sampler, SamplingParams
 
     assert callable(open_sim_device)
-    assert cli_main(["synth-model", "--preset", "tiny", "--seed", "2", "--out", str(tmp_path / "tiny")]) == 0
+    assert cli_main(["synth-model", "--model-preset", "tiny", "--seed", "2", "--out", str(tmp_path / "tiny")]) == 0
     kq = tmp_path / "tiny.kq"
     assert cli_main(["quantize", str(tmp_path / "tiny"), "--method", "rtn", "--group-size", "64", "--lm-head",
                      "int4", "--quiet", "--out", str(kq)]) == 0
