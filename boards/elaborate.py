@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from sw.contract.config import PRESETS, ArrayConfig
-from sw.contract.errors import ConfigError, KriaError, ToolchainError
+from sw.contract.errors import ConfigError, ToolchainError
+from sw.argtypes import run_cli
 from sw.fileio import safe_write_text
 
 TOP_NAME = "kriallm_top"
@@ -303,15 +304,8 @@ def run_elaborate(args) -> int:
 
 
 def cli_main(prog: str, description: str, add_args, run, argv: list[str] | None = None) -> int:
-    """`python -m boards.X` / scripts: parse, run, and print a KriaError as one line (exit status 2)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except KriaError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    """`python -m boards.X`: parse, run, and print a KriaError as one line (exit status 2)."""
+    return run_cli(prog, description, add_args, run, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

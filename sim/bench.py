@@ -37,20 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sw.argtypes import float_range, int_range
+from sw.argtypes import DeprecatedOption, float_range, int_range, run_cli
 from sw.fileio import safe_write_text, safe_writer
 
 ACCEPT_UTILIZATION = 0.90
 ACCEPT_ROOFLINE_RATIO = 1.15
 MAX_LAYERS = 4            # 8 commands per layer: the 32-entry cycle log holds four layers' commands
-
-
-class _DeprecatedPreset(argparse.Action):
-    """The old `--preset NAME`: hidden, stores into --hw-config and says so."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: note: {option_string} is deprecated; use --hw-config", file=sys.stderr)
-        setattr(namespace, self.dest, values)
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -60,7 +52,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--hw-config", metavar="PRESET|FILE", default="kv260",
                         help=f"the hardware config: a preset of sw/contract/config.py ({', '.join(HW_PRESETS)}) "
                              f"or an ArrayConfig JSON / elaboration manifest.json (default: %(default)s)")
-    parser.add_argument("--preset", dest="hw_config", action=_DeprecatedPreset, default=argparse.SUPPRESS,
+    parser.add_argument("--preset", dest="hw_config", action=DeprecatedOption, use="--hw-config", default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)
     parser.add_argument("--model-preset", default="qwen2.5-0.5b", metavar="NAME",
                         help=f"the model's shapes (sw/config.py): {', '.join(MODEL_PRESETS)} (default: %(default)s)")
@@ -328,15 +320,7 @@ def print_table(report: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__.split("\n\n")[0])
-    add_bench_args(p)
-    args = p.parse_args(argv)
-    from sw.contract.errors import KriaError
-    try:
-        return run_bench(args)
-    except KriaError as e:
-        print(f"python -m sim.bench: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("python -m sim.bench", __doc__.split("\n\n")[0], add_bench_args, run_bench, argv)
 
 
 if __name__ == "__main__":

@@ -16,66 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from .contract.errors import ConfigError, KriaError
-from .argtypes import float_range, int_range
+from .argtypes import DeprecatedOption, Parser, float_range, int_range
 from .fileio import safe_writer
 
 EXIT_USER_ERROR = 2
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Shows a value option's default: appends "(default: X)" unless the help already states it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if (action.nargs != 0 and action.default is not None and action.default is not argparse.SUPPRESS
-                and (action.option_strings or action.nargs in ("?", "*")) and "default" not in text.lower()):
-            text += " (default: %(default)s)"
-        return text
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors, defaults in the help, and old spellings that still work.
-
-    renamed: {old option: new option}; an old spelling is rewritten to the new one with a note on
-    stderr (the old spelling is not in the help). moved: {option: sentence}; the option is refused
-    with that sentence and exit status 2 before anything else is parsed.
-    """
-
-    def __init__(self, *args, **kw):
-        kw.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kw)
-        self.renamed: dict[str, str] = {}
-        self.moved: dict[str, str] = {}
-
-    def error(self, message):
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-    def parse_known_args(self, args=None, namespace=None):
-        if args is not None and (self.renamed or self.moved):
-            args = list(args)
-            for i, arg in enumerate(args):
-                if arg == "--":
-                    break
-                opt, eq, value = arg.partition("=")
-                if opt in self.moved:
-                    self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {self.moved[opt]}\n")
-                if opt in self.renamed:
-                    print(f"{self.prog}: note: {opt} is deprecated; use {self.renamed[opt]}", file=sys.stderr)
-                    args[i] = self.renamed[opt] + eq + value
-        return super().parse_known_args(args, namespace)
-
-
-class DeprecatedOption(argparse.Action):
-    """A hidden old option kept for scripts: stores its value and says what replaces it."""
-
-    def __init__(self, option_strings, dest, use: str = "", **kw):
-        self.use = use
-        kw["help"] = argparse.SUPPRESS
-        super().__init__(option_strings, dest, **kw)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: note: {option_string} is deprecated; use {self.use}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
 
 
 def _parse_ids(text: str) -> list[int]:
