@@ -67,8 +67,9 @@ RSQRT_STEPS = 2        # Newton-Raphson iterations after the seed
 RECIP_STEPS = 3
 EXP2_TABLE_BITS = 5    # 2^(j/32), j = 0..31
 EXP2_MIN = -126.0      # exp2(t) = +0.0 for t < EXP2_MIN (results stay normal)
+EXP2_FRAC_BITS = 29    # t is rounded once to a fixed-point grid of 2^-29
 
-LOG2E = F32(1.0 / math.log(2.0))                       # 0x3FB8AA3B
+LOG2E_Q31 = round(2 ** 31 / math.log(2.0))              # log2(e) as an unsigned Q1.31 integer (32 bits)
 EXP2_TABLE = np.array([2.0 ** (j / 2 ** EXP2_TABLE_BITS) for j in range(2 ** EXP2_TABLE_BITS)], F32)
 # 2^r - 1 ~= r*(C1 + r*(C2 + r*C3)) on [0, 1/32): Taylor coefficients of e^(r ln2)
 EXP2_C1 = F32(math.log(2.0))
@@ -146,23 +147,19 @@ def reciprocal(d: np.ndarray) -> np.ndarray:
     return np.ldexp(y, -e).astype(F32)
 
 
-def exp2(t: np.ndarray) -> np.ndarray:
-    """2^t for fp32 t <= 0 (including -inf). t < -126 gives +0.0.
+def _pow2_fixed(u: np.ndarray) -> np.ndarray:
+    """2^(u * 2^-29) for int64 u in [-126 * 2^29, 0].
 
-    n = floor(t) (an integer in [-126, 0]); f = t - n in [0, 1) (exact);
-    j = floor(32 f) (the top 5 bits of f); r = f - j/32 in [0, 1/32) (exact);
+    n = u >> 29 (arithmetic shift: floor, in [-126, 0]); fr = u & (2^29 - 1);
+    j = fr >> 24 (5 bits); r = fp32(fr & (2^24 - 1)) * 2^-29 (exact, r in [0, 1/32));
     q = ((C3*r + C2)*r + C1)*r in Horner form, every product and sum rounded;
     y = T[j] + T[j]*q (product rounded, then the sum); result y * 2^n (exact).
     """
-    t = np.asarray(t, F32)
-    if np.any(t > 0) or np.any(np.isnan(t)):
-        raise ValueError("exp2: the contract's domain is t <= 0")
-    live = t >= F32(EXP2_MIN)
-    ts = np.where(live, t, F32(0.0)).astype(F32)
-    n = np.floor(ts).astype(F32)
-    f = (ts - n).astype(F32)
-    j = np.floor(f * F32(2 ** EXP2_TABLE_BITS)).astype(np.int64)
-    r = (f - (j.astype(F32) * F32(2.0 ** -EXP2_TABLE_BITS))).astype(F32)
+    n = u >> EXP2_FRAC_BITS
+    fr = u & ((1 << EXP2_FRAC_BITS) - 1)
+    j = fr >> (EXP2_FRAC_BITS - EXP2_TABLE_BITS)
+    r = ((fr & ((1 << (EXP2_FRAC_BITS - EXP2_TABLE_BITS)) - 1)).astype(F32)
+         * F32(2.0 ** -EXP2_FRAC_BITS)).astype(F32)
     q = (EXP2_C3 * r).astype(F32)
     q = (q + EXP2_C2).astype(F32)
     q = (q * r).astype(F32)
@@ -170,13 +167,55 @@ def exp2(t: np.ndarray) -> np.ndarray:
     q = (q * r).astype(F32)
     tj = EXP2_TABLE[j]
     y = (tj + (tj * q).astype(F32)).astype(F32)
-    out = np.ldexp(y, n.astype(np.int64)).astype(F32)
-    return np.where(live, out, F32(0.0)).astype(F32)
+    return np.ldexp(y, n).astype(F32)
+
+
+def _check_nonpositive(x: np.ndarray, what: str) -> None:
+    if np.any(x > 0) or np.any(np.isnan(x)):
+        raise ValueError(f"{what}: the contract's domain is x <= 0")
+
+
+def _rne_shift(p: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """round_half_even(p / 2^s) for int64 p >= 0 and 1 <= s <= 62."""
+    q = p >> s
+    rem = p - (q << s)
+    half = np.int64(1) << (s - 1)
+    up = (rem > half) | ((rem == half) & ((q & 1) == 1))
+    return q + up.astype(np.int64)
+
+
+def exp2(t: np.ndarray) -> np.ndarray:
+    """2^t for fp32 t <= 0 (including -inf); t < -126 gives +0.0.
+    u = round_half_even(t * 2^29) (t * 2^29 is exact; the one rounding is at most
+    2^-30 in t), then :func:`_pow2_fixed`."""
+    t = np.asarray(t, F32)
+    _check_nonpositive(t, "exp2")
+    live = t >= F32(EXP2_MIN)
+    ts = np.where(live, t, F32(0.0)).astype(np.float64)
+    u = np.rint(ts * float(1 << EXP2_FRAC_BITS)).astype(np.int64)
+    return np.where(live, _pow2_fixed(u), F32(0.0)).astype(F32)
 
 
 def exp(x: np.ndarray) -> np.ndarray:
-    """e^x for fp32 x <= 0: exp2(fp32(x * LOG2E))."""
-    return exp2((np.asarray(x, F32) * LOG2E).astype(F32))
+    """e^x for fp32 x <= 0 (including -inf), through the same fixed-point core as exp2.
+
+    |x| = M * 2^(e-24) with M the 24-bit integer significand (M = 0 for x = 0);
+    P = M * LOG2E_Q31 (exact, < 2^56, LOG2E_Q31 = round(log2(e) * 2^31));
+    u = -round_half_even(P / 2^(26 - e)) (shift clamped to 62; u is t * 2^29
+    for t = x log2(e) with one rounding); u < -126 * 2^29 (or x = -inf) gives
+    +0.0, else :func:`_pow2_fixed` (u).
+    """
+    x = np.asarray(x, F32)
+    _check_nonpositive(x, "exp")
+    a = np.where(np.isinf(x), F32(0.0), -x).astype(F32)
+    m, e = np.frexp(a)
+    big_m = np.ldexp(m.astype(np.float64), 24).astype(np.int64)
+    p = big_m * np.int64(LOG2E_Q31)
+    shift = np.clip(26 - e.astype(np.int64), 1, 62)
+    u = -_rne_shift(p, shift)
+    live = (u >= -126 * (1 << EXP2_FRAC_BITS)) & ~np.isinf(x)
+    u = np.where(live, u, 0)
+    return np.where(live, _pow2_fixed(u), F32(0.0)).astype(F32)
 
 
 def sigmoid(g: np.ndarray) -> np.ndarray:
