@@ -137,6 +137,13 @@ def test_rsqrt_and_reciprocal_exact_points():
     assert fo.reciprocal(np.array([3.0], F32))[0] == F32(1.0 / 3.0)
     # subnormal input: 2^-140 -> 2^70
     assert fo.rsqrt(np.array([2.0 ** -140], F32))[0] == 2.0 ** 70
+    for bad in (0.0, -1.0, np.nan):
+        with pytest.raises(ValueError):
+            fo.rsqrt(np.array([bad], F32))
+        with pytest.raises(ValueError):
+            fo.reciprocal(np.array([bad], F32))
+    with pytest.raises(ValueError):
+        fo.reciprocal(np.array([2.0 ** 126], F32))
 
 
 def test_sigmoid_and_silu_points():

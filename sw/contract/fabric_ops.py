@@ -114,6 +114,8 @@ def rsqrt(v: np.ndarray) -> np.ndarray:
     c = 1.5 - b, y = y*c (each rounded); result y * 2^(-E/2) (exact).
     """
     v = np.asarray(v, F32)
+    if not np.all(v > 0):
+        raise ValueError("rsqrt: the contract's domain is v > 0")
     inf = np.isinf(v)
     m, e = _split(np.where(inf, _ONE, v).astype(F32))
     odd = e & 1
@@ -137,6 +139,8 @@ def reciprocal(d: np.ndarray) -> np.ndarray:
     result y * 2^-e (exact).
     """
     d = np.asarray(d, F32)
+    if not np.all((d >= F32(2.0 ** -125)) & (d <= F32(2.0 ** 125))):
+        raise ValueError("reciprocal: the contract's domain is [2^-125, 2^125]")
     m, e = _split(d)
     y = RECIP_SEED[_seed_index(m)]
     for _ in range(RECIP_STEPS):
