@@ -159,3 +159,21 @@ def test_real_head_dims_chunk_invariant_and_close_to_hybrid(hidden, heads, kv):
     hyb = hybrid.forward(ids, hybrid.new_cache())
     m = compare_logits(whole, hyb, None)
     assert m["kl_ref_test"] < 1e-3 and m["top1_agreement"] > 0.9, m
+
+
+@pytest.mark.slow
+def test_long_context_1024(tmp_path):
+    """Seed 0 at 1,024 tokens in one prefill: measured hybrid KL 0.0814, fabric 0.0813,
+    KL(hybrid || fabric) 0.00052."""
+    write_synthetic_checkpoint(tmp_path / "tiny", "tiny", seed=0)
+    ref = open_model(tmp_path / "tiny", "reference", progress=False)
+    ids = sample_tokens(ref, 1024, seed=100)
+    ref_logits = sequence_logits(ref, ids, 1024)
+    ckpt = load_checkpoint(tmp_path / "tiny")
+    qm = quantize_model(ckpt.config, ckpt.tensors, method="awq", group_size=64, lm_head="int4", progress=False)
+    hybrid, fabric = Qwen2Runner(qm.config, qm.params, qm.linear_fn()), FabricRunner(qm)
+    hyb, fab = hybrid.forward(ids, hybrid.new_cache()), fabric.forward(ids, fabric.new_cache())
+    mh = compare_logits(hyb[:-1], ref_logits[:-1], ids[1:])
+    mf = compare_logits(fab[:-1], ref_logits[:-1], ids[1:])
+    assert mf["kl_ref_test"] / mh["kl_ref_test"] < KL_RATIO_MAX, (mh, mf)
+    assert compare_logits(fab, hyb, None)["kl_ref_test"] < KL_HYBRID_FABRIC_MAX
