@@ -11,5 +11,6 @@ from one place. See docs/contract.md for the one-page index.
 | `commands` | the register map, command descriptors, error codes, buffer layouts |
 | `layout` | the weight stream layout (tiles, groups, meta beats) |
 | `numerics` | the arithmetic contract (the golden model's kernels) |
+| `fabric_ops` | the arithmetic of the non-linear decoder ops on the fabric |
 | `errors` | the error classes every layer raises |
 """

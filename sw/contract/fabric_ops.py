@@ -1,0 +1,344 @@
+"""The arithmetic contract of the decoder ops that move onto the fabric.
+
+The linear layers' contract is :mod:`sw.contract.numerics`; this module is the
+rest of the decoder: embedding lookup, RMSNorm, RoPE, attention over an INT8
+KV cache, softmax, SiLU x up, residual adds and greedy argmax. Every function
+here is the *specification* the RTL must equal bit for bit; docs/numerics.md
+("The fabric ops") states the same rules in prose.
+
+Global rules:
+
+* IEEE-754 binary32, round to nearest ties to even, subnormals kept, **no
+  fused multiply-add**: every product is rounded to fp32 before it is added
+  (in NumPy: products are separate float32 arrays).
+* Integer arithmetic is exact (int64 here; the RTL sizes its accumulators by
+  the bounds stated at each op).
+* Every floating-point reduction uses :func:`fixed_sum`: ``P = 32`` interleaved
+  partial sums (element i into partial i mod 32, each partial accumulated
+  sequentially from +0.0 in ascending i), then the 32 partials combined by a
+  fixed balanced binary tree ((p0+p1)+(p2+p3))+... . The order depends on P
+  only, never on a lane count: L in {1, 2, 4, 8, 16, 32} lanes each own the
+  partials p = l (mod L), and an adder of latency D <= P / L never sees a
+  hazard (8 lanes: 4 cycles).
+* Reductions never go through np.sum / np.dot / @ on floats; max is exact.
+* Constants and tables are computed in float64 and rounded once to fp32 (RNE);
+  they are listed in docs/numerics.md and are part of the contract.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .numerics import quantize_activations
+
+F32 = np.float32
+
+# --- reduction -----------------------------------------------------------------------------------
+P_PARTIALS = 32
+
+
+def fixed_sum(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The contract's fp32 reduction along `axis` (see the module docstring).
+
+    Length 0 gives +0.0. Missing elements (length not a multiple of P) are the
+    partials' initial +0.0; adding +0.0 changes no partial (a partial is never
+    -0.0, because it starts at +0.0 and RNE gives +0.0 for exact cancellation).
+    """
+    x = np.moveaxis(np.asarray(x, F32), axis, -1)
+    n = x.shape[-1]
+    chunks = -(-n // P_PARTIALS)
+    pad = chunks * P_PARTIALS - n
+    if pad:
+        x = np.concatenate([x, np.zeros(x.shape[:-1] + (pad,), F32)], axis=-1)
+    xc = x.reshape(x.shape[:-1] + (chunks, P_PARTIALS))
+    part = np.zeros(x.shape[:-1] + (P_PARTIALS,), F32)
+    for c in range(chunks):
+        part = (part + xc[..., c, :]).astype(F32)
+    while part.shape[-1] > 1:
+        part = (part[..., 0::2] + part[..., 1::2]).astype(F32)
+    return part[..., 0]
+
+
+# --- tables and constants ------------------------------------------------------------------------
+SEED_BITS = 5          # mantissa bits that index the rsqrt / reciprocal seed tables
+RSQRT_STEPS = 2        # Newton-Raphson iterations after the seed
+RECIP_STEPS = 3
+EXP2_TABLE_BITS = 5    # 2^(j/32), j = 0..31
+EXP2_MIN = -126.0      # exp2(t) = +0.0 for t < EXP2_MIN (results stay normal)
+EXP2_FRAC_BITS = 29    # t is rounded once to a fixed-point grid of 2^-29
+
+LOG2E_Q31 = round(2 ** 31 / math.log(2.0))              # log2(e) as an unsigned Q1.31 integer (32 bits)
+EXP2_TABLE = np.array([2.0 ** (j / 2 ** EXP2_TABLE_BITS) for j in range(2 ** EXP2_TABLE_BITS)], F32)
+# 2^r - 1 ~= r*(C1 + r*(C2 + r*C3)) on [0, 1/32): Taylor coefficients of e^(r ln2)
+EXP2_C1 = F32(math.log(2.0))
+EXP2_C2 = F32(math.log(2.0) ** 2 / 2.0)
+EXP2_C3 = F32(math.log(2.0) ** 3 / 6.0)
+
+
+def _seed_tables():
+    n = 2 ** SEED_BITS
+    lo = 1.0 + np.arange(n, dtype=np.float64) / n
+    hi = lo + 1.0 / n
+    # minimax-relative seeds over each interval: rsqrt 2/(sqrt a + sqrt b), reciprocal 2/(a + b)
+    rs = np.stack([2.0 / (np.sqrt(lo) + np.sqrt(hi)),              # even exponent: m in [1, 2)
+                   2.0 / (np.sqrt(2 * lo) + np.sqrt(2 * hi))])     # odd exponent: 2m in [2, 4)
+    rc = 2.0 / (lo + hi)
+    return rs.astype(F32), rc.astype(F32)
+
+
+RSQRT_SEED, RECIP_SEED = _seed_tables()   # fp32 [2, 32] (parity, index), fp32 [32]
+
+_HALF, _ONE, _ONE_HALF, _TWO = F32(0.5), F32(1.0), F32(1.5), F32(2.0)
+
+
+def _split(v: np.ndarray):
+    """v = m * 2^e with m in [1, 2) exactly (v positive, finite, nonzero)."""
+    m, e = np.frexp(v)
+    return (m * _TWO).astype(F32), e.astype(np.int64) - 1
+
+
+def _seed_index(m: np.ndarray) -> np.ndarray:
+    """The top SEED_BITS fraction bits of m in [1, 2)."""
+    return ((m.view(np.uint32) >> np.uint32(23 - SEED_BITS)) & np.uint32(2 ** SEED_BITS - 1)).astype(np.int64)
+
+
+# --- elementary functions ------------------------------------------------------------------------
+def rsqrt(v: np.ndarray) -> np.ndarray:
+    """1/sqrt(v) for fp32 v > 0 (+inf gives +0.0).
+
+    v = m * 2^e, m in [1, 2); if e is odd, mm = 2m and E = e - 1, else mm = m,
+    E = e (mm in [1, 4), E even). y = RSQRT_SEED[e & 1, top 5 fraction bits of
+    m]; h = mm * 0.5 (exact); RSQRT_STEPS (2) times: a = y*y, b = a*h,
+    c = 1.5 - b, y = y*c (each rounded); result y * 2^(-E/2) (exact).
+    """
+    v = np.asarray(v, F32)
+    if not np.all(v > 0):
+        raise ValueError("rsqrt: the contract's domain is v > 0")
+    inf = np.isinf(v)
+    m, e = _split(np.where(inf, _ONE, v).astype(F32))
+    odd = e & 1
+    mm = np.where(odd == 1, m * _TWO, m).astype(F32)
+    y = RSQRT_SEED[odd, _seed_index(m)]
+    h = (mm * _HALF).astype(F32)
+    for _ in range(RSQRT_STEPS):
+        a = (y * y).astype(F32)
+        b = (a * h).astype(F32)
+        c = (_ONE_HALF - b).astype(F32)
+        y = (y * c).astype(F32)
+    out = np.ldexp(y, -((e - odd) // 2)).astype(F32)
+    return np.where(inf, F32(0.0), out).astype(F32)
+
+
+def reciprocal(d: np.ndarray) -> np.ndarray:
+    """1/d for fp32 d in [2^-125, 2^125] (the contract uses d in [1, 2^24]).
+
+    d = m * 2^e, m in [1, 2); y = RECIP_SEED[top 5 fraction bits of m];
+    RECIP_STEPS (3) times: a = m*y, b = 1 - a, c = y*b, y = y + c (each rounded);
+    result y * 2^-e (exact).
+    """
+    d = np.asarray(d, F32)
+    if not np.all((d >= F32(2.0 ** -125)) & (d <= F32(2.0 ** 125))):
+        raise ValueError("reciprocal: the contract's domain is [2^-125, 2^125]")
+    m, e = _split(d)
+    y = RECIP_SEED[_seed_index(m)]
+    for _ in range(RECIP_STEPS):
+        a = (m * y).astype(F32)
+        b = (_ONE - a).astype(F32)
+        c = (y * b).astype(F32)
+        y = (y + c).astype(F32)
+    return np.ldexp(y, -e).astype(F32)
+
+
+def _pow2_fixed(u: np.ndarray) -> np.ndarray:
+    """2^(u * 2^-29) for int64 u in [-126 * 2^29, 0].
+
+    n = u >> 29 (arithmetic shift: floor, in [-126, 0]); fr = u & (2^29 - 1);
+    j = fr >> 24 (5 bits); r = fp32(fr & (2^24 - 1)) * 2^-29 (exact, r in [0, 1/32));
+    q = ((C3*r + C2)*r + C1)*r in Horner form, every product and sum rounded;
+    y = T[j] + T[j]*q (product rounded, then the sum); result y * 2^n (exact).
+    """
+    n = u >> EXP2_FRAC_BITS
+    fr = u & ((1 << EXP2_FRAC_BITS) - 1)
+    j = fr >> (EXP2_FRAC_BITS - EXP2_TABLE_BITS)
+    r = ((fr & ((1 << (EXP2_FRAC_BITS - EXP2_TABLE_BITS)) - 1)).astype(F32)
+         * F32(2.0 ** -EXP2_FRAC_BITS)).astype(F32)
+    q = (EXP2_C3 * r).astype(F32)
+    q = (q + EXP2_C2).astype(F32)
+    q = (q * r).astype(F32)
+    q = (q + EXP2_C1).astype(F32)
+    q = (q * r).astype(F32)
+    tj = EXP2_TABLE[j]
+    y = (tj + (tj * q).astype(F32)).astype(F32)
+    return np.ldexp(y, n).astype(F32)
+
+
+def _check_nonpositive(x: np.ndarray, what: str) -> None:
+    if np.any(x > 0) or np.any(np.isnan(x)):
+        raise ValueError(f"{what}: the contract's domain is x <= 0")
+
+
+def _rne_shift(p: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """round_half_even(p / 2^s) for int64 p >= 0 and 1 <= s <= 62."""
+    q = p >> s
+    rem = p - (q << s)
+    half = np.int64(1) << (s - 1)
+    up = (rem > half) | ((rem == half) & ((q & 1) == 1))
+    return q + up.astype(np.int64)
+
+
+def exp2(t: np.ndarray) -> np.ndarray:
+    """2^t for fp32 t <= 0 (including -inf); t < -126 gives +0.0.
+    u = round_half_even(t * 2^29) (t * 2^29 is exact; the one rounding is at most
+    2^-30 in t), then :func:`_pow2_fixed`."""
+    t = np.asarray(t, F32)
+    _check_nonpositive(t, "exp2")
+    live = t >= F32(EXP2_MIN)
+    ts = np.where(live, t, F32(0.0)).astype(np.float64)
+    u = np.rint(ts * float(1 << EXP2_FRAC_BITS)).astype(np.int64)
+    return np.where(live, _pow2_fixed(u), F32(0.0)).astype(F32)
+
+
+def exp(x: np.ndarray) -> np.ndarray:
+    """e^x for fp32 x <= 0 (including -inf), through the same fixed-point core as exp2.
+
+    |x| = M * 2^(e-24) with M the 24-bit integer significand (M = 0 for x = 0);
+    P = M * LOG2E_Q31 (exact, < 2^56, LOG2E_Q31 = round(log2(e) * 2^31));
+    u = -round_half_even(P / 2^(26 - e)) (shift clamped to 62; u is t * 2^29
+    for t = x log2(e) with one rounding); u < -126 * 2^29 (or x = -inf) gives
+    +0.0, else :func:`_pow2_fixed` (u).
+    """
+    x = np.asarray(x, F32)
+    _check_nonpositive(x, "exp")
+    a = np.where(np.isinf(x), F32(0.0), -x).astype(F32)
+    m, e = np.frexp(a)
+    big_m = np.ldexp(m.astype(np.float64), 24).astype(np.int64)
+    p = big_m * np.int64(LOG2E_Q31)
+    shift = np.clip(26 - e.astype(np.int64), 1, 62)
+    u = -_rne_shift(p, shift)
+    live = (u >= -126 * (1 << EXP2_FRAC_BITS)) & ~np.isinf(x)
+    u = np.where(live, u, 0)
+    return np.where(live, _pow2_fixed(u), F32(0.0)).astype(F32)
+
+
+def sigmoid(g: np.ndarray) -> np.ndarray:
+    """1/(1+e^-g) without overflow: e = exp(-|g|) (an exp of a value <= 0),
+    den = 1 + e in [1, 2], r = reciprocal(den); g >= 0 (incl. -0.0): r, else e*r."""
+    g = np.asarray(g, F32)
+    e = exp((-np.abs(g)).astype(F32))
+    r = reciprocal((_ONE + e).astype(F32))
+    return np.where(g >= 0, r, (e * r).astype(F32)).astype(F32)
+
+
+# --- decoder ops ---------------------------------------------------------------------------------
+def embedding(table_bf16: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns uint16 [vocab, hidden] -> fp32 rows (exact: the bits shifted up 16)."""
+    rows = np.asarray(table_bf16, np.uint16)[np.asarray(ids, np.int64)]
+    return (rows.astype(np.uint32) << np.uint32(16)).view(F32)
+
+
+def bf16_bits(table_f32: np.ndarray) -> np.ndarray:
+    """The bf16 patterns of an fp32 table whose values are all bf16 (else ValueError)."""
+    u = np.ascontiguousarray(table_f32, F32).view(np.uint32)
+    if np.any(u & np.uint32(0xFFFF)):
+        raise ValueError("embedding table holds values that are not bf16")
+    return (u >> np.uint32(16)).astype(np.uint16)
+
+
+def rms_constants(n: int, eps: float) -> tuple[np.float32, np.float32]:
+    """(fp32(1/n), fp32(eps)), both rounded once from float64."""
+    return F32(1.0 / n), F32(eps)
+
+
+def rms_norm(x: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
+    """x [..., n] fp32: s = fixed_sum(x*x); ms = s * fp32(1/n); v = ms + fp32(eps);
+    r = rsqrt(v); y = (x * r) * gamma, every step rounded."""
+    x = np.asarray(x, F32)
+    inv_n, eps32 = rms_constants(x.shape[-1], eps)
+    s = fixed_sum((x * x).astype(F32))
+    v = ((s * inv_n).astype(F32) + eps32).astype(F32)
+    r = rsqrt(v)
+    return ((x * r[..., None]).astype(F32) * np.asarray(gamma, F32)).astype(F32)
+
+
+def rope_half_tables(head_dim: int, theta: float, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Host-side, once: cos, sin fp32 [len(positions), head_dim/2].
+    angle[p, i] = p * theta^(-2i/head_dim) in float64, cos/sin in float64, rounded to fp32."""
+    inv_freq = 1.0 / (float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    ang = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(ang).astype(F32), np.sin(ang).astype(F32)
+
+
+def apply_rope(x: np.ndarray, cos_h: np.ndarray, sin_h: np.ndarray) -> np.ndarray:
+    """HF rotate-half RoPE. x [..., T, hd]; cos_h, sin_h [T, hd/2].
+    out[i]      = x[i]*c[i] - x[i+h]*s[i]     as fp32(fp32(x[i]*c) + fp32((-x[i+h])*s))
+    out[i + h]  = x[i+h]*c[i] + x[i]*s[i]     as fp32(fp32(x[i+h]*c) + fp32(x[i]*s))"""
+    x = np.asarray(x, F32)
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    lo = ((x1 * cos_h).astype(F32) + ((-x2) * sin_h).astype(F32)).astype(F32)
+    hi = ((x2 * cos_h).astype(F32) + (x1 * sin_h).astype(F32)).astype(F32)
+    return np.concatenate([lo, hi], axis=-1)
+
+
+def quantize_heads(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-vector symmetric INT8 over the last axis (a head): the activation rule of
+    numerics.quantize_activations with group = head_dim. Returns (int8 [..., hd], fp32 [...])."""
+    x = np.asarray(x, F32)
+    q, s, _ = quantize_activations(x.reshape(-1, x.shape[-1]), x.shape[-1])
+    return q.reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+def score_scale(head_dim: int) -> np.float32:
+    """fp32(log2(e) / sqrt(head_dim)) from float64: softmax works in base 2."""
+    return F32(1.0 / (math.log(2.0) * math.sqrt(head_dim)))
+
+
+def attention_scores(q8, s_q, k8, s_k, head_dim: int) -> np.ndarray:
+    """Base-2 scores. q8 int8 [..., hd], s_q fp32 [...]; k8 int8 [S, hd], s_k fp32 [S].
+    acc = sum q8*k8 (exact, |acc| <= 127*127*hd < 2^24 for hd <= 128);
+    a = s_q * C; b = a * s_k[j]; score = fp32(acc) * b (each rounded). Returns [..., S]."""
+    acc = np.einsum("...d,sd->...s", q8.astype(np.int64), k8.astype(np.int64))
+    a = (np.asarray(s_q, F32) * score_scale(head_dim)).astype(F32)
+    b = (a[..., None] * np.asarray(s_k, F32)).astype(F32)
+    return (acc.astype(F32) * b).astype(F32)
+
+
+def softmax2(scores: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """Base-2 softmax over the last axis on the visible positions (at least one per row).
+    m = max of visible scores (exact); d = score - m (rounded, <= 0); e = exp2(d);
+    e = +0.0 where not visible; s = fixed_sum(e) (>= 1); r = reciprocal(s); p = e * r."""
+    scores = np.asarray(scores, F32)
+    m = np.max(np.where(visible, scores, F32(-np.inf)), axis=-1, keepdims=True)
+    d = np.where(visible, (scores - m).astype(F32), F32(0.0)).astype(F32)
+    e = np.where(visible, exp2(d), F32(0.0)).astype(F32)
+    r = reciprocal(fixed_sum(e))
+    return (e * r[..., None]).astype(F32)
+
+
+def attention_values(p: np.ndarray, v8: np.ndarray, s_v: np.ndarray) -> np.ndarray:
+    """P.V with P kept fp32. p [..., S]; v8 int8 [S, hd]; s_v fp32 [S].
+    a[j] = p[j] * s_v[j]; t[j, d] = a[j] * fp32(v8[j, d]); out[d] = fixed_sum over j of t."""
+    a = (np.asarray(p, F32) * np.asarray(s_v, F32)).astype(F32)        # [..., S]
+    t = (a[..., None, :] * v8.T.astype(F32)).astype(F32)               # [..., hd, S]
+    return fixed_sum(t)
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """fp32(fp32(gate * sigmoid(gate)) * up)."""
+    gate = np.asarray(gate, F32)
+    return ((gate * sigmoid(gate)).astype(F32) * np.asarray(up, F32)).astype(F32)
+
+
+def residual_add(h: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (np.asarray(h, F32) + np.asarray(y, F32)).astype(F32)
+
+
+def argmax_first(logits: np.ndarray) -> np.ndarray:
+    """Greedy token: the first index of the largest logit over the last axis.
+    NaN compares as -inf; +0.0 and -0.0 are equal; all -inf/NaN gives index 0."""
+    x = np.asarray(logits, F32)
+    key = np.where(np.isnan(x), F32(-np.inf), x)
+    m = np.max(key, axis=-1, keepdims=True)
+    return np.argmax(key == m, axis=-1)
