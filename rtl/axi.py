@@ -17,25 +17,34 @@ See docs/axi.md for the behaviour on errors and the counters.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.data import StructLayout
 from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
+from sw.contract.commands import BEAT_BYTES, DEFAULT_ADDR_BITS, HP_ID_BITS
 from sw.contract.errors import ConfigError
+
+from .component import CheckedComponent
 
 __all__ = [
     "AXI_PAGE_BYTES", "RESP_OKAY", "RESP_EXOKAY", "RESP_SLVERR", "RESP_DECERR",
     "Axi4Signature", "axi4_signature", "axi4_read_signature", "axi4_write_signature",
     "connect_read_channels", "connect_write_channels", "tie_off_read", "tie_off_write",
     "transfer_command_layout", "read_data_layout", "write_data_layout",
-    "AxiReadMaster", "AxiWriteMaster", "split_bursts",
+    "AxiMasterParameters", "AxiReadMaster", "AxiWriteMaster", "split_bursts",
+    "HP_DATA_BITS", "HP_MAX_BURST", "BEATS_WIDTH",
 ]
 
 AXI_PAGE_BYTES = 4096          # a burst must not cross a 4 KiB boundary (AXI4 A3.4.1)
 RESP_OKAY, RESP_EXOKAY, RESP_SLVERR, RESP_DECERR = 0, 1, 2, 3
 BURST_INCR = 1
+HP_DATA_BITS = 8 * BEAT_BYTES  # the HP ports' data width: the default of every width below
+HP_MAX_BURST = 16              # the PS converts AXI4 to AXI3 behind the HP ports
+BEATS_WIDTH = 28               # default width of a transfer command's `beats`
 
 
 # ---------------------------------------------------------------------------
@@ -70,8 +79,8 @@ class Axi4Signature(wiring.Signature):
     (AW, W, B). Members keep the AXI4 spelling (``araddr``, ``rvalid``, ...).
     """
 
-    def __init__(self, *, addr_width: int = 40, data_width: int = 128, id_width: int = 6,
-                 channels: str = "rw"):
+    def __init__(self, *, addr_width: int = DEFAULT_ADDR_BITS, data_width: int = HP_DATA_BITS,
+                 id_width: int = HP_ID_BITS, channels: str = "rw"):
         if channels not in ("rw", "r", "w"):
             raise ConfigError(f"AXI channels must be 'rw', 'r' or 'w', not {channels!r}")
         if data_width not in (32, 64, 128, 256, 512, 1024):
@@ -115,16 +124,19 @@ class Axi4Signature(wiring.Signature):
                 f"id_width={self.id_width}, channels={self.channels!r})")
 
 
-def axi4_signature(addr_width: int = 40, data_width: int = 128, id_width: int = 6) -> Axi4Signature:
+def axi4_signature(addr_width: int = DEFAULT_ADDR_BITS, data_width: int = HP_DATA_BITS,
+                   id_width: int = HP_ID_BITS) -> Axi4Signature:
     """A full AXI4 manager port (the PL side of one S_AXI_HPn_FPD port; those take 49-bit addresses)."""
     return Axi4Signature(addr_width=addr_width, data_width=data_width, id_width=id_width, channels="rw")
 
 
-def axi4_read_signature(addr_width: int = 40, data_width: int = 128, id_width: int = 6) -> Axi4Signature:
+def axi4_read_signature(addr_width: int = DEFAULT_ADDR_BITS, data_width: int = HP_DATA_BITS,
+                        id_width: int = HP_ID_BITS) -> Axi4Signature:
     return Axi4Signature(addr_width=addr_width, data_width=data_width, id_width=id_width, channels="r")
 
 
-def axi4_write_signature(addr_width: int = 40, data_width: int = 128, id_width: int = 6) -> Axi4Signature:
+def axi4_write_signature(addr_width: int = DEFAULT_ADDR_BITS, data_width: int = HP_DATA_BITS,
+                         id_width: int = HP_ID_BITS) -> Axi4Signature:
     return Axi4Signature(addr_width=addr_width, data_width=data_width, id_width=id_width, channels="w")
 
 
@@ -167,22 +179,23 @@ def tie_off_write(m: Module, port) -> None:
 # Stream payloads
 # ---------------------------------------------------------------------------
 
-def transfer_command_layout(addr_width: int = 40, beats_width: int = 28) -> StructLayout:
+def transfer_command_layout(addr_width: int = DEFAULT_ADDR_BITS, beats_width: int = BEATS_WIDTH) -> StructLayout:
     """``{addr, beats}``: a byte address (aligned to the data width) and a count of data-width beats."""
     return StructLayout({"addr": addr_width, "beats": beats_width})
 
 
-def read_data_layout(data_width: int = 128) -> StructLayout:
+def read_data_layout(data_width: int = HP_DATA_BITS) -> StructLayout:
     """``{data, last}``: one beat; `last` marks the final beat of a command."""
     return StructLayout({"data": data_width, "last": 1})
 
 
-def write_data_layout(data_width: int = 128) -> StructLayout:
+def write_data_layout(data_width: int = HP_DATA_BITS) -> StructLayout:
     """``{data, strb}``: one beat and its byte enables (bit i enables byte i, little-endian)."""
     return StructLayout({"data": data_width, "strb": data_width // 8})
 
 
-def split_bursts(addr: int, beats: int, *, data_bytes: int = 16, max_burst: int = 16) -> list[tuple[int, int]]:
+def split_bursts(addr: int, beats: int, *, data_bytes: int = BEAT_BYTES,
+                 max_burst: int = HP_MAX_BURST) -> list[tuple[int, int]]:
     """The (address, beats) bursts the masters issue for one command: the reference for tests and models."""
     out = []
     page_beats = AXI_PAGE_BYTES // data_bytes
@@ -199,24 +212,47 @@ def split_bursts(addr: int, beats: int, *, data_bytes: int = 16, max_burst: int 
 # Shared pieces
 # ---------------------------------------------------------------------------
 
-def _check_common(data_width, addr_width, id_width, max_burst, max_outstanding, beats_width, counter_width):
-    if data_width not in (32, 64, 128, 256, 512, 1024):
-        raise ConfigError(f"data_width must be a power of two from 32 to 1024 bits, not {data_width}")
-    if not 1 <= max_burst <= 256 or max_burst & (max_burst - 1):
-        raise ConfigError(f"max_burst must be a power of two from 1 to 256 beats, not {max_burst} "
-                          "(the KV260's HP ports take at most 16)")
-    if max_burst * data_width // 8 > AXI_PAGE_BYTES:
-        raise ConfigError(f"a {max_burst}-beat burst of {data_width} bits is longer than a 4 KiB page")
-    if not 1 <= max_outstanding <= 256:
-        raise ConfigError(f"max_outstanding must be 1..256 bursts, not {max_outstanding}")
-    if not 13 <= addr_width <= 64:
-        raise ConfigError(f"addr_width must be 13..64 bits, not {addr_width}")
-    if not 1 <= id_width <= 32:
-        raise ConfigError(f"id_width must be 1..32 bits, not {id_width}")
-    if not 1 <= beats_width <= 40:
-        raise ConfigError(f"beats_width must be 1..40 bits, not {beats_width}")
-    if not 8 <= counter_width <= 64:
-        raise ConfigError(f"counter_width must be 8..64 bits, not {counter_width}")
+@dataclass(frozen=True)
+class AxiMasterParameters:
+    """The parameters both masters take, checked on construction, and the facts derived from them.
+
+    data_width, addr_width, id_width : AXI bus widths.
+    max_burst : longest burst in beats (16 for the HP ports).
+    max_outstanding : bursts in flight.
+    beats_width : width of ``cmd.beats``.
+    counter_width : width of the performance counters.
+    """
+    data_width: int = HP_DATA_BITS
+    addr_width: int = DEFAULT_ADDR_BITS
+    id_width: int = HP_ID_BITS
+    max_burst: int = HP_MAX_BURST
+    max_outstanding: int = 8
+    beats_width: int = BEATS_WIDTH
+    counter_width: int = 48
+
+    def __post_init__(self):
+        data_width, max_burst = self.data_width, self.max_burst
+        if data_width not in (32, 64, 128, 256, 512, 1024):
+            raise ConfigError(f"data_width must be a power of two from 32 to 1024 bits, not {data_width}")
+        if not 1 <= max_burst <= 256 or max_burst & (max_burst - 1):
+            raise ConfigError(f"max_burst must be a power of two from 1 to 256 beats, not {max_burst} "
+                              f"(the KV260's HP ports take at most {HP_MAX_BURST})")
+        if max_burst * data_width // 8 > AXI_PAGE_BYTES:
+            raise ConfigError(f"a {max_burst}-beat burst of {data_width} bits is longer than a 4 KiB page")
+        if not 1 <= self.max_outstanding <= 256:
+            raise ConfigError(f"max_outstanding must be 1..256 bursts, not {self.max_outstanding}")
+        if not 13 <= self.addr_width <= 64:
+            raise ConfigError(f"addr_width must be 13..64 bits, not {self.addr_width}")
+        if not 1 <= self.id_width <= 32:
+            raise ConfigError(f"id_width must be 1..32 bits, not {self.id_width}")
+        if not 1 <= self.beats_width <= 40:
+            raise ConfigError(f"beats_width must be 1..40 bits, not {self.beats_width}")
+        if not 8 <= self.counter_width <= 64:
+            raise ConfigError(f"counter_width must be 8..64 bits, not {self.counter_width}")
+
+    @property
+    def data_bytes(self) -> int:
+        return self.data_width // 8
 
 
 class _BurstSplitter:
@@ -257,23 +293,136 @@ class _BurstSplitter:
                 self.active.eq(~self.final)]
 
 
+class _AxiMaster(CheckedComponent):
+    """What the read and write masters share: parameters, ports, facts and the control around the
+    bursts (command input, address channel, error and clear handling, counters).
+
+    A subclass names its address channel (``_AX``: "ar" or "aw"), its data stream (``_data_member``)
+    and its counters (``_COUNTERS``), and takes its own arguments (``_split_arguments``).
+    """
+
+    _AX: str
+    _COUNTERS: tuple[str, ...]
+
+    @classmethod
+    def _split_arguments(cls, **kwargs) -> tuple[AxiMasterParameters, dict]:
+        """(the shared parameters, the subclass's own checked arguments)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _data_member(cls, data_width: int):
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, **kwargs) -> None:
+        cls._split_arguments(**kwargs)
+
+    def __init__(self, **kwargs):
+        self._params, own = self._split_arguments(**kwargs)
+        self._axid, self._axcache, self._axprot = own.pop("id"), own.pop("cache"), own.pop("prot")
+        self._extra = own                     # the subclass's other arguments
+        p = self._params
+        super().__init__({
+            "cmd": In(stream.Signature(transfer_command_layout(p.addr_width, p.beats_width))),
+            "data": self._data_member(p.data_width),
+            "bus": Out(Axi4Signature(addr_width=p.addr_width, data_width=p.data_width, id_width=p.id_width,
+                                     channels=self._AX[1])),
+            "clear": In(1),
+            "counters_clear": In(1),
+            "busy": Out(1),
+            "error": Out(1),
+            "error_resp": Out(2),
+            "error_addr": Out(p.addr_width),
+            **{name: Out(p.counter_width) for name in self._COUNTERS},
+        })
+
+    params = property(lambda self: self._params)
+    data_width = property(lambda self: self._params.data_width)
+    addr_width = property(lambda self: self._params.addr_width)
+    id_width = property(lambda self: self._params.id_width)
+    max_burst = property(lambda self: self._params.max_burst)
+    max_outstanding = property(lambda self: self._params.max_outstanding)
+    beats_width = property(lambda self: self._params.beats_width)
+    data_bytes = property(lambda self: self._params.data_bytes)
+
+    def _ax(self, name: str):
+        """The address channel's member `name` (``"addr"`` is ``araddr`` or ``awaddr``)."""
+        return getattr(self.bus, self._AX + name)
+
+    def _control(self, m: Module):
+        """The burst splitter, the state both masters keep, and the command input."""
+        p = self._params
+        split = _BurstSplitter(m, addr_width=p.addr_width, beats_width=p.beats_width,
+                               data_bytes=p.data_bytes, max_burst=p.max_burst)
+        in_flight = Signal(range(p.max_outstanding + 1), name="in_flight")   # bursts without their answer
+        aborting = Signal(name="aborting")
+        error = Signal(name="error")
+        m.d.comb += self.error.eq(error)
+
+        accept = Signal(name="accept")
+        m.d.comb += [
+            self.cmd.ready.eq(error | (~split.active & ~aborting)),
+            accept.eq(self.cmd.valid & self.cmd.ready),
+        ]
+        with m.If(accept & ~error):
+            m.d.sync += split.load(self.cmd.payload)
+        return split, in_flight, aborting, error
+
+    def _address_channel(self, m: Module, split, in_flight, flushing, room) -> Signal:
+        """AR or AW, one registered request: the splitter's next burst, issued when the buffer has `room`."""
+        valid, ready = self._ax("valid"), self._ax("ready")
+        m.d.comb += [
+            self._ax("size").eq(self.bus.signature.size_code), self._ax("burst").eq(BURST_INCR),
+            self._ax("id").eq(self._axid), self._ax("cache").eq(self._axcache), self._ax("prot").eq(self._axprot),
+            self._ax("lock").eq(0), self._ax("qos").eq(0),
+        ]
+        with m.If(valid & ready):
+            m.d.sync += valid.eq(0)
+        issue = Signal(name="issue")
+        m.d.comb += issue.eq(split.active & ~flushing & (~valid | ready) & room
+                             & (in_flight < self._params.max_outstanding))
+        with m.If(issue):
+            m.d.sync += [valid.eq(1), self._ax("addr").eq(split.start_addr), self._ax("len").eq(split.n - 1),
+                         *split.advance()]
+        return issue
+
+    def _drain(self, m: Module, split, in_flight, aborting, error, buf) -> None:
+        """Stop on an error or `clear`; after `clear`, wait until every burst answered and `buf` is empty."""
+        drained = (in_flight == 0) & (buf.level == 0) & ~self._ax("valid")
+        with m.If(aborting & drained):
+            m.d.sync += aborting.eq(0)
+        with m.If(error | aborting):
+            m.d.sync += split.active.eq(0)
+        with m.If(self.clear):
+            m.d.sync += [aborting.eq(1), error.eq(0), split.active.eq(0)]
+        m.d.comb += self.busy.eq(split.active | ~drained | aborting)
+
+    def _count(self, m: Module, events: dict) -> None:
+        """Each counter of `events` counts the cycles its condition holds, until `counters_clear`."""
+        assert tuple(events) == self._COUNTERS
+        counters = [getattr(self, name) for name in events]
+        with m.If(self.counters_clear):
+            m.d.sync += [counter.eq(0) for counter in counters]
+        with m.Else():
+            for counter, condition in zip(counters, events.values()):
+                with m.If(condition):
+                    m.d.sync += counter.eq(counter + 1)
+
+
 # ---------------------------------------------------------------------------
 # Read master
 # ---------------------------------------------------------------------------
 
-class AxiReadMaster(wiring.Component):
+class AxiReadMaster(_AxiMaster):
     """AXI4 read DMA: ``cmd {addr, beats}`` in, ``data {data, last}`` out, in order.
 
     Parameters
     ----------
-    data_width, addr_width, id_width : AXI bus widths.
-    max_burst : longest burst in beats (16 for the HP ports).
-    max_outstanding : bursts in flight. The data buffer holds
-        ``max_outstanding * max_burst`` beats, and an AR is issued only when the
-        buffer has room for all its beats, so ``rready`` is always 1.
-    beats_width : width of ``cmd.beats``.
-    counter_width : width of the performance counters.
+    data_width, addr_width, id_width, max_burst, max_outstanding, beats_width, counter_width :
+        see `AxiMasterParameters`. The data buffer holds ``max_outstanding * max_burst`` beats, and
+        an AR is issued only when the buffer has room for all its beats, so ``rready`` is always 1.
     arid : the constant ARID (one ID keeps the data in order).
+    arcache, arprot : the constant ARCACHE and ARPROT.
 
     Ports
     -----
@@ -297,98 +446,41 @@ class AxiReadMaster(wiring.Component):
         consumer ready but no data. Consumer stall: data valid, not taken.
     """
 
-    def __init__(self, *, data_width: int = 128, addr_width: int = 40, id_width: int = 6,
-                 max_burst: int = 16, max_outstanding: int = 8, beats_width: int = 28,
-                 counter_width: int = 48, arid: int = 0, arcache: int = 0b0011, arprot: int = 0b010):
-        _check_common(data_width, addr_width, id_width, max_burst, max_outstanding, beats_width, counter_width)
-        self._data_width, self._addr_width, self._id_width = data_width, addr_width, id_width
-        self._max_burst, self._max_outstanding = max_burst, max_outstanding
-        self._beats_width, self._counter_width = beats_width, counter_width
-        self._arid, self._arcache, self._arprot = arid, arcache, arprot
-        super().__init__({
-            "cmd": In(stream.Signature(transfer_command_layout(addr_width, beats_width))),
-            "data": Out(stream.Signature(read_data_layout(data_width))),
-            "bus": Out(axi4_read_signature(addr_width, data_width, id_width)),
-            "clear": In(1),
-            "counters_clear": In(1),
-            "busy": Out(1),
-            "error": Out(1),
-            "error_resp": Out(2),
-            "error_addr": Out(addr_width),
-            "beats_received": Out(counter_width),
-            "stall_memory_cycles": Out(counter_width),
-            "stall_consumer_cycles": Out(counter_width),
-        })
+    _AX = "ar"
+    _COUNTERS = ("beats_received", "stall_memory_cycles", "stall_consumer_cycles")
 
-    data_width = property(lambda self: self._data_width)
-    addr_width = property(lambda self: self._addr_width)
-    id_width = property(lambda self: self._id_width)
-    max_burst = property(lambda self: self._max_burst)
-    max_outstanding = property(lambda self: self._max_outstanding)
-    beats_width = property(lambda self: self._beats_width)
+    @classmethod
+    def _split_arguments(cls, *, arid: int = 0, arcache: int = 0b0011, arprot: int = 0b010, **params):
+        return AxiMasterParameters(**params), {"id": arid, "cache": arcache, "prot": arprot}
 
-    @property
-    def data_bytes(self) -> int:
-        return self._data_width // 8
+    @classmethod
+    def _data_member(cls, data_width: int):
+        return Out(stream.Signature(read_data_layout(data_width)))
 
     @property
     def buffer_beats(self) -> int:
         """Beats of on-chip data buffer (and of credit): max_outstanding x max_burst."""
-        return self._max_outstanding * self._max_burst
+        return self._params.max_outstanding * self._params.max_burst
 
     def elaborate(self, platform):
         m = Module()
-        bus = self.bus
+        bus, p = self.bus, self._params
         depth = self.buffer_beats
-
-        split = _BurstSplitter(m, addr_width=self._addr_width, beats_width=self._beats_width,
-                               data_bytes=self.data_bytes, max_burst=self._max_burst)
+        split, in_flight, aborting, error = self._control(m)
+        flushing = error | aborting
 
         # Data buffer: BRAM + output register. One spare entry keeps the
         # storage a power of two; the credit counter never lets it fill.
-        m.submodules.buffer = buf = SyncFIFOBuffered(width=self._data_width + 1, depth=depth + 1)
+        m.submodules.buffer = buf = SyncFIFOBuffered(width=p.data_width + 1, depth=depth + 1)
         # Per burst in flight: "ends a command" + start address (for error reports).
-        m.submodules.bursts = info = SyncFIFO(width=1 + self._addr_width, depth=self._max_outstanding)
-
+        m.submodules.bursts = info = SyncFIFO(width=1 + p.addr_width, depth=p.max_outstanding)
         credits = Signal(range(depth + 1), init=depth)
-        in_flight = Signal(range(self._max_outstanding + 1))
-        aborting = Signal()
-        error = Signal()
-        m.d.comb += self.error.eq(error)
 
-        # --- AR channel: one registered request ---------------------------------
-        m.d.comb += [
-            bus.arsize.eq(bus.signature.size_code), bus.arburst.eq(BURST_INCR),
-            bus.arid.eq(self._arid), bus.arcache.eq(self._arcache), bus.arprot.eq(self._arprot),
-            bus.arlock.eq(0), bus.arqos.eq(0),
-        ]
-        ar_free = ~bus.arvalid | bus.arready
-        with m.If(bus.arvalid & bus.arready):
-            m.d.sync += bus.arvalid.eq(0)
-
-        issue = Signal()
-        m.d.comb += issue.eq(split.active & ~error & ~aborting & ar_free & (credits >= split.n)
-                             & (in_flight < self._max_outstanding))
-        with m.If(issue):
-            m.d.sync += [
-                bus.arvalid.eq(1),
-                bus.araddr.eq(split.start_addr),
-                bus.arlen.eq(split.n - 1),
-                *split.advance(),
-            ]
+        issue = self._address_channel(m, split, in_flight, flushing, room=credits >= split.n)
         m.d.comb += [
             info.w_en.eq(issue),
             info.w_data.eq(Cat(split.final, split.start_addr)),
         ]
-
-        # --- commands ------------------------------------------------------------
-        accept = Signal()
-        m.d.comb += [
-            self.cmd.ready.eq(error | (~split.active & ~aborting)),
-            accept.eq(self.cmd.valid & self.cmd.ready),
-        ]
-        with m.If(accept & ~error):
-            m.d.sync += split.load(self.cmd.payload)
 
         # --- R channel -----------------------------------------------------------
         r_fire = Signal()
@@ -400,21 +492,20 @@ class AxiReadMaster(wiring.Component):
             bus.rready.eq(1),
             r_fire.eq(bus.rvalid),
             r_bad.eq(bus.rresp[1]),                       # SLVERR or DECERR
-            keep.eq(r_fire & ~r_bad & ~error & ~aborting),
+            keep.eq(r_fire & ~r_bad & ~flushing),
             buf.w_en.eq(keep),
             buf.w_data.eq(Cat(bus.rdata, bus.rlast & burst_final)),
             info.r_en.eq(r_fire & bus.rlast),
         ]
-        with m.If(r_fire & r_bad & ~error & ~aborting):
+        with m.If(r_fire & r_bad & ~flushing):
             m.d.sync += [error.eq(1), self.error_resp.eq(bus.rresp), self.error_addr.eq(burst_addr)]
 
         # --- data out ------------------------------------------------------------
-        flushing = error | aborting
         pop = Signal()
         m.d.comb += [
             self.data.valid.eq(buf.r_rdy & ~flushing),
-            self.data.payload.data.eq(buf.r_data[:self._data_width]),
-            self.data.payload.last.eq(buf.r_data[self._data_width]),
+            self.data.payload.data.eq(buf.r_data[:p.data_width]),
+            self.data.payload.last.eq(buf.r_data[p.data_width]),
             buf.r_en.eq(self.data.ready | flushing),
             pop.eq(buf.r_rdy & buf.r_en),
         ]
@@ -423,28 +514,13 @@ class AxiReadMaster(wiring.Component):
         give_back = pop.as_unsigned() + (r_fire & ~keep).as_unsigned()
         m.d.sync += credits.eq(credits + give_back - Mux(issue, split.n, 0))
         m.d.sync += in_flight.eq(in_flight + issue - (r_fire & bus.rlast))
+        self._drain(m, split, in_flight, aborting, error, buf)
 
-        drained = (in_flight == 0) & (buf.level == 0) & ~bus.arvalid
-        with m.If(aborting & drained):
-            m.d.sync += aborting.eq(0)
-        with m.If(flushing):
-            m.d.sync += split.active.eq(0)
-        with m.If(self.clear):
-            m.d.sync += [aborting.eq(1), error.eq(0), split.active.eq(0)]
-
-        m.d.comb += self.busy.eq(split.active | ~drained | aborting)
-
-        # --- counters ------------------------------------------------------------
-        with m.If(self.counters_clear):
-            m.d.sync += [self.beats_received.eq(0), self.stall_memory_cycles.eq(0),
-                         self.stall_consumer_cycles.eq(0)]
-        with m.Else():
-            with m.If(r_fire):
-                m.d.sync += self.beats_received.eq(self.beats_received + 1)
-            with m.If(self.busy & ~flushing & self.data.ready & ~self.data.valid):
-                m.d.sync += self.stall_memory_cycles.eq(self.stall_memory_cycles + 1)
-            with m.If(self.data.valid & ~self.data.ready):
-                m.d.sync += self.stall_consumer_cycles.eq(self.stall_consumer_cycles + 1)
+        self._count(m, {
+            "beats_received": r_fire,
+            "stall_memory_cycles": self.busy & ~flushing & self.data.ready & ~self.data.valid,
+            "stall_consumer_cycles": self.data.valid & ~self.data.ready,
+        })
         return m
 
 
@@ -452,7 +528,7 @@ class AxiReadMaster(wiring.Component):
 # Write master
 # ---------------------------------------------------------------------------
 
-class AxiWriteMaster(wiring.Component):
+class AxiWriteMaster(_AxiMaster):
     """AXI4 write DMA: ``cmd {addr, beats}`` and ``data {data, strb}`` in.
 
     Data beats belong to commands in order (``beats`` of them per command).
@@ -460,8 +536,9 @@ class AxiWriteMaster(wiring.Component):
     the W channel never waits on the producer once a burst is committed (the
     HP port's write path is not blocked by a slow producer).
 
-    Parameters are those of `AxiReadMaster`, plus ``buffer_beats`` (the data
-    buffer, at least `max_burst`; default 2 x max_burst).
+    Parameters are those of `AxiReadMaster` (``awid``, ``awcache``, ``awprot``
+    for the AW channel), plus ``buffer_beats`` (the data buffer, at least
+    `max_burst`; default 2 x max_burst).
 
     Ports
     -----
@@ -480,92 +557,46 @@ class AxiWriteMaster(wiring.Component):
     stall_memory_cycles : data offered but not taken (the memory is the limit).
     """
 
-    def __init__(self, *, data_width: int = 128, addr_width: int = 40, id_width: int = 6,
-                 max_burst: int = 16, max_outstanding: int = 8, beats_width: int = 28,
-                 counter_width: int = 48, buffer_beats: int | None = None, awid: int = 0,
-                 awcache: int = 0b0011, awprot: int = 0b010):
-        _check_common(data_width, addr_width, id_width, max_burst, max_outstanding, beats_width, counter_width)
-        buffer_beats = 2 * max_burst if buffer_beats is None else buffer_beats
-        if buffer_beats < max_burst:
-            raise ConfigError(f"buffer_beats ({buffer_beats}) must hold at least one {max_burst}-beat burst")
-        self._data_width, self._addr_width, self._id_width = data_width, addr_width, id_width
-        self._max_burst, self._max_outstanding = max_burst, max_outstanding
-        self._beats_width, self._counter_width = beats_width, counter_width
-        self._buffer_beats = buffer_beats
-        self._awid, self._awcache, self._awprot = awid, awcache, awprot
-        super().__init__({
-            "cmd": In(stream.Signature(transfer_command_layout(addr_width, beats_width))),
-            "data": In(stream.Signature(write_data_layout(data_width))),
-            "bus": Out(axi4_write_signature(addr_width, data_width, id_width)),
-            "clear": In(1),
-            "counters_clear": In(1),
-            "busy": Out(1),
-            "error": Out(1),
-            "error_resp": Out(2),
-            "error_addr": Out(addr_width),
-            "beats_written": Out(counter_width),
-            "bursts_acknowledged": Out(counter_width),
-            "stall_memory_cycles": Out(counter_width),
-        })
+    _AX = "aw"
+    _COUNTERS = ("beats_written", "bursts_acknowledged", "stall_memory_cycles")
 
-    data_width = property(lambda self: self._data_width)
-    addr_width = property(lambda self: self._addr_width)
-    max_burst = property(lambda self: self._max_burst)
-    max_outstanding = property(lambda self: self._max_outstanding)
-    buffer_beats = property(lambda self: self._buffer_beats)
+    @classmethod
+    def _split_arguments(cls, *, buffer_beats: int | None = None, awid: int = 0, awcache: int = 0b0011,
+                         awprot: int = 0b010, **params):
+        params = AxiMasterParameters(**params)
+        buffer_beats = 2 * params.max_burst if buffer_beats is None else buffer_beats
+        if buffer_beats < params.max_burst:
+            raise ConfigError(f"buffer_beats ({buffer_beats}) must hold at least one {params.max_burst}-beat burst")
+        return params, {"id": awid, "cache": awcache, "prot": awprot, "buffer_beats": buffer_beats}
+
+    @classmethod
+    def _data_member(cls, data_width: int):
+        return In(stream.Signature(write_data_layout(data_width)))
 
     @property
-    def data_bytes(self) -> int:
-        return self._data_width // 8
+    def buffer_beats(self) -> int:
+        return self._extra["buffer_beats"]
 
     def elaborate(self, platform):
         m = Module()
-        bus = self.bus
-        dw, sw = self._data_width, self._data_width // 8
-
-        split = _BurstSplitter(m, addr_width=self._addr_width, beats_width=self._beats_width,
-                               data_bytes=self.data_bytes, max_burst=self._max_burst)
-        m.submodules.buffer = buf = SyncFIFOBuffered(width=dw + sw, depth=self._buffer_beats + 1)
-        # Per committed burst: its length for WLAST, its address for B error reports.
-        m.submodules.wlens = wlens = SyncFIFO(width=8, depth=self._max_outstanding)
-        m.submodules.baddrs = baddrs = SyncFIFO(width=self._addr_width, depth=self._max_outstanding)
-
-        unclaimed = Signal(range(self._buffer_beats + 2))     # buffered beats no AW has claimed yet
-        in_flight = Signal(range(self._max_outstanding + 1))  # AWs without their B
-        aborting = Signal()
-        error = Signal()
+        bus, p = self.bus, self._params
+        dw, sw = p.data_width, p.data_bytes
+        split, in_flight, aborting, error = self._control(m)
         flushing = error | aborting
-        m.d.comb += self.error.eq(error)
 
-        # --- AW channel ----------------------------------------------------------
-        m.d.comb += [
-            bus.awsize.eq(bus.signature.size_code), bus.awburst.eq(BURST_INCR),
-            bus.awid.eq(self._awid), bus.awcache.eq(self._awcache), bus.awprot.eq(self._awprot),
-            bus.awlock.eq(0), bus.awqos.eq(0),
-        ]
-        aw_free = ~bus.awvalid | bus.awready
-        with m.If(bus.awvalid & bus.awready):
-            m.d.sync += bus.awvalid.eq(0)
-        issue = Signal()
-        m.d.comb += issue.eq(split.active & ~flushing & aw_free & (unclaimed >= split.n)
-                             & (in_flight < self._max_outstanding))
-        with m.If(issue):
-            m.d.sync += [bus.awvalid.eq(1), bus.awaddr.eq(split.start_addr), bus.awlen.eq(split.n - 1),
-                         *split.advance()]
+        m.submodules.buffer = buf = SyncFIFOBuffered(width=dw + sw, depth=self.buffer_beats + 1)
+        # Per committed burst: its length for WLAST, its address for B error reports.
+        m.submodules.wlens = wlens = SyncFIFO(width=8, depth=p.max_outstanding)
+        m.submodules.baddrs = baddrs = SyncFIFO(width=p.addr_width, depth=p.max_outstanding)
+        unclaimed = Signal(range(self.buffer_beats + 2))     # buffered beats no AW has claimed yet
+
+        issue = self._address_channel(m, split, in_flight, flushing, room=unclaimed >= split.n)
         m.d.comb += [
             wlens.w_en.eq(issue), wlens.w_data.eq(split.n - 1),
             baddrs.w_en.eq(issue), baddrs.w_data.eq(split.start_addr),
         ]
 
-        # --- commands and data in --------------------------------------------------
-        accept = Signal()
-        m.d.comb += [
-            self.cmd.ready.eq(error | (~split.active & ~aborting)),
-            accept.eq(self.cmd.valid & self.cmd.ready),
-        ]
-        with m.If(accept & ~error):
-            m.d.sync += split.load(self.cmd.payload)
-
+        # --- data in ---------------------------------------------------------------
         push = Signal()
         m.d.comb += [
             self.data.ready.eq(flushing | buf.w_rdy),
@@ -598,25 +629,11 @@ class AxiWriteMaster(wiring.Component):
         with m.If(b_fire & bus.bresp[1] & ~flushing):
             m.d.sync += [error.eq(1), self.error_resp.eq(bus.bresp), self.error_addr.eq(baddrs.r_data)]
         m.d.sync += in_flight.eq(in_flight + issue - b_fire)
+        self._drain(m, split, in_flight, aborting, error, buf)
 
-        drained = (in_flight == 0) & (buf.level == 0) & ~bus.awvalid
-        with m.If(aborting & drained):
-            m.d.sync += aborting.eq(0)
-        with m.If(flushing):
-            m.d.sync += split.active.eq(0)
-        with m.If(self.clear):
-            m.d.sync += [aborting.eq(1), error.eq(0), split.active.eq(0)]
-        m.d.comb += self.busy.eq(split.active | ~drained | aborting)
-
-        # --- counters ------------------------------------------------------------
-        with m.If(self.counters_clear):
-            m.d.sync += [self.beats_written.eq(0), self.bursts_acknowledged.eq(0),
-                         self.stall_memory_cycles.eq(0)]
-        with m.Else():
-            with m.If(w_fire):
-                m.d.sync += self.beats_written.eq(self.beats_written + 1)
-            with m.If(b_fire):
-                m.d.sync += self.bursts_acknowledged.eq(self.bursts_acknowledged + 1)
-            with m.If(self.data.valid & ~self.data.ready):
-                m.d.sync += self.stall_memory_cycles.eq(self.stall_memory_cycles + 1)
+        self._count(m, {
+            "beats_written": w_fire,
+            "bursts_acknowledged": b_fire,
+            "stall_memory_cycles": self.data.valid & ~self.data.ready,
+        })
         return m

@@ -34,7 +34,7 @@ RESP_SLVERR = 0b10
 class AxiLiteSignature(wiring.Signature):
     """AXI4-Lite, seen from the master."""
 
-    def __init__(self, *, addr_width: int, data_width: int = 32):
+    def __init__(self, *, addr_width: int, data_width: int = csr.DATA_WIDTH):
         if data_width not in (32, 64):
             raise ValueError(f"AXI4-Lite data width must be 32 or 64, got {data_width}")
         self._addr_width, self._data_width = addr_width, data_width
@@ -63,7 +63,7 @@ class AxiLiteSignature(wiring.Signature):
 
 
 class AxiLiteToCsr(wiring.Component):
-    """AXI4-Lite slave (32-bit data, ``addr_width`` byte-address bits) driving a CSR bus."""
+    """AXI4-Lite slave (the CSR bus's 32-bit data, ``addr_width`` byte-address bits) driving a CSR bus."""
 
     def __init__(self, addr_width: int):
         if addr_width < 3:
@@ -83,10 +83,10 @@ class AxiLiteToCsr(wiring.Component):
         a, bus = self.axil, self.csr
 
         aw_full, aw_addr = Signal(), Signal(self._addr_width)
-        w_full, w_data, w_strb = Signal(), Signal(32), Signal(4)
+        w_full, w_data, w_strb = Signal(), Signal(csr.DATA_WIDTH), Signal(csr.DATA_WIDTH // 8)
         ar_full, ar_addr = Signal(), Signal(self._addr_width)
         b_valid, b_resp = Signal(), Signal(2)
-        r_valid, r_resp, r_data = Signal(), Signal(2), Signal(32)
+        r_valid, r_resp, r_data = Signal(), Signal(2), Signal(csr.DATA_WIDTH)
         prefer_read = Signal()  # round robin when a write and a read are both ready
 
         m.d.comb += [

@@ -48,19 +48,20 @@ from amaranth.lib.wiring import In, Out, connect, flipped
 from sw.contract.commands import (ALIGN, CMD_LOG_DEPTH, CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, DESCRIPTOR_BYTES,
                          DESCRIPTOR_VERSION, FLAGS_DEFINED, ID_MAGIC, PERF_COUNTERS, REGMAP_VERSION,
                          WEIGHT_KIND_INT4, WEIGHT_KIND_INT8, ErrorCode, HardwareLimits, Opcode,
-                         config_hash_words, descriptor_field_bits)
+                         config_hash_words, descriptor_field_bits, register)
 from sw.contract.errors import ConfigError
 
-from .axi import read_data_layout, transfer_command_layout
+from .axi import BEATS_WIDTH, read_data_layout, transfer_command_layout
 from .axilite import AxiLiteSignature, AxiLiteToCsr
+from .component import CheckedComponent
 from .csr import RegisterBank
 
 __all__ = ["CommandProcessor", "DescriptorChecker", "descriptor_layout", "op_layout", "op_done_layout",
            "PerfEventSignature"]
 
-ERROR_CODE_BITS = 8
-INDEX_BITS = 16
-CYCLE_BITS = 32
+ERROR_CODE_BITS = register("STATUS").field("error_code").width
+INDEX_BITS = register("STATUS").field("cmd_index").width
+CYCLE_BITS = register("LAST_CMD_CYCLES").field("cycles").width
 
 
 def descriptor_layout() -> data.StructLayout:
@@ -167,7 +168,7 @@ class _State(enum.Enum, shape=3):
     WAIT_DONE = 4
 
 
-class CommandProcessor(wiring.Component):
+class CommandProcessor(CheckedComponent):
     """See the module docstring.
 
     Parameters
@@ -193,11 +194,32 @@ class CommandProcessor(wiring.Component):
     irq : Out(1), level. busy : Out(1), STATUS.busy. soft_reset : Out(1), one-cycle pulse.
     """
 
-    def __init__(self, config, *, config_hash: str | None = None, addr_width: int = DEFAULT_ADDR_BITS,
-                 beats_width: int = 28, perf_bytes_width: int = 16, limits: HardwareLimits | None = None,
-                 ops_in_flight: int = 1):
+    @classmethod
+    def check(cls, config, *, config_hash: str | None = None, addr_width: int = DEFAULT_ADDR_BITS,
+              limits: HardwareLimits | None = None, ops_in_flight: int = 1, **widths) -> None:
         if not isinstance(ops_in_flight, int) or not 1 <= ops_in_flight <= 15:
             raise ConfigError(f"CommandProcessor: ops_in_flight must be 1..15, got {ops_in_flight!r}")
+        config_hash_words(config.config_hash if config_hash is None else config_hash)
+        limits = limits or HardwareLimits.from_config(config, addr_bits=addr_width)
+        if limits.addr_bits != addr_width:
+            raise ConfigError(f"CommandProcessor: limits.addr_bits {limits.addr_bits} != addr_width {addr_width}")
+        if (DESCRIPTOR_BYTES * 8) % config.port_bits:
+            raise ConfigError(f"CommandProcessor: a {DESCRIPTOR_BYTES}-byte descriptor is not a whole number of "
+                              f"{config.port_bits}-bit beats")
+        g = limits.group_size
+        if g & (g - 1):
+            raise ConfigError(f"CommandProcessor: group size {g} must be a power of two")
+        for reg, name, value in (("HW_PARAMS0", "rows", limits.tile_rows), ("HW_PARAMS0", "cols", config.cols),
+                                 ("HW_PARAMS0", "tokens", limits.tokens), ("HW_PARAMS0", "group_size", g),
+                                 ("HW_PARAMS1", "engines", config.engines),
+                                 ("HW_PARAMS2", "clock_mhz", config.clock_mhz)):
+            bits = register(reg).field(name).width
+            if value >= 1 << bits:
+                raise ConfigError(f"CommandProcessor: {name} {value} does not fit its {bits}-bit {reg} field")
+
+    def __init__(self, config, *, config_hash: str | None = None, addr_width: int = DEFAULT_ADDR_BITS,
+                 beats_width: int = BEATS_WIDTH, perf_bytes_width: int = 16, limits: HardwareLimits | None = None,
+                 ops_in_flight: int = 1):
         self._ops_in_flight = ops_in_flight
         self._config = config
         self._hash = config.config_hash if config_hash is None else config_hash
@@ -205,20 +227,6 @@ class CommandProcessor(wiring.Component):
         self._limits = limits or HardwareLimits.from_config(config, addr_bits=addr_width)
         self._addr_width = addr_width
         self._beat_bits = config.port_bits
-        if self._limits.addr_bits != addr_width:
-            raise ConfigError(f"CommandProcessor: limits.addr_bits {self._limits.addr_bits} != addr_width {addr_width}")
-        if (DESCRIPTOR_BYTES * 8) % self._beat_bits:
-            raise ConfigError(f"CommandProcessor: a {DESCRIPTOR_BYTES}-byte descriptor is not a whole number of "
-                              f"{self._beat_bits}-bit beats")
-        g = self._limits.group_size
-        if g & (g - 1):
-            raise ConfigError(f"CommandProcessor: group size {g} must be a power of two")
-        for name, value, bits in (("rows", self._limits.tile_rows, 8), ("cols", config.cols, 8),
-                                  ("tokens", self._limits.tokens, 8),
-                                  ("group_size", g, 8), ("engines", config.engines, 8),
-                                  ("clock_mhz", config.clock_mhz, 12)):
-            if value >= 1 << bits:
-                raise ConfigError(f"CommandProcessor: {name} {value} does not fit its {bits}-bit HW_PARAMS field")
         self._desc_beats = DESCRIPTOR_BYTES * 8 // self._beat_bits
         self._bank = RegisterBank()
         super().__init__({
@@ -324,7 +332,7 @@ class CommandProcessor(wiring.Component):
         buf_full, buf_err = Signal(), Signal()
         cur = Signal(desc_layout)          # the current descriptor
         cur_err = Signal()
-        f_addr = Signal(64)
+        f_addr = Signal(len(base))
         f_remaining = Signal(INDEX_BITS)
         f_busy = Signal()                  # a fetch command was accepted and its beats are due
         f_beat = Signal(range(self._desc_beats))
@@ -390,102 +398,75 @@ class CommandProcessor(wiring.Component):
         # ---- the sequencer --------------------------------------------------------------------
         op_done_fire = Signal()
         m.d.comb += op_done_fire.eq(self.op_done.valid & self.op_done.ready)
-
-        def log_completion():
-            m.d.comb += [log_w.en.eq(1), log_w.addr.eq(index[:(CMD_LOG_DEPTH - 1).bit_length()]),
-                         log_w.data.eq(this_cycles)]
-            m.d.sync += [last_cycles.eq(this_cycles), cmd_cycles.eq(0)]
-
-        def idle_case():
-            # Completions of ops abandoned by a soft reset are swallowed here.
-            m.d.comb += self.op_done.ready.eq(1)
-            with m.If(start & ~soft_reset):
-                m.d.sync += [done.eq(0), error.eq(0), error_code.eq(0), index.eq(0), cmd_cycles.eq(0)]
-                if self._ops_in_flight > 1:
-                    m.d.sync += [issue_index.eq(0), outstanding.eq(0)]
-                with m.If((base[:lo_bits] != 0) | ((base >> self._addr_width) != 0)):
-                    m.d.comb += [finish.eq(1), fail.eq(1), fail_code.eq(ErrorCode.BAD_CMD_BASE)]
-                with m.Elif(count == 0):
-                    m.d.comb += finish.eq(1)
-                with m.Else():
-                    m.d.sync += [state.eq(_State.WAIT_DESC), f_addr.eq(base), f_remaining.eq(count),
-                                 run_count.eq(count)]
-
-        if self._ops_in_flight == 1:
+        # With ops_in_flight = 1 (serial) a command's answer is awaited in WAIT_DONE before the next
+        # descriptor is taken. With more, WAIT_DESC/CHECK/ISSUE run ahead of the answers, which are
+        # taken in any state (they come in command order); WAIT_DONE waits for the last ones.
+        serial = self._ops_in_flight == 1
+        issued = Signal()
+        if serial:
             m.d.comb += issue_index.eq(index)
-            with m.Switch(state):
-                with m.Case(_State.IDLE):
-                    idle_case()
-                with m.Case(_State.WAIT_DESC):
-                    with m.If(buf_full):
-                        m.d.sync += [cur.eq(buf), cur_err.eq(buf_err), buf_full.eq(0), state.eq(_State.CHECK)]
-                with m.Case(_State.CHECK):
-                    with m.If(cur_err):
-                        m.d.comb += [finish.eq(1), fail.eq(1), fail_code.eq(ErrorCode.FETCH_ERROR)]
-                    with m.Elif(check != 0):
-                        m.d.comb += [finish.eq(1), fail.eq(1), fail_code.eq(check)]
-                    with m.Else():
-                        m.d.sync += state.eq(_State.ISSUE)
-                with m.Case(_State.ISSUE):
-                    m.d.comb += self.op.valid.eq(1)
-                    with m.If(self.op.ready):
-                        m.d.sync += state.eq(_State.WAIT_DONE)
-                with m.Case(_State.WAIT_DONE):
-                    m.d.comb += self.op_done.ready.eq(1)
-                    with m.If(self.op_done.valid):
-                        log_completion()
-                        with m.If(self.op_done.payload.error):
-                            code = self.op_done.payload.error_code
-                            m.d.comb += [finish.eq(1), fail.eq(1),
-                                         fail_code.eq(Mux(code != 0, code, ErrorCode.DATAPATH_ERROR))]
-                        with m.Else():
-                            m.d.sync += index.eq(index + 1)
-                            with m.If(index + 1 == run_count):
-                                m.d.comb += finish.eq(1)
-                            with m.Else():
-                                m.d.sync += state.eq(_State.WAIT_DESC)
         else:
-            # Several ops in flight: WAIT_DESC/CHECK/ISSUE run ahead of the answers, which are
-            # taken in any state (they come in command order); WAIT_DONE waits for the last ones.
-            issued = Signal()
-            with m.Switch(state):
-                with m.Case(_State.IDLE):
-                    idle_case()
-                with m.Case(_State.WAIT_DESC):
-                    with m.If(buf_full):
-                        m.d.sync += [cur.eq(buf), cur_err.eq(buf_err), buf_full.eq(0), state.eq(_State.CHECK)]
-                with m.Case(_State.CHECK):
-                    # A bad descriptor is reported once every earlier command has answered,
-                    # so STATUS.cmd_index names it and nothing after it was executed.
-                    with m.If(cur_err | (check != 0)):
-                        with m.If(outstanding == 0):
-                            m.d.comb += [finish.eq(1), fail.eq(1),
-                                         fail_code.eq(Mux(cur_err, ErrorCode.FETCH_ERROR, check))]
+            with m.If(active):
+                m.d.sync += outstanding.eq(outstanding + issued - op_done_fire)
+
+        with m.Switch(state):
+            with m.Case(_State.IDLE):
+                # Completions of ops abandoned by a soft reset are swallowed here.
+                m.d.comb += self.op_done.ready.eq(1)
+                with m.If(start & ~soft_reset):
+                    m.d.sync += [done.eq(0), error.eq(0), error_code.eq(0), index.eq(0), cmd_cycles.eq(0)]
+                    if not serial:
+                        m.d.sync += [issue_index.eq(0), outstanding.eq(0)]
+                    with m.If((base[:lo_bits] != 0) | ((base >> self._addr_width) != 0)):
+                        m.d.comb += [finish.eq(1), fail.eq(1), fail_code.eq(ErrorCode.BAD_CMD_BASE)]
+                    with m.Elif(count == 0):
+                        m.d.comb += finish.eq(1)
                     with m.Else():
-                        m.d.sync += state.eq(_State.ISSUE)
-                with m.Case(_State.ISSUE):
-                    m.d.comb += self.op.valid.eq(outstanding < self._ops_in_flight)
-                    with m.If(self.op.valid & self.op.ready):
-                        m.d.comb += issued.eq(1)
+                        m.d.sync += [state.eq(_State.WAIT_DESC), f_addr.eq(base), f_remaining.eq(count),
+                                     run_count.eq(count)]
+            with m.Case(_State.WAIT_DESC):
+                with m.If(buf_full):
+                    m.d.sync += [cur.eq(buf), cur_err.eq(buf_err), buf_full.eq(0), state.eq(_State.CHECK)]
+            with m.Case(_State.CHECK):
+                # A bad descriptor is reported once every earlier command has answered,
+                # so STATUS.cmd_index names it and nothing after it was executed.
+                with m.If(cur_err | (check != 0)):
+                    with m.If(outstanding == 0):
+                        m.d.comb += [finish.eq(1), fail.eq(1),
+                                     fail_code.eq(Mux(cur_err, ErrorCode.FETCH_ERROR, check))]
+                with m.Else():
+                    m.d.sync += state.eq(_State.ISSUE)
+            with m.Case(_State.ISSUE):
+                m.d.comb += self.op.valid.eq(outstanding < self._ops_in_flight)
+                with m.If(self.op.valid & self.op.ready):
+                    m.d.comb += issued.eq(1)
+                    if serial:
+                        m.d.sync += state.eq(_State.WAIT_DONE)
+                    else:
                         m.d.sync += issue_index.eq(issue_index + 1)
                         with m.If(issue_index + 1 == run_count):
                             m.d.sync += state.eq(_State.WAIT_DONE)
                         with m.Else():
                             m.d.sync += state.eq(_State.WAIT_DESC)
-            with m.If(active & (outstanding != 0)):
-                m.d.comb += self.op_done.ready.eq(1)
-                with m.If(self.op_done.valid):
-                    log_completion()
-                    with m.If(self.op_done.payload.error):
-                        code = self.op_done.payload.error_code
-                        m.d.comb += [finish.eq(1), fail.eq(1),
-                                     fail_code.eq(Mux(code != 0, code, ErrorCode.DATAPATH_ERROR))]
-                    with m.Else():
-                        m.d.sync += index.eq(index + 1)
-                        with m.If(index + 1 == run_count):
-                            m.d.comb += finish.eq(1)
-            with m.If(active):
-                m.d.sync += outstanding.eq(outstanding + issued - op_done_fire)
+
+        # The answers, one per presented command, in command order.
+        with m.If((state == _State.WAIT_DONE) if serial else (active & (outstanding != 0))):
+            m.d.comb += self.op_done.ready.eq(1)
+            with m.If(self.op_done.valid):
+                m.d.comb += [log_w.en.eq(1), log_w.addr.eq(index[:(CMD_LOG_DEPTH - 1).bit_length()]),
+                             log_w.data.eq(this_cycles)]
+                m.d.sync += [last_cycles.eq(this_cycles), cmd_cycles.eq(0)]
+                with m.If(self.op_done.payload.error):
+                    code = self.op_done.payload.error_code
+                    m.d.comb += [finish.eq(1), fail.eq(1),
+                                 fail_code.eq(Mux(code != 0, code, ErrorCode.DATAPATH_ERROR))]
+                with m.Else():
+                    m.d.sync += index.eq(index + 1)
+                    with m.If(index + 1 == run_count):
+                        m.d.comb += finish.eq(1)
+                    if serial:
+                        with m.Else():
+                            m.d.sync += state.eq(_State.WAIT_DESC)
 
         irq_done = regs.IRQ_STATUS.f.done
         irq_error = regs.IRQ_STATUS.f.error

@@ -24,7 +24,8 @@ from amaranth.lib.wiring import In, Out
 
 from .array import MacArray, beat_layout
 from sw.contract.config import ArrayConfig
-from .dequant import DequantUnit
+from .component import CheckedComponent
+from .dequant import DequantParams, DequantUnit
 
 __all__ = ["LinearCore", "core_beat_layout"]
 
@@ -36,15 +37,13 @@ def core_beat_layout(config: ArrayConfig) -> StructLayout:
     return StructLayout(fields)
 
 
-def make_dequant(config: ArrayConfig, *, facts_only: bool = False, beat_bits: int | None = None) -> DequantUnit:
-    dq = DequantUnit(config.rows, config.tokens, config.acc_width, config.qsum_width,
-                     lanes=config.dequant_lanes, beat_bits=beat_bits)
-    if facts_only:
-        dq._MustUse__silence = True     # built to read layouts and latencies, never elaborated
-    return dq
+def make_dequant(config: ArrayConfig, *, facts_only: bool = False,
+                 beat_bits: int | None = None) -> DequantUnit | DequantParams:
+    """The core's dequant unit; with `facts_only`, its DequantParams (layouts, latencies), no hardware."""
+    return (DequantParams if facts_only else DequantUnit).for_config(config, beat_bits=beat_bits)
 
 
-class LinearCore(wiring.Component):
+class LinearCore(CheckedComponent):
     """One engine: exact INT4 x INT8 group sums, then fp32 dequant and accumulation.
 
     Streams: `beats` (In: w, a, last, first, final), `meta` (In: scale fp16 [R],
@@ -54,13 +53,14 @@ class LinearCore(wiring.Component):
     the form the engine writes to memory, without a T*R x 32-bit output register).
     """
 
+    @classmethod
+    def check(cls, config: ArrayConfig, *, y_beat_bits: int | None = None) -> None:
+        DequantParams.for_config(config.validate(), beat_bits=y_beat_bits)
+
     def __init__(self, config: ArrayConfig, *, y_beat_bits: int | None = None):
-        self._config = config.validate()
+        self._config = config
         self._y_beat_bits = y_beat_bits
-        # Built here only to read the dequant's layouts and latencies; elaborate() builds its own.
-        dq = make_dequant(config, facts_only=True, beat_bits=y_beat_bits)
-        self._dequant_latency = dq.latency
-        self._dequant_cycles_per_group = dq.cycles_per_group
+        self._dequant = dq = DequantParams.for_config(config, beat_bits=y_beat_bits)
         super().__init__({
             "beats": In(stream.Signature(core_beat_layout(config))),
             "meta": In(stream.Signature(dq.meta_layout)),
@@ -79,26 +79,26 @@ class LinearCore(wiring.Component):
 
     @property
     def dequant_latency(self) -> int:
-        return self._dequant_latency
+        return self._dequant.latency
 
     @property
     def latency(self) -> int:
         """Cycles from accepting a tile's last beat to `y.valid`, with no stalls."""
-        return self._config.array_latency + self._dequant_latency
+        return self._config.array_latency + self._dequant.latency
 
     @property
     def dequant_cycles_per_group(self) -> int:
-        return self._dequant_cycles_per_group
+        return self._dequant.cycles_per_group
 
     @property
     def cycles_per_group(self) -> int:
         """Steady-state cycles per group: the slower of array and dequant."""
-        return max(self._config.beats_per_group, self._dequant_cycles_per_group)
+        return max(self._config.beats_per_group, self._dequant.cycles_per_group)
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.array = array = MacArray(self._config, tag_width=2)
-        m.submodules.dequant = dequant = make_dequant(self._config, beat_bits=self._y_beat_bits)
+        m.submodules.dequant = dequant = DequantUnit.for_config(self._config, beat_bits=self._y_beat_bits)
 
         b = self.beats.payload
         m.d.comb += [

@@ -30,17 +30,28 @@ from amaranth.hdl import Const, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out, connect, flipped
 
-from sw.contract.commands import Access, RegisterSpec
+from sw.contract.commands import CSR_DATA_BYTES, Access, RegisterSpec
 
 __all__ = ["Signature", "ElementSignature", "FieldPortSignature", "FieldAction", "R", "RW", "W1C", "W1S",
            "Pulse", "Field", "Register", "Builder", "Bridge", "RegisterBank", "ACTIONS"]
 
-DATA_WIDTH = 32
+DATA_WIDTH = 8 * CSR_DATA_BYTES
 
 
 # ---------------------------------------------------------------------------
 # Bus and port signatures
 # ---------------------------------------------------------------------------
+
+def _access_members(width: int) -> dict:
+    """A read strobe and its data, a write strobe with its data and bit mask: `width` bits of a word."""
+    return {
+        "r_stb": Out(1),
+        "r_data": In(width),
+        "w_stb": Out(1),
+        "w_data": Out(width),
+        "w_mask": Out(width),
+    }
+
 
 class Signature(wiring.Signature):
     """The CSR bus, seen from the initiator. ``addr_width`` counts 32-bit words."""
@@ -49,15 +60,7 @@ class Signature(wiring.Signature):
         if data_width != DATA_WIDTH:
             raise ValueError(f"the CSR bus is {DATA_WIDTH} bits wide, got {data_width}")
         self._addr_width = addr_width
-        super().__init__({
-            "addr": Out(addr_width),
-            "r_stb": Out(1),
-            "r_data": In(data_width),
-            "w_stb": Out(1),
-            "w_data": Out(data_width),
-            "w_mask": Out(data_width),
-            "err": In(1),
-        })
+        super().__init__({"addr": Out(addr_width), **_access_members(data_width), "err": In(1)})
 
     @property
     def addr_width(self) -> int:
@@ -74,26 +77,14 @@ class ElementSignature(wiring.Signature):
     """One register's word, seen from the bridge that strobes it."""
 
     def __init__(self, width: int = DATA_WIDTH):
-        super().__init__({
-            "r_stb": Out(1),
-            "r_data": In(width),
-            "w_stb": Out(1),
-            "w_data": Out(width),
-            "w_mask": Out(width),
-        })
+        super().__init__(_access_members(width))
 
 
 class FieldPortSignature(wiring.Signature):
     """One field's slice of the word, seen from the register."""
 
     def __init__(self, width: int):
-        super().__init__({
-            "r_stb": Out(1),
-            "r_data": In(width),
-            "w_stb": Out(1),
-            "w_data": Out(width),
-            "w_mask": Out(width),
-        })
+        super().__init__(_access_members(width))
 
 
 # ---------------------------------------------------------------------------

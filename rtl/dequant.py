@@ -24,9 +24,10 @@ from amaranth.lib.wiring import In, Out
 
 from sw.contract.errors import ConfigError
 
-from .fp32 import Fp16ToFp32, Fp32Add, Fp32Multiply, IntToFp32, _discard
+from .component import CheckedComponent
+from .fp32 import Fp16ToFp32, Fp32Add, Fp32Multiply, IntToFp32
 
-__all__ = ["DequantUnit"]
+__all__ = ["DequantParams", "DequantUnit"]
 
 # |corr| = |acc - z * qsum| must stay within 2^24 so that int -> fp32 is exact (docs/numerics.md).
 CORR_LIMIT = 1 << 24
@@ -49,8 +50,11 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-class DequantUnit(wiring.Component):
-    """Dequantizes and accumulates the exact group sums of one row tile.
+class DequantParams:
+    """The parameters of a `DequantUnit`, checked, and every fact derived from them (no hardware).
+
+    Whoever needs the unit's layouts, latency or throughput without the unit
+    itself (rtl/core.py's LinearCore, the engine) asks this object.
 
     Parameters
     ----------
@@ -65,43 +69,22 @@ class DequantUnit(wiring.Component):
         cycle); only used to choose the default ``lanes``.
     zero_bits : width of the unsigned weight zero points.
     mul_latency, add_latency : latencies of the fp32 multipliers and adders.
-
-    Streams (all with full valid/ready handshakes)
-    -------
-    partials : In, one beat per group: ``acc`` [T*R] (index t*R + r), ``first``, ``last``
-        (first/last group of the row tile).
-    meta : In, one beat per group: ``scale`` [R] fp16 bits, ``zero`` [R] unsigned.
-    act : In, one beat per group: ``scale`` [T] fp32 bits of s_a, ``qsum`` [T] signed.
-    bias : In, one beat per row tile (fp32 bits [R]), taken with the tile's first group.
-    out : Out, one beat per row tile after its last group: ``y`` [T*R] fp32 bits (index t*R + r).
-        With ``beat_bits``: ``out_beats`` beats per row tile instead, ``data`` = beat_bits / 32
-        consecutive items of y (beat b holds items b*beat_bits/32 ...), from a small memory rather
-        than a T*R x 32-bit register, for a consumer that writes y out in bus beats anyway.
-
-    A group starts when partials, meta, act (and bias, on a first group) are all
-    valid; the four beats are taken together, in its last cycle. The payloads must
-    stay stable while valid (the stream rule), because the unit reads them over
-    ``cycles_per_group`` cycles instead of copying them.
+    beat_bits : see the ``out`` stream of `DequantUnit`.
     """
 
     def __init__(self, rows: int, tokens: int, acc_width: int, qsum_width: int, *,
                  lanes: int | None = None, group_cycles: int | None = None, zero_bits: int = 4,
                  mul_latency: int | None = None, add_latency: int | None = None,
                  beat_bits: int | None = None):
-        try:
-            self._configure(rows, tokens, acc_width, qsum_width, lanes, group_cycles, zero_bits,
-                            mul_latency, add_latency)
-            self._configure_beats(beat_bits)
-        except ConfigError:
-            _discard(self)
-            raise
-        super().__init__({
-            "partials": In(stream.Signature(self.partials_layout)),
-            "meta": In(stream.Signature(self.meta_layout)),
-            "act": In(stream.Signature(self.act_layout)),
-            "bias": In(stream.Signature(self.bias_layout)),
-            "out": Out(stream.Signature(self.out_layout)),
-        })
+        self._configure(rows, tokens, acc_width, qsum_width, lanes, group_cycles, zero_bits,
+                        mul_latency, add_latency)
+        self._configure_beats(beat_bits)
+
+    @classmethod
+    def for_config(cls, config, *, beat_bits: int | None = None):
+        """The dequant unit of one LinearCore of `config` (an ArrayConfig)."""
+        return cls(config.rows, config.tokens, config.acc_width, config.qsum_width,
+                   lanes=config.dequant_lanes, beat_bits=beat_bits)
 
     def _configure(self, rows, tokens, acc_width, qsum_width, lanes, group_cycles, zero_bits,
                    mul_latency, add_latency):
@@ -268,6 +251,45 @@ class DequantUnit(wiring.Component):
         if self._beat_bits is not None:
             return data.StructLayout({"data": self._beat_bits})
         return data.StructLayout({"y": data.ArrayLayout(32, self._tokens * self._rows)})
+
+
+
+class DequantUnit(DequantParams, CheckedComponent):
+    """Dequantizes and accumulates the exact group sums of one row tile.
+
+    Parameters: those of `DequantParams`, whose facts (layouts, latency, throughput) it has.
+
+    Streams (all with full valid/ready handshakes)
+    -------
+    partials : In, one beat per group: ``acc`` [T*R] (index t*R + r), ``first``, ``last``
+        (first/last group of the row tile).
+    meta : In, one beat per group: ``scale`` [R] fp16 bits, ``zero`` [R] unsigned.
+    act : In, one beat per group: ``scale`` [T] fp32 bits of s_a, ``qsum`` [T] signed.
+    bias : In, one beat per row tile (fp32 bits [R]), taken with the tile's first group.
+    out : Out, one beat per row tile after its last group: ``y`` [T*R] fp32 bits (index t*R + r).
+        With ``beat_bits``: ``out_beats`` beats per row tile instead, ``data`` = beat_bits / 32
+        consecutive items of y (beat b holds items b*beat_bits/32 ...), from a small memory rather
+        than a T*R x 32-bit register, for a consumer that writes y out in bus beats anyway.
+
+    A group starts when partials, meta, act (and bias, on a first group) are all
+    valid; the four beats are taken together, in its last cycle. The payloads must
+    stay stable while valid (the stream rule), because the unit reads them over
+    ``cycles_per_group`` cycles instead of copying them.
+    """
+
+    @classmethod
+    def check(cls, *args, **kwargs) -> None:
+        DequantParams(*args, **kwargs)
+
+    def __init__(self, *args, **kwargs):
+        DequantParams.__init__(self, *args, **kwargs)
+        CheckedComponent.__init__(self, {
+            "partials": In(stream.Signature(self.partials_layout)),
+            "meta": In(stream.Signature(self.meta_layout)),
+            "act": In(stream.Signature(self.act_layout)),
+            "bias": In(stream.Signature(self.bias_layout)),
+            "out": Out(stream.Signature(self.out_layout)),
+        })
 
     def _make_mul(self, **kwargs):
         return Fp32Multiply(latency=self._lat_mul, **kwargs)

@@ -26,10 +26,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed, unsigned
-from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from sw.contract.errors import ConfigError
+
+from .component import CheckedComponent
 
 __all__ = ["Fp16ToFp32", "IntToFp32", "Fp32Multiply", "Fp32Add",
            "CANONICAL_NAN", "leading_zeros"]
@@ -73,11 +74,6 @@ def shift_right_sticky(value: Value, amount: Value, max_amount: int):
     return ext[max_amount:max_amount + width], ext[:max_amount].any()
 
 
-def _discard(elaboratable) -> None:
-    """Keep Amaranth from warning that a component whose constructor failed was never used."""
-    elaboratable._MustUse__silence = True
-
-
 class _Stages:
     """Carries named values through the steps of a datapath, registering at chosen boundaries.
 
@@ -115,20 +111,30 @@ class _Stages:
         assert self._index == len(self._registered), "datapath has fewer steps than boundaries"
 
 
-class _PipelinedUnit(wiring.Component):
+def _round_and_pack(s, normal, exp, frac, up) -> Value:
+    """The result word: `frac` rounded up by `up` (a carry out of the fraction bumps the exponent)
+    and packed with `exp` (0 unless `normal`) and ``s.sign``; or the canonical NaN (``s.nan``), or
+    infinity (``s.inf``, or `exp` beyond the normal range)."""
+    exp_field = Mux(normal, exp, 0)
+    overflow = normal & (exp >= 255)
+    packed = (Cat(frac, exp_field[0:8]) + up)[0:31]
+    return Mux(s.nan, CANONICAL_NAN,
+               Mux(s.inf | overflow, Cat(Const(_INF, 31), s.sign), Cat(packed, s.sign)))
+
+
+class _PipelinedUnit(CheckedComponent):
     """Common parameter handling: `latency` picks registered boundaries by priority."""
 
     #: Step boundaries in the order registers are added as latency grows.
     _PRIORITY: tuple[int, ...] = ()
     _DEFAULT_LATENCY = 1
 
+    @classmethod
+    def check(cls, latency: int | None = None) -> None:
+        cls.resolve_latency(latency)
+
     def __init__(self, signature: dict, latency: int | None):
-        try:
-            latency = self.resolve_latency(latency)
-        except ConfigError:
-            _discard(self)
-            raise
-        self._latency = latency
+        self._latency = latency = self.resolve_latency(latency)
         chosen = set(self._PRIORITY[:latency])
         self._registered = [k in chosen for k in range(len(self._PRIORITY))]
         super().__init__(signature)
@@ -154,6 +160,13 @@ class _PipelinedUnit(wiring.Component):
 
     def _stages(self, m: Module) -> _Stages:
         return _Stages(m, self.i_valid, self._registered, prefix="st")
+
+    def _output(self, m: Module, st: _Stages, result: Value) -> Module:
+        """The last step: `result` drives ``o`` with ``o_valid``."""
+        s = st.boundary(o=result)
+        st.finish()
+        m.d.comb += [self.o.eq(s.o), self.o_valid.eq(st.valid)]
+        return m
 
 
 def _unpack(x: Value):
@@ -193,10 +206,7 @@ class Fp16ToFp32(_PipelinedUnit):
                     Mux(s.exp != 0, s.exp + 112,
                         Mux(s.frac == 0, 0, 112 - s.lz)))
         frac32 = Mux((s.exp == 0) & (s.frac != 0), Cat(Const(0, 13), sub_frac), Cat(Const(0, 13), s.frac))
-        s = st.boundary(o=Cat(frac32, exp32[0:8], s.sign))
-        st.finish()
-        m.d.comb += [self.o.eq(s.o), self.o_valid.eq(st.valid)]
-        return m
+        return self._output(m, st, Cat(frac32, exp32[0:8], s.sign))
 
 
 class IntToFp32(_PipelinedUnit):
@@ -211,10 +221,13 @@ class IntToFp32(_PipelinedUnit):
     _PRIORITY = (3, 1, 0, 2)
     _DEFAULT_LATENCY = 2
 
-    def __init__(self, width: int, latency: int | None = None):
+    @classmethod
+    def check(cls, width: int, latency: int | None = None) -> None:
         if not isinstance(width, int) or not 2 <= width <= 64:
-            _discard(self)
             raise ConfigError(f"IntToFp32: width must be an integer from 2 to 64, got {width!r}")
+        super().check(latency)
+
+    def __init__(self, width: int, latency: int | None = None):
         self._width = width
         super().__init__({"i_valid": In(1), "a": In(signed(width)), "o_valid": Out(1), "o": Out(32)},
                          latency)
@@ -242,10 +255,7 @@ class IntToFp32(_PipelinedUnit):
             sticky = s.norm[0:w - 25].any() if w > 25 else Const(0, 1)
             up = guard & (sticky | frac[0])
         packed = (Cat(frac, s.exp[0:8]) + up)[0:31]   # a carry out of the fraction bumps the exponent
-        s = st.boundary(o=Mux(s.zero, 0, Cat(packed, s.sign)))
-        st.finish()
-        m.d.comb += [self.o.eq(s.o), self.o_valid.eq(st.valid)]
-        return m
+        return self._output(m, st, Mux(s.zero, 0, Cat(packed, s.sign)))
 
 
 class Fp32Multiply(_PipelinedUnit):
@@ -272,11 +282,14 @@ class Fp32Multiply(_PipelinedUnit):
     _PRIORITY = (4, 1, 0, 3, 2)
     _DEFAULT_LATENCY = 4
 
-    def __init__(self, latency: int | None = None, *, normal_a: bool = False, a_bits: int = 24):
+    @classmethod
+    def check(cls, latency: int | None = None, *, normal_a: bool = False, a_bits: int = 24) -> None:
         if not isinstance(a_bits, int) or not 1 <= a_bits <= 24 or (a_bits != 24 and not normal_a):
-            _discard(self)
             raise ConfigError(f"Fp32Multiply: a_bits must be 1..24 (and below 24 only with normal_a), "
                               f"got {a_bits!r}")
+        super().check(latency)
+
+    def __init__(self, latency: int | None = None, *, normal_a: bool = False, a_bits: int = 24):
         self._normal_a, self._a_bits = bool(normal_a), a_bits
         super().__init__({"i_valid": In(1), "a": In(32), "b": In(32), "o_valid": Out(1), "o": Out(32)},
                          latency)
@@ -320,26 +333,17 @@ class Fp32Multiply(_PipelinedUnit):
         norm, sticky = shift_right_sticky(s.v, shr, 26)
         s = st.boundary(norm=norm, sticky=sticky, e=s.e, sign=s.sign, nan=s.nan, inf=s.inf)
 
-        normal = s.norm[25]
-        exp_field = Mux(normal, s.e, 0)
-        overflow = normal & (s.e >= 255)
         frac = s.norm[2:25]
         guard = s.norm[1]
         rest = s.norm[0] | s.sticky
         up = guard & (rest | frac[0])
-        packed = (Cat(frac, exp_field[0:8]) + up)[0:31]
-        return Mux(s.nan, CANONICAL_NAN,
-                   Mux(s.inf | overflow, Cat(Const(_INF, 31), s.sign), Cat(packed, s.sign)))
+        return _round_and_pack(s, s.norm[25], s.e, frac, up)
 
     def elaborate(self, platform):
         m = Module()
-        if self._normal_a:
-            st = self._stages(m)
-            s = st.boundary(o=self._elaborate_normal_a(m, st))
-            st.finish()
-            m.d.comb += [self.o.eq(s.o), self.o_valid.eq(st.valid)]
-            return m
         st = self._stages(m)
+        if self._normal_a:
+            return self._output(m, st, self._elaborate_normal_a(m, st))
         a, b = _unpack(self.a), _unpack(self.b)
         nan = a.nan | b.nan | (a.inf & b.zero) | (a.zero & b.inf)
         inf = (a.inf | b.inf) & ~nan
@@ -361,20 +365,11 @@ class Fp32Multiply(_PipelinedUnit):
         exp = s.e0 - shl
         s = st.boundary(norm=norm, sticky=sticky, exp=exp, sign=s.sign, nan=s.nan, inf=s.inf)
 
-        normal = s.norm[47]
-        exp_field = Mux(normal, s.exp, 0)
-        overflow = normal & (s.exp >= 255)
         frac = s.norm[24:47]
         guard = s.norm[23]
         rest = s.norm[0:23].any() | s.sticky
         up = guard & (rest | frac[0])
-        packed = (Cat(frac, exp_field[0:8]) + up)[0:31]
-        result = Mux(s.nan, CANONICAL_NAN,
-                     Mux(s.inf | overflow, Cat(Const(_INF, 31), s.sign), Cat(packed, s.sign)))
-        s = st.boundary(o=result)
-        st.finish()
-        m.d.comb += [self.o.eq(s.o), self.o_valid.eq(st.valid)]
-        return m
+        return self._output(m, st, _round_and_pack(s, s.norm[47], s.exp, frac, up))
 
 
 class Fp32Add(_PipelinedUnit):
@@ -427,15 +422,6 @@ class Fp32Add(_PipelinedUnit):
         sign = Mux(s.total == 0, s.sx & s.sy, s.sx)
         s = st.boundary(norm=norm, exp=exp, sign=sign, nan=s.nan, inf=s.inf)
 
-        normal = s.norm[26]
-        exp_field = Mux(normal, s.exp, 0)
-        overflow = normal & (s.exp >= 255)
         frac = s.norm[3:26]
         up = s.norm[2] & (s.norm[1] | s.norm[0] | frac[0])
-        packed = (Cat(frac, exp_field[0:8]) + up)[0:31]
-        result = Mux(s.nan, CANONICAL_NAN,
-                     Mux(s.inf | overflow, Cat(Const(_INF, 31), s.sign), Cat(packed, s.sign)))
-        s = st.boundary(o=result)
-        st.finish()
-        m.d.comb += [self.o.eq(s.o), self.o_valid.eq(st.valid)]
-        return m
+        return self._output(m, st, _round_and_pack(s, s.norm[26], s.exp, frac, up))

@@ -59,6 +59,7 @@ CMD_LOG_DEPTH = 32                              # per-command cycle log entries
 COUNTER_BITS = 64
 ALIGN = 64                                      # buffer / descriptor / CMD_BASE alignment in bytes
 DEFAULT_ADDR_BITS = 40                          # bus address width (rtl/axi.py's default)
+HP_ID_BITS = 6                                  # AXI ID width of the PS's S_AXI_HPn_FPD ports
 
 
 class Access(str, enum.Enum):
