@@ -31,12 +31,11 @@ from amaranth.lib.wiring import In, Out
 from rtl.axi import axi4_signature, tie_off_read, tie_off_write
 from rtl.axilite import AxiLiteSignature, AxiLiteToCsr
 from sw.contract.config import ArrayConfig
-from sw.contract.commands import CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, REGISTERS
+from sw.contract.commands import CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, HP_ID_BITS, REGISTERS
 
 __all__ = ["StubTop", "STUB_MAGIC", "HP_ID_BITS", "CSR_DATA_BITS"]
 
 STUB_MAGIC = int.from_bytes(b"STUB", "little")
-HP_ID_BITS = 6          # the S_AXI_HP ports' AXI ID width
 CSR_DATA_BITS = 32
 
 

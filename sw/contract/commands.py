@@ -59,6 +59,7 @@ COUNTER_BITS = 64
 ALIGN = 64                                      # buffer / descriptor / CMD_BASE alignment in bytes
 BEAT_BYTES = 16                                 # one 128-bit AXI data beat
 DEFAULT_ADDR_BITS = 40                          # bus address width (rtl/axi.py's default)
+HP_ID_BITS = 6                                  # AXI ID width of the PS's S_AXI_HP ports the engines use
 
 
 class Access(str, enum.Enum):
