@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 from amaranth.hdl import Cat, Const, Elaboratable, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -386,12 +386,11 @@ class Engine(wiring.Component):
                 m.d.sync += rs_weights.eq(0)
 
         # ---- unpacker -------------------------------------------------------------------------
-        # Two biases: the output register and one more (a one-word memory, i.e. flip-flops); a
-        # deeper FIFO would be LUT RAM 32R bits wide (600 LUTs on kv260) and only helps tiles of
-        # a single group.
-        m.submodules.bias_q = bias_q = SyncFIFOBuffered(width=32 * R, depth=2)
+        # Both FIFOs in flip-flops (_ShiftFIFO): as LUT RAM they would cost 950 LUTs on kv260.
+        # Two biases (a deeper FIFO only helps tiles of a single group); four groups' meta.
+        m.submodules.bias_q = bias_q = _ShiftFIFO(32 * R, 2)
         meta_width = core.meta.payload.shape().size
-        m.submodules.meta_q = meta_q = SyncFIFOBuffered(width=meta_width, depth=4)
+        m.submodules.meta_q = meta_q = _ShiftFIFO(meta_width, 4)
         m.d.comb += [
             core.bias.valid.eq(bias_q.r_rdy), core.bias.payload.eq(bias_q.r_data), bias_q.r_en.eq(core.bias.ready),
             core.meta.valid.eq(meta_q.r_rdy), core.meta.payload.eq(meta_q.r_data), meta_q.r_en.eq(core.meta.ready),
@@ -615,27 +614,51 @@ class Engine(wiring.Component):
         return m
 
 
-# ---------------------------------------------------------------------------
-# Activation buffer
-# ---------------------------------------------------------------------------
+class _ShiftFIFO(Elaboratable):
+    """A FIFO of `depth` registers in a row: no memory and no read multiplexer, so it costs
+    flip-flops, not LUTs, however wide it is (LUT RAM costs a LUT per ~7 bits of width).
 
-class _OneEntry(Elaboratable):
-    """A one-entry FIFO as a register, with the part of SyncFIFO's interface `_serve` uses."""
+    An entry moves one stage on whenever the next stage is empty or moving; the last stage is the
+    output. Like SyncFIFO it takes a write every cycle while ``level`` < depth (stage 0 is then
+    empty or moving), which `ActivationBuffer._serve`'s credits rely on; unlike it, an entry needs
+    up to `depth` cycles to ripple through an empty FIFO. Ports: SyncFIFO's w_en, w_data, w_rdy,
+    r_en, r_data, r_rdy and level.
+    """
 
-    def __init__(self, width: int):
-        self.w_en, self.w_data = Signal(), Signal(width)
-        self.r_en, self.r_rdy, self.r_data = Signal(), Signal(), Signal(width, reset_less=True)
-        self.level = Signal(range(2))
+    def __init__(self, width: int, depth: int):
+        self._depth = depth
+        self.w_en, self.w_rdy, self.w_data = Signal(), Signal(), Signal(width)
+        self.r_en, self.r_rdy, self.r_data = Signal(), Signal(), Signal(width)
+        self.level = Signal(range(depth + 1))
 
     def elaborate(self, platform):
         m = Module()
-        m.d.comb += self.r_rdy.eq(self.level)
-        with m.If(self.w_en):
-            m.d.sync += [self.r_data.eq(self.w_data), self.level.eq(1)]
-        with m.Elif(self.r_en):
-            m.d.sync += self.level.eq(0)
+        D = self._depth
+        stage = [Signal(self.w_data.shape(), name=f"stage{i}", reset_less=True) for i in range(D)]
+        valid = [Signal(name=f"stage{i}_valid") for i in range(D)]
+        leave = [Signal(name=f"stage{i}_leave") for i in range(D)]    # stage i's entry moves on
+        m.d.comb += leave[D - 1].eq(valid[D - 1] & self.r_en)
+        for i in reversed(range(D - 1)):
+            m.d.comb += leave[i].eq(valid[i] & (~valid[i + 1] | leave[i + 1]))
+        m.d.comb += [self.w_rdy.eq(~valid[0] | leave[0]),
+                     self.r_rdy.eq(valid[D - 1]), self.r_data.eq(stage[D - 1])]
+        write = self.w_en & self.w_rdy
+        with m.If(write):
+            m.d.sync += [stage[0].eq(self.w_data), valid[0].eq(1)]
+        with m.Elif(leave[0]):
+            m.d.sync += valid[0].eq(0)
+        for i in range(1, D):
+            with m.If(leave[i - 1]):
+                m.d.sync += [stage[i].eq(stage[i - 1]), valid[i].eq(1)]
+            with m.Elif(leave[i]):
+                m.d.sync += valid[i].eq(0)
+        m.d.sync += self.level.eq(self.level + write - leave[D - 1])
         return m
 
+
+# ---------------------------------------------------------------------------
+# Activation buffer
+# ---------------------------------------------------------------------------
 
 class ActivationBuffer(wiring.Component):
     """Loads activation buffers into two slots and serves the engines' reads. See the module docstring.
@@ -785,10 +808,10 @@ class ActivationBuffer(wiring.Component):
         E = len(reqs)
         fifos = []
         for e in range(E):
-            # Unbuffered: it takes a write every cycle while level < depth, which the credit
-            # check below relies on (a buffered FIFO refuses back-to-back writes while its
-            # output register fills). Depth 1 is a plain register (flip-flops, no LUT RAM).
-            f = _OneEntry(width) if depth == 1 else SyncFIFO(width=width, depth=depth)
+            # It must take a write every cycle while level < depth, which the credit check
+            # below relies on (SyncFIFOBuffered refuses back-to-back writes while its output
+            # register fills); _ShiftFIFO does, in flip-flops rather than wide LUT RAM.
+            f = _ShiftFIFO(width, depth)
             m.submodules[f"{name}_rsp{e}"] = f
             fifos.append(f)
         pend = Signal(name=f"{name}_pend")
