@@ -386,7 +386,8 @@ class Engine(wiring.Component):
                 m.d.sync += rs_weights.eq(0)
 
         # ---- unpacker -------------------------------------------------------------------------
-        # Both FIFOs in flip-flops (_ShiftFIFO): as LUT RAM they would cost 950 LUTs on kv260.
+        # Both FIFOs in flip-flops (_ShiftFIFO) rather than wide LUT RAM: with the activation
+        # buffer's response FIFOs, 1.95 k LUTs less on kv260 for 13.5 k more flip-flops.
         # Two biases (a deeper FIFO only helps tiles of a single group); four groups' meta.
         m.submodules.bias_q = bias_q = _ShiftFIFO(32 * R, 2)
         meta_width = core.meta.payload.shape().size

@@ -287,7 +287,7 @@ class CommandSlots(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         g = self._g
-        slots = Signal(data.ArrayLayout(slot_layout(g), SLOTS))
+        slots = Signal(data.ArrayLayout(slot_layout(g), SLOTS), name="records")   # "slots" would hide the module
         accept_slot = Signal(range(SLOTS))      # the slot the next op goes to
         oldest = Signal(range(SLOTS))           # the slot whose answer is due next
         serving = Signal(range(SLOTS))          # the slot the tile allocator serves
