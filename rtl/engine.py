@@ -43,28 +43,27 @@ from dataclasses import dataclass
 
 from amaranth.hdl import Cat, Const, Elaboratable, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from sw.contract.commands import ALIGN, BEAT_BYTES, DEFAULT_ADDR_BITS
+from sw.contract.config import ArrayConfig
 from sw.contract.errors import ConfigError
 from sw.contract.layout import TileLayout
 
 from .axi import read_data_layout, transfer_command_layout, write_data_layout
-from sw.contract.config import ArrayConfig
 from .core import LinearCore, make_dequant
 from .readmux import round_robin
 
 __all__ = ["Geometry", "Engine", "ActivationBuffer", "op_params_layout", "tile_grant_layout", "load_layout",
            "SLOTS", "TILES_IN_FLIGHT", "BLOCK_COLS"]
 
-BEAT_BITS = 128
-BEAT_BYTES = 16
-BLOCK_COLS = 16            # int8 codes in one 16-byte beat of a token row: one activation-buffer block
+BLOCK_COLS = BEAT_BYTES    # int8 codes in one port beat of a token row: one activation-buffer block
 SLOTS = 2                  # commands whose activations the buffer holds at once
 TILES_IN_FLIGHT = 8        # tiles an engine has requested and not yet seen acknowledged in memory
-MAX_BURST = 16
-PAGE_BEATS = 4096 // BEAT_BYTES
+MAX_BURST = 16             # beats of one AXI burst the writer issues
+PAGE_BYTES = 4096          # AXI: no burst crosses a 4 KiB boundary
 
 
 def _w(n: int) -> int:
@@ -82,21 +81,23 @@ class Geometry:
 
     config: ArrayConfig
     max_k: int = 4864
-    addr_width: int = 40
+    addr_width: int = DEFAULT_ADDR_BITS
     beats_width: int = 28
 
     def __post_init__(self):
         cfg = self.config.validate()
         R, C, bits = cfg.rows, cfg.cols, cfg.weight_bits
-        if cfg.port_bits != BEAT_BITS:
-            raise ConfigError(f"the accelerator top drives 128-bit HP ports; config port_bits is {cfg.port_bits}")
+        if cfg.port_bytes != BEAT_BYTES:
+            raise ConfigError(f"the accelerator top drives {8 * BEAT_BYTES}-bit HP ports (sw.contract.commands."
+                              f"BEAT_BYTES); config port_bits is {cfg.port_bits}")
         if not _pow2(R) or R < 4:
             raise ConfigError(f"the engine needs rows to be a power of two >= 4 (whole 16-byte bias and output "
                               f"beats), got {R}")
         if not _pow2(C) or C > BLOCK_COLS:
             raise ConfigError(f"the engine needs cols to be a power of two <= {BLOCK_COLS}, got {C}")
-        if R * bits < 8 or BEAT_BITS % (R * C * bits):
-            raise ConfigError(f"an array beat of {R}x{C} {bits}-bit codes must divide the 128-bit port beat")
+        if R * bits < 8 or cfg.port_bits % (R * C * bits):
+            raise ConfigError(f"an array beat of {R}x{C} {bits}-bit codes must divide the {cfg.port_bits}-bit "
+                              f"port beat")
         TileLayout(rows=R, cols=cfg.group_size, group_size=cfg.group_size, tile_rows=R, bits=bits)
         if self.max_k <= 0 or self.max_k % cfg.group_size or self.max_k % BLOCK_COLS:
             raise ConfigError(f"max_k {self.max_k} must be a positive multiple of the group size "
@@ -116,14 +117,29 @@ class Geometry:
         """The .kq layout of one group of one tile (sw/contract/layout.py)."""
         return TileLayout(rows=self.R, cols=self.G, group_size=self.G, tile_rows=self.R, bits=self.bits)
 
+    # -- the port ------------------------------------------------------------------------
+    port_bits = property(lambda self: self.config.port_bits)      # one HP port beat
+    port_bytes = property(lambda self: self.config.port_bytes)
+    row_align = property(lambda self: ALIGN)                       # output rows and buffer sections
+
+    @property
+    def port_shift(self) -> int:
+        """log2(port_bytes): a byte count to port beats and back."""
+        return self.port_bytes.bit_length() - 1
+
+    @property
+    def page_beats(self) -> int:
+        """Port beats in the 4 KiB an AXI burst must not cross."""
+        return PAGE_BYTES // self.port_bytes
+
     # -- the weight stream -------------------------------------------------------------
     @property
     def meta_beats(self) -> int:
-        return self.layout.meta_bytes // BEAT_BYTES
+        return self.layout.meta_bytes // self.port_bytes
 
     @property
     def weight_beats_per_group(self) -> int:
-        return self.layout.group_weight_bytes // BEAT_BYTES
+        return self.layout.group_weight_bytes // self.port_bytes
 
     @property
     def group_beats(self) -> int:
@@ -136,17 +152,22 @@ class Geometry:
 
     @property
     def sub_beats(self) -> int:
-        """Array beats per 128-bit port beat."""
-        return BEAT_BITS // self.beat_bits
+        """Array beats per port beat."""
+        return self.port_bits // self.beat_bits
+
+    @property
+    def tile_row_bytes(self) -> int:
+        """Bytes of one tile's bias, and of one token row of its outputs: R fp32."""
+        return self.R * 4
 
     @property
     def bias_beats(self) -> int:
-        return self.R * 4 // BEAT_BYTES
+        return self.tile_row_bytes // self.port_bytes
 
     @property
     def y_beats(self) -> int:
         """Output beats per token row of a tile."""
-        return self.R * 4 // BEAT_BYTES
+        return self.tile_row_bytes // self.port_bytes
 
     # -- the activation buffer --------------------------------------------------------
     @property
@@ -159,9 +180,19 @@ class Geometry:
         return self.max_k // self.G
 
     @property
+    def groups_per_meta_word(self) -> int:
+        """fp32 s_a (or qsum) entries of one token in one port beat."""
+        return self.port_bytes // 4
+
+    @property
     def meta_words(self) -> int:
         """s_a / qsum words (4 groups of every token) per slot."""
-        return -(-self.max_groups // 4)
+        return -(-self.max_groups // self.groups_per_meta_word)
+
+    @property
+    def meta_sel_bits(self) -> int:
+        """Bits that pick a group's entry in a meta word."""
+        return self.groups_per_meta_word.bit_length() - 1
 
     @property
     def qsum_width(self) -> int:
@@ -239,8 +270,19 @@ def load_layout(g: Geometry) -> data.StructLayout:
     })
 
 
+def _walk(m: Module, step, index: Signal, last, queue) -> None:
+    """A prefetcher's counter: `index` runs 0 .. `last` on `step`; at `last` it starts over and
+    the tile record at the head of `queue` is done."""
+    with m.If(step):
+        with m.If(index == last):
+            m.d.sync += index.eq(0)
+            m.d.comb += queue.r_en.eq(1)
+        with m.Else():
+            m.d.sync += index.eq(index + 1)
+
+
 def act_req_layout(g: Geometry) -> data.StructLayout:
-    return data.StructLayout({"addr": unsigned(g.meta_addr_width), "sel": unsigned(2)})
+    return data.StructLayout({"addr": unsigned(g.meta_addr_width), "sel": unsigned(g.meta_sel_bits)})
 
 
 # ---------------------------------------------------------------------------
@@ -273,13 +315,13 @@ class Engine(wiring.Component):
             "codes_written": In(data.ArrayLayout(unsigned(g.code_count_width), SLOTS)),
             "meta_loaded": In(SLOTS),
             "code_req": Out(stream.Signature(unsigned(g.code_addr_width))),
-            "code_rsp": In(stream.Signature(unsigned(g.T * BEAT_BITS))),
+            "code_rsp": In(stream.Signature(unsigned(g.T * g.port_bits))),
             "act_req": Out(stream.Signature(act_req_layout(g))),
             "act_rsp": In(stream.Signature(g.act_layout)),
             "rd_cmd": Out(stream.Signature(transfer_command_layout(aw, bw))),
-            "rd_data": In(stream.Signature(read_data_layout(BEAT_BITS))),
+            "rd_data": In(stream.Signature(read_data_layout(g.port_bits))),
             "wr_cmd": Out(stream.Signature(transfer_command_layout(aw, bw))),
-            "wr_data": Out(stream.Signature(write_data_layout(BEAT_BITS))),
+            "wr_data": Out(stream.Signature(write_data_layout(g.port_bits))),
             "b_ack": In(1),
             "tile_done": Out(SLOTS),
             "busy": Out(1),
@@ -298,7 +340,7 @@ class Engine(wiring.Component):
         P = g.sub_beats
         # The core hands y over in port beats (item order = the DDR order of a token row), so the
         # writer needs neither a T*R x 32-bit register nor a mux over it.
-        core = m.submodules.core = LinearCore(g.config, y_beat_bits=BEAT_BITS)
+        core = m.submodules.core = LinearCore(g.config, y_beat_bits=g.port_bits)
 
         # ---- tile records ---------------------------------------------------------------
         # A tile granted to this engine is recorded once per stage that walks it: the
@@ -344,12 +386,12 @@ class Engine(wiring.Component):
                 m.d.sync += rs_weights.eq(0)
 
         # ---- unpacker -------------------------------------------------------------------------
-        # Two biases: the output register and one more (a one-word memory, i.e. flip-flops); a
-        # deeper FIFO would be LUT RAM 32R bits wide (600 LUTs on kv260) and only helps tiles of
-        # a single group.
-        m.submodules.bias_q = bias_q = SyncFIFOBuffered(width=32 * R, depth=2)
+        # Both FIFOs in flip-flops (_ShiftFIFO) rather than wide LUT RAM: with the activation
+        # buffer's response FIFOs, 1.95 k LUTs less on kv260 for 13.5 k more flip-flops.
+        # Two biases (a deeper FIFO only helps tiles of a single group); four groups' meta.
+        m.submodules.bias_q = bias_q = _ShiftFIFO(32 * R, 2)
         meta_width = core.meta.payload.shape().size
-        m.submodules.meta_q = meta_q = SyncFIFOBuffered(width=meta_width, depth=4)
+        m.submodules.meta_q = meta_q = _ShiftFIFO(meta_width, 4)
         m.d.comb += [
             core.bias.valid.eq(bias_q.r_rdy), core.bias.payload.eq(bias_q.r_data), bias_q.r_en.eq(core.bias.ready),
             core.meta.valid.eq(meta_q.r_rdy), core.meta.payload.eq(meta_q.r_data), meta_q.r_en.eq(core.meta.ready),
@@ -374,7 +416,7 @@ class Engine(wiring.Component):
         # tile without bias clears bias_reg instead (a synchronous reset, no multiplexer).
         bias_reg = Signal(32 * R)
         bias_put = Signal()
-        meta_sr = Signal(max(1, BEAT_BITS * (g.meta_beats - 1)))
+        meta_sr = Signal(max(1, g.port_bits * (g.meta_beats - 1)))
         meta_all = Cat(meta_sr, beat) if g.meta_beats > 1 else beat
         if g.bits == 4:
             meta_word = meta_all[:20 * R]               # R fp16 scales, then R nibbles of zero points
@@ -397,7 +439,7 @@ class Engine(wiring.Component):
         # The code block being consumed: a register loaded from code_rsp (the activation buffer's
         # one-entry buffer holds the next block), so neither side needs a T x 128-bit LUT-RAM FIFO
         # and the next block is already there when this one ends.
-        block = Signal(T * BEAT_BITS, reset_less=True)
+        block = Signal(T * g.port_bits, reset_less=True)
         block_valid = Signal()
         block_done = Signal()             # the last array beat of the block is taken this cycle
         m.d.comb += self.code_rsp.ready.eq(~block_valid | block_done)
@@ -407,7 +449,7 @@ class Engine(wiring.Component):
             m.d.sync += block_valid.eq(0)
         csel = col[(C - 1).bit_length():] if C > 1 else col
         for t in range(T):
-            lane = block[t * BEAT_BITS:(t + 1) * BEAT_BITS]
+            lane = block[t * g.port_bits:(t + 1) * g.port_bits]
             m.d.comb += bp.a.as_value()[t * 8 * C:(t + 1) * 8 * C].eq(lane.word_select(csel, 8 * C))
 
         with m.Switch(phase):
@@ -422,7 +464,7 @@ class Engine(wiring.Component):
                 last = cnt == g.bias_beats - 1
                 m.d.comb += rd.ready.eq(~last | bias_q.w_rdy & ~bias_put)
                 with m.If(fire_rd):
-                    m.d.sync += bias_reg.eq(Cat(bias_reg[BEAT_BITS:], beat))
+                    m.d.sync += bias_reg.eq(Cat(bias_reg[g.port_bits:], beat))
                     with m.If(last):
                         m.d.sync += [bias_put.eq(1), phase.eq(META), cnt.eq(0)]
                     with m.Else():
@@ -432,7 +474,7 @@ class Engine(wiring.Component):
                 m.d.comb += rd.ready.eq(~last | meta_q.w_rdy)
                 with m.If(fire_rd):
                     if g.meta_beats > 1:
-                        m.d.sync += meta_sr.eq(Cat(meta_sr[BEAT_BITS:], beat))
+                        m.d.sync += meta_sr.eq(Cat(meta_sr[g.port_bits:], beat))
                     with m.If(last):
                         m.d.comb += meta_q.w_en.eq(1)
                         m.d.sync += [phase.eq(WEIGHTS), cnt.eq(0), sub.eq(0)]
@@ -467,12 +509,7 @@ class Engine(wiring.Component):
             self.code_req.valid.eq(cp_q.r_rdy & (written > cpp.code_base + blk)),
             self.code_req.payload.eq(Mux(cp_slot, g.blocks + blk, blk)),
         ]
-        with m.If(self.code_req.valid & self.code_req.ready):
-            with m.If(blk == cpp.kb - 1):
-                m.d.sync += blk.eq(0)
-                m.d.comb += cp_q.r_en.eq(1)
-            with m.Else():
-                m.d.sync += blk.eq(blk + 1)
+        _walk(m, self.code_req.valid & self.code_req.ready, blk, cpp.kb - 1, cp_q)
 
         # ---- activation-meta prefetcher: groups 0 .. ng-1, once per tile ------------------------
         mp_slot = mp_q.r_data[0]
@@ -480,15 +517,10 @@ class Engine(wiring.Component):
         gidx = Signal(g.groups_width)
         m.d.comb += [
             self.act_req.valid.eq(mp_q.r_rdy & self.meta_loaded.bit_select(mp_slot, 1)),
-            self.act_req.payload.addr.eq(Mux(mp_slot, g.meta_words, 0) + (gidx >> 2)),
-            self.act_req.payload.sel.eq(gidx[:2]),
+            self.act_req.payload.addr.eq(Mux(mp_slot, g.meta_words, 0) + (gidx >> g.meta_sel_bits)),
+            self.act_req.payload.sel.eq(gidx[:g.meta_sel_bits]),
         ]
-        with m.If(self.act_req.valid & self.act_req.ready):
-            with m.If(gidx == mpp.groups - 1):
-                m.d.sync += gidx.eq(0)
-                m.d.comb += mp_q.r_en.eq(1)
-            with m.Else():
-                m.d.sync += gidx.eq(gidx + 1)
+        _walk(m, self.act_req.valid & self.act_req.ready, gidx, mpp.groups - 1, mp_q)
 
         # ---- writer ------------------------------------------------------------------------------
         head = Signal(wr_rec)
@@ -504,9 +536,9 @@ class Engine(wiring.Component):
         j = Signal(range(g.y_beats + 4))
         burst_rem = Signal(range(MAX_BURST + 1))
         bursts = Signal(burst_bits)
-        page_left = Signal(range(PAGE_BEATS + 1))
+        page_left = Signal(range(g.page_beats + 1))
         n_burst = Signal(range(MAX_BURST + 1))
-        m.d.comb += page_left.eq(PAGE_BEATS - addr[4:12])
+        m.d.comb += page_left.eq(g.page_beats - addr[g.port_shift:(PAGE_BYTES - 1).bit_length()])
         with m.If((row_rem <= MAX_BURST) & (row_rem <= page_left)):
             m.d.comb += n_burst.eq(row_rem)
         with m.Elif(page_left < MAX_BURST):
@@ -520,7 +552,7 @@ class Engine(wiring.Component):
         # data: y inside a token row, zeros in the padding after the last tile (assigned outside
         # the state machine, so that only `valid` depends on the state)
         m.d.comb += [self.wr_data.payload.data.eq(Mux(in_row, y, 0)),
-                     self.wr_data.payload.strb.eq(Const(-1, BEAT_BYTES))]
+                     self.wr_data.payload.strb.eq(Const(-1, g.port_bytes))]
         with m.Switch(wstate):
             with m.Case(W_IDLE):
                 with m.If(core.y.valid & wr_q.r_rdy):
@@ -542,7 +574,7 @@ class Engine(wiring.Component):
                 with m.If(core.y.valid & core.y.ready):
                     m.d.sync += y_taken.eq(y_taken + 1)
                 with m.If(self.wr_data.valid & self.wr_data.ready):
-                    m.d.sync += [j.eq(j + 1), addr.eq(addr + BEAT_BYTES), row_rem.eq(row_rem - 1),
+                    m.d.sync += [j.eq(j + 1), addr.eq(addr + g.port_bytes), row_rem.eq(row_rem - 1),
                                  burst_rem.eq(burst_rem - 1)]
                     with m.If(burst_rem == 1):
                         m.d.sync += wstate.eq(W_CMD)
@@ -583,27 +615,51 @@ class Engine(wiring.Component):
         return m
 
 
-# ---------------------------------------------------------------------------
-# Activation buffer
-# ---------------------------------------------------------------------------
+class _ShiftFIFO(Elaboratable):
+    """A FIFO of `depth` registers in a row: no memory and no read multiplexer, so it costs
+    flip-flops, not LUTs, however wide it is (LUT RAM costs a LUT per ~7 bits of width).
 
-class _OneEntry(Elaboratable):
-    """A one-entry FIFO as a register, with the part of SyncFIFO's interface `_serve` uses."""
+    An entry moves one stage on whenever the next stage is empty or moving; the last stage is the
+    output. Like SyncFIFO it takes a write every cycle while ``level`` < depth (stage 0 is then
+    empty or moving), which `ActivationBuffer._serve`'s credits rely on; unlike it, an entry needs
+    up to `depth` cycles to ripple through an empty FIFO. Ports: SyncFIFO's w_en, w_data, w_rdy,
+    r_en, r_data, r_rdy and level.
+    """
 
-    def __init__(self, width: int):
-        self.w_en, self.w_data = Signal(), Signal(width)
-        self.r_en, self.r_rdy, self.r_data = Signal(), Signal(), Signal(width, reset_less=True)
-        self.level = Signal(range(2))
+    def __init__(self, width: int, depth: int):
+        self._depth = depth
+        self.w_en, self.w_rdy, self.w_data = Signal(), Signal(), Signal(width)
+        self.r_en, self.r_rdy, self.r_data = Signal(), Signal(), Signal(width)
+        self.level = Signal(range(depth + 1))
 
     def elaborate(self, platform):
         m = Module()
-        m.d.comb += self.r_rdy.eq(self.level)
-        with m.If(self.w_en):
-            m.d.sync += [self.r_data.eq(self.w_data), self.level.eq(1)]
-        with m.Elif(self.r_en):
-            m.d.sync += self.level.eq(0)
+        D = self._depth
+        stage = [Signal(self.w_data.shape(), name=f"stage{i}", reset_less=True) for i in range(D)]
+        valid = [Signal(name=f"stage{i}_valid") for i in range(D)]
+        leave = [Signal(name=f"stage{i}_leave") for i in range(D)]    # stage i's entry moves on
+        m.d.comb += leave[D - 1].eq(valid[D - 1] & self.r_en)
+        for i in reversed(range(D - 1)):
+            m.d.comb += leave[i].eq(valid[i] & (~valid[i + 1] | leave[i + 1]))
+        m.d.comb += [self.w_rdy.eq(~valid[0] | leave[0]),
+                     self.r_rdy.eq(valid[D - 1]), self.r_data.eq(stage[D - 1])]
+        write = self.w_en & self.w_rdy
+        with m.If(write):
+            m.d.sync += [stage[0].eq(self.w_data), valid[0].eq(1)]
+        with m.Elif(leave[0]):
+            m.d.sync += valid[0].eq(0)
+        for i in range(1, D):
+            with m.If(leave[i - 1]):
+                m.d.sync += [stage[i].eq(stage[i - 1]), valid[i].eq(1)]
+            with m.Elif(leave[i]):
+                m.d.sync += valid[i].eq(0)
+        m.d.sync += self.level.eq(self.level + write - leave[D - 1])
         return m
 
+
+# ---------------------------------------------------------------------------
+# Activation buffer
+# ---------------------------------------------------------------------------
 
 class ActivationBuffer(wiring.Component):
     """Loads activation buffers into two slots and serves the engines' reads. See the module docstring.
@@ -629,14 +685,14 @@ class ActivationBuffer(wiring.Component):
         members = {
             "load": In(stream.Signature(load_layout(g))),
             "rd_cmd": Out(stream.Signature(transfer_command_layout(g.addr_width, g.beats_width))),
-            "rd_data": In(stream.Signature(read_data_layout(BEAT_BITS))),
+            "rd_data": In(stream.Signature(read_data_layout(g.port_bits))),
             "codes_written": Out(data.ArrayLayout(unsigned(g.code_count_width), SLOTS)),
             "meta_loaded": Out(SLOTS),
             "busy": Out(1),
         }
         for e in range(engines):
             members[f"code_req{e}"] = In(stream.Signature(unsigned(g.code_addr_width)))
-            members[f"code_rsp{e}"] = Out(stream.Signature(unsigned(g.T * BEAT_BITS)))
+            members[f"code_rsp{e}"] = Out(stream.Signature(unsigned(g.T * g.port_bits)))
             members[f"act_req{e}"] = In(stream.Signature(act_req_layout(g)))
             members[f"act_rsp{e}"] = Out(stream.Signature(g.act_layout))
         super().__init__(members)
@@ -646,19 +702,20 @@ class ActivationBuffer(wiring.Component):
         g = self._g
         T, E = g.T, self._engines
         qw = g.qsum_width
+        gpm = g.groups_per_meta_word
 
         # Block RAM for all three: s_a and qsum are shallow (2 x 19 words on kv260) but wide, so
         # Yosys would otherwise pick LUT RAM for them (1.7 k LUTs on kv260).
         block = {"ram_style": "block"}
-        codes = m.submodules.codes = Memory(shape=unsigned(T * BEAT_BITS), depth=SLOTS * g.blocks, init=[],
+        codes = m.submodules.codes = Memory(shape=unsigned(T * g.port_bits), depth=SLOTS * g.blocks, init=[],
                                             attrs=block)
-        scales = m.submodules.scales = Memory(shape=unsigned(T * BEAT_BITS), depth=SLOTS * g.meta_words, init=[],
+        scales = m.submodules.scales = Memory(shape=unsigned(T * g.port_bits), depth=SLOTS * g.meta_words, init=[],
                                               attrs=block)
-        qsums = m.submodules.qsums = Memory(shape=unsigned(T * 4 * qw), depth=SLOTS * g.meta_words, init=[],
+        qsums = m.submodules.qsums = Memory(shape=unsigned(T * gpm * qw), depth=SLOTS * g.meta_words, init=[],
                                             attrs=block)
-        c_wr = codes.write_port(granularity=BEAT_BITS)
-        s_wr = scales.write_port(granularity=BEAT_BITS)
-        q_wr = qsums.write_port(granularity=4 * qw)
+        c_wr = codes.write_port(granularity=g.port_bits)
+        s_wr = scales.write_port(granularity=g.port_bits)
+        q_wr = qsums.write_port(granularity=gpm * qw)
 
         # ---- loader ------------------------------------------------------------------------
         ld = Signal(load_layout(g))
@@ -694,7 +751,7 @@ class ActivationBuffer(wiring.Component):
         meta_addr = Mux(ld.slot, g.meta_words, 0) + word
         m.d.comb += [
             s_wr.addr.eq(meta_addr), s_wr.data.eq(Cat(*[beat] * T)),
-            q_wr.addr.eq(meta_addr), q_wr.data.eq(Cat(*[Cat(*[beat[32 * i:32 * i + qw] for i in range(4)])] * T)),
+            q_wr.addr.eq(meta_addr), q_wr.data.eq(Cat(*[Cat(*[beat[32 * i:32 * i + qw] for i in range(gpm)])] * T)),
             c_wr.addr.eq(Mux(ld.slot, g.blocks, 0) + word), c_wr.data.eq(Cat(*[beat] * T)),
         ]
         row_len = Mux(sec == 2, ld.kb, ld.msb)
@@ -728,7 +785,7 @@ class ActivationBuffer(wiring.Component):
         reqs = [getattr(self, f"code_req{e}") for e in range(E)]
         rsps = [getattr(self, f"code_rsp{e}") for e in range(E)]
         self._serve(m, "code", c_rd, reqs, rsps, lambda rdata, sel: rdata, None,
-                    self.CODE_FIFO_DEPTH, T * BEAT_BITS)
+                    self.CODE_FIFO_DEPTH, T * g.port_bits)
 
         # ---- engine reads: s_a and qsum of one group ----------------------------------------
         s_rd = scales.read_port()
@@ -738,11 +795,11 @@ class ActivationBuffer(wiring.Component):
         rsps = [getattr(self, f"act_rsp{e}") for e in range(E)]
 
         def act_word(_rdata, sel):
-            sc = [s_rd.data[t * BEAT_BITS:(t + 1) * BEAT_BITS].word_select(sel, 32) for t in range(T)]
-            qs = [q_rd.data[t * 4 * qw:(t + 1) * 4 * qw].word_select(sel, qw) for t in range(T)]
+            sc = [s_rd.data[t * g.port_bits:(t + 1) * g.port_bits].word_select(sel, 32) for t in range(T)]
+            qs = [q_rd.data[t * gpm * qw:(t + 1) * gpm * qw].word_select(sel, qw) for t in range(T)]
             return Cat(*sc, *qs)
 
-        self._serve(m, "act", s_rd, reqs, rsps, act_word, 2, self.ACT_FIFO_DEPTH, g.act_layout.size)
+        self._serve(m, "act", s_rd, reqs, rsps, act_word, g.meta_sel_bits, self.ACT_FIFO_DEPTH, g.act_layout.size)
         return m
 
     @staticmethod
@@ -752,10 +809,10 @@ class ActivationBuffer(wiring.Component):
         E = len(reqs)
         fifos = []
         for e in range(E):
-            # Unbuffered: it takes a write every cycle while level < depth, which the credit
-            # check below relies on (a buffered FIFO refuses back-to-back writes while its
-            # output register fills). Depth 1 is a plain register (flip-flops, no LUT RAM).
-            f = _OneEntry(width) if depth == 1 else SyncFIFO(width=width, depth=depth)
+            # It must take a write every cycle while level < depth, which the credit check
+            # below relies on (SyncFIFOBuffered refuses back-to-back writes while its output
+            # register fills); _ShiftFIFO does, in flip-flops rather than wide LUT RAM.
+            f = _ShiftFIFO(width, depth)
             m.submodules[f"{name}_rsp{e}"] = f
             fifos.append(f)
         pend = Signal(name=f"{name}_pend")

@@ -20,6 +20,7 @@ from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from sw.contract.commands import BEAT_BYTES, DEFAULT_ADDR_BITS, HP_ID_BITS
 from sw.contract.errors import ConfigError
 
 from .axi import axi4_read_signature
@@ -68,7 +69,8 @@ class AxiReadArbiter(wiring.Component):
     AR latency (a register stage); R is combinational.
     """
 
-    def __init__(self, ids, *, addr_width: int = 40, data_width: int = 128, id_width: int = 6):
+    def __init__(self, ids, *, addr_width: int = DEFAULT_ADDR_BITS, data_width: int = 8 * BEAT_BYTES,
+                 id_width: int = HP_ID_BITS):
         ids = list(ids)
         if not ids:
             raise ConfigError("AxiReadArbiter needs at least one manager")

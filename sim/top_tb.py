@@ -66,7 +66,8 @@ def sim_top(config: ArrayConfig, ddr: DdrModelConfig = SIM_DDR, *, max_k: int = 
 
     from rtl.axi import axi4_signature
     from rtl.axilite import AxiLiteSignature
-    from rtl.top import HP_ID_BITS, build_top
+    from rtl.top import build_top
+    from sw.contract.commands import HP_ID_BITS
     from sw.contract.commands import CSR_ADDR_WIDTH
 
     if ddr.ports != config.engines:

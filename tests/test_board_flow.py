@@ -27,7 +27,8 @@ import pytest
 from boards import kv260
 from boards.build import EXIT_NEEDS_VIVADO, EXIT_OK, EXIT_USER_ERROR, EXIT_VIVADO_FAILED
 from sw.contract.config import preset
-from rtl.top import HP_ID_BITS, build_top
+from rtl.top import build_top
+from sw.contract.commands import HP_ID_BITS
 from sw.contract.commands import CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, ID_MAGIC, config_hash_words
 
 pytestmark = pytest.mark.sim            # builds lint with Verilator; the rest needs Yosys

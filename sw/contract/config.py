@@ -135,6 +135,11 @@ class ArrayConfig:
         return self.rows * self.cols * self.weight_bits
 
     @property
+    def port_bytes(self) -> int:
+        """Bytes of one AXI HP data beat."""
+        return self.port_bits // 8
+
+    @property
     def beats_per_port_word(self) -> int:
         return self.port_bits // self.beat_bits
 
