@@ -23,13 +23,14 @@ from .config import Qwen2Config
 from .contract import fabric_ops as fo
 from .contract.errors import ConfigError
 from .qmodel import QuantModel
+from .reference import KVCache
 
 F32 = np.float32
 _INITIAL_CACHE_LEN = 256
 _PV_BLOCK_ELEMS = 1 << 22   # fp32 products materialised at once by P.V (memory only, not arithmetic)
 
 
-class FabricKVCache:
+class FabricKVCache(KVCache):
     """Per layer: K and V codes int8 [n_kv_heads, capacity, head_dim] and their
     fp32 scales [n_kv_heads, capacity] (one per position and KV head)."""
 
@@ -42,19 +43,8 @@ class FabricKVCache:
         self.value_scales = [np.zeros((nkv, cap), F32) for _ in range(nl)]
         self.length = 0
 
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[1]
-
-    def reserve(self, length: int) -> None:
-        if length <= self.capacity:
-            return
-        cap = max(length, 2 * self.capacity)
-        for store in (self.keys, self.values, self.key_scales, self.value_scales):
-            for i, old in enumerate(store):
-                new = np.zeros((old.shape[0], cap) + old.shape[2:], old.dtype)
-                new[:, :self.length] = old[:, :self.length]
-                store[i] = new
+    def stores(self) -> tuple[list[np.ndarray], ...]:
+        return (self.keys, self.values, self.key_scales, self.value_scales)
 
 
 class FabricRunner:

@@ -119,13 +119,17 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[1]
 
+    def stores(self) -> tuple[list[np.ndarray], ...]:
+        """The per-layer arrays indexed [head, position, ...]; reserve() grows them all."""
+        return (self.keys, self.values)
+
     def reserve(self, length: int) -> None:
         if length <= self.capacity:
             return
         capacity = max(length, 2 * self.capacity)
-        for store in (self.keys, self.values):
+        for store in self.stores():
             for i, old in enumerate(store):
-                new = np.zeros((old.shape[0], capacity, old.shape[2]), F32)
+                new = np.zeros((old.shape[0], capacity) + old.shape[2:], old.dtype)
                 new[:, :self.length] = old[:, :self.length]
                 store[i] = new
 
