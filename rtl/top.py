@@ -130,12 +130,12 @@ class Accelerator(wiring.Component):
 
     @property
     def addr_width(self) -> int:
-        return self._addr_width
+        return self._geom.addr_width
 
     @property
     def parameters(self) -> dict:
         """The constructor's keyword arguments this top was built with (the manifests record them)."""
-        return {"config_hash": self._hash, "addr_width": self._addr_width, "max_k": self.max_k,
+        return {"config_hash": self._hash, "addr_width": self.addr_width, "max_k": self.max_k,
                 "ops_in_flight": self._ops_in_flight}
 
     def elaborate(self, platform):
