@@ -17,7 +17,7 @@ import numpy as np
 
 from .contract.errors import ConfigError, KriaError
 from .argtypes import DeprecatedOption, Parser, float_range, int_range
-from .fileio import safe_writer
+from .fileio import check_target, safe_writer
 
 EXIT_USER_ERROR = 2
 
@@ -27,6 +27,16 @@ def _parse_ids(text: str) -> list[int]:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _parse_depths(text: str) -> list[int]:
+    try:
+        depths = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated depths such as 64,512,2048, got {text!r}") from None
+    if any(not 0 <= d <= 1 << 20 for d in depths):
+        raise argparse.ArgumentTypeError(f"depths must be 0..{1 << 20}, got {text!r}")
+    return depths
 
 
 def _print_table(rows: list[tuple], header: tuple | None = None, out=sys.stdout) -> None:
@@ -155,26 +165,107 @@ def cmd_generate(args) -> int:
 
 
 # --------------------------------------------------------------------------- bench
+def _bench_splits(args) -> list[str]:
+    """--split auto benchmarks every split the design runs (fabric first); fabric or hybrid just that one."""
+    if args.split != "auto":
+        return [args.split]
+    from .driver import open_device
+    dev = open_device(args.device, args)
+    try:
+        fabric = dev.check_identity().limits.fabric_ops
+    finally:
+        dev.close()
+    return ["fabric", "hybrid"] if fabric else ["hybrid"]
+
+
 def cmd_bench(args) -> int:
-    from .driver import bench_report, open_accelerated
+    from .driver import bench_report, depth_sweep, open_accelerated
     if not Path(args.model).is_file():
         raise ConfigError(f"{args.model}: bench runs a quantized .kq file")
-    model = open_accelerated(args.model, args.device, args, last_logits_only=True)
-    try:
-        ids = args.prompt_ids or [int(i) % model.config.vocab_size for i in range(1, args.prompt_len + 1)]
-        rep = bench_report(model, ids, args.max_new_tokens, _sampling(args), model_path=args.model)
-    finally:
-        model.close()
+    if args.plot is not None:
+        check_target(args.plot, "bench plot")
+    reports = {}
+    for split in _bench_splits(args):
+        model = open_accelerated(args.model, args.device, argparse.Namespace(**{**vars(args), "split": split}),
+                                 last_logits_only=True)
+        try:
+            ids = args.prompt_ids or [int(i) % model.config.vocab_size for i in range(1, args.prompt_len + 1)]
+            rep = bench_report(model, ids, args.max_new_tokens, _sampling(args), model_path=args.model)
+            if args.depths:
+                with _progress(len(args.depths) * args.depth_tokens, f"{split}: depths", args) as bar:
+                    rep["by_depth"] = depth_sweep(model, args.depths, args.depth_tokens, progress=bar)
+        finally:
+            model.close()
+        reports[split] = rep
+    first = next(iter(reports.values()))
+    out = {**first, "splits": reports}
+    if args.plot is not None:
+        _plot_depths(out, args.plot)
+        out["plot"] = str(args.plot)
     if args.json:
-        print(json.dumps(rep))
+        print(json.dumps(out))
         return 0
-    pt = rep["per_token"]
-    _print_table([("decode tok/s", f"{rep['decode_tok_s']:.2f}", rep["decode_tok_s_basis"]),
-                  ("time to first token s", f"{rep['time_to_first_token_s']:.4f}", f"{rep['prompt_tokens']} prompt tokens"),
-                  ("host s / token", f"{pt['host_s']:.5f}", pt["host_kind"]),
-                  ("accelerator s / token", f"{pt['accelerator_s']:.5f}", pt["accelerator_kind"])],
-                 header=("metric", args.device, "basis"))
+    rows = []
+    for split, rep in reports.items():
+        pt = rep["per_token"]
+        rows.append((f"{split}: decode tok/s", f"{rep['decode_tok_s']:.2f}", rep["decode_tok_s_basis"]))
+        rows.append((f"{split}: time to first token s", f"{rep['time_to_first_token_s']:.4f}",
+                     f"{rep['prompt_tokens']} prompt tokens"))
+        rows.append((f"{split}: host s / token", f"{pt['host_s']:.5f}", pt["host_kind"]))
+        rows.append((f"{split}: accelerator s / token", f"{pt['accelerator_s']:.5f}", pt["accelerator_kind"]))
+        rows.append((f"{split}: starts, registers / token", f"{pt['runs']:.0f}, {pt['register_accesses']:.0f}",
+                     "register reads + writes by the host per decoded token"))
+        for d in rep.get("by_depth", []):
+            rows.append((f"{split}: tok/s at depth {d['depth']}", f"{d['tok_s']:.2f}",
+                         f"host {d['host_s'] * 1e3:.2f} ms + accelerator {d['accelerator_s'] * 1e3:.2f} ms"))
+    _print_table(rows, header=("metric", args.device, "basis"))
+    if args.plot is not None:
+        print(f"plot: {args.plot}")
     return 0
+
+
+def _progress(total: int, desc: str, args):
+    """A context manager yielding a tick() for long loops: a tqdm bar on a terminal (stderr)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def bar():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            yield lambda: None
+            return
+        with tqdm(total=total, desc=desc, disable=getattr(args, "json", False) or not sys.stderr.isatty(),
+                  file=sys.stderr, leave=False) as t:
+            yield lambda: t.update(1)
+    return bar()
+
+
+def _plot_depths(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise KriaError("--plot needs matplotlib: pip install -e '.[all]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for split, rep in report["splits"].items():
+        rows = rep.get("by_depth") or []
+        if rows:
+            ax.plot([r["depth"] for r in rows], [r["tok_s"] for r in rows], marker="o", label=split)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context depth (tokens in the KV cache)")
+    ax.set_ylabel("decode tokens / s")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    pt = report["per_token"]
+    ax.set_title(f"{Path(report['model']).name} on {report['device']}: host {pt['host_kind'].split(' (')[0]}, "
+                 f"accelerator {pt['accelerator_kind']}", fontsize=8)
+    fig.tight_layout()
+    with safe_writer(path, "bench plot") as f:
+        fig.savefig(f, dpi=120, format="png")
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- bench-engine
@@ -361,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="length of a synthetic prompt 1..N, when no --prompt-ids")
     s.add_argument("--max-new-tokens", type=int_range(1, 1 << 20), default=16, metavar="N", help="tokens to generate")
     s.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    s.add_argument("--depths", type=_parse_depths, default=[64, 512, 2048], metavar="D,D,...",
+                   help="context depths to time decode at, like llama-bench -d (the KV cache is seeked there; "
+                        "timing does not depend on its contents); '' for none (default: 64,512,2048)")
+    s.add_argument("--depth-tokens", type=int_range(1, 1 << 10), default=2, metavar="N",
+                   help="tokens decoded at each depth (default: %(default)s)")
+    s.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                   help="write a PNG of tok/s against context depth, one line per split (default: none)")
     sampling_args(s)
     add_device_args(s)
     s.set_defaults(func=cmd_bench)

@@ -123,6 +123,27 @@ def generate(model: OpenModel, prompt_ids: list[int], max_new_tokens: int, sampl
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     gen = Generation(list(prompt_ids))
     cache = model.new_cache()
+    cap = getattr(cache, "max_length", None)        # a fixed-size cache (the fabric's, in DDR)
+    if cap is not None and len(prompt_ids) + max_new_tokens - 1 > cap:
+        raise ConfigError(f"{len(prompt_ids)} prompt tokens and {max_new_tokens} new ones need a context of "
+                          f"{len(prompt_ids) + max_new_tokens - 1} positions, more than the {cap} the KV cache "
+                          f"holds; shorten the prompt or --max-new-tokens (or raise --context, up to the "
+                          f"design's max_context)")
+    greedy = getattr(model, "forward_greedy", None)
+    if greedy is not None and not keep_logits and getattr(sampler, "params", None) is not None \
+            and sampler.params.temperature == 0.0:
+        # the device's argmax (the first index of the largest logit, as the sampler's): no logits move
+        t0 = time.perf_counter()
+        nxt = greedy(prompt_ids, cache)
+        gen.prefill_s = time.perf_counter() - t0
+        for step in range(max_new_tokens):
+            gen.new_ids.append(nxt)
+            if nxt == eos_id or step == max_new_tokens - 1:
+                break
+            t0 = time.perf_counter()
+            nxt = greedy([nxt], cache)
+            gen.decode_s.append(time.perf_counter() - t0)
+        return gen
     t0 = time.perf_counter()
     logits = model.forward(prompt_ids, cache)[-1]
     gen.prefill_s = time.perf_counter() - t0

@@ -134,14 +134,18 @@ def test_validate_weight_kinds_and_base():
 
 def test_hardware_limits_from_config_and_registers():
     from sw.contract.config import preset
-    kv = preset("kv260")
+    kv = preset("kv260-fabric")
     hw = HardwareLimits.from_config(kv)
     assert hw == HardwareLimits(tile_rows=32, tokens=8, group_size=64, weight_kinds=C.WEIGHT_KIND_INT4,
-                                addr_bits=C.DEFAULT_ADDR_BITS)
+                                addr_bits=C.DEFAULT_ADDR_BITS, max_context=4096)
+    assert hw.fabric_ops
     p0 = C.register("HW_PARAMS0").pack(rows=32, cols=1, tokens=8, group_size=64)
     p1 = C.register("HW_PARAMS1").pack(engines=4, weight_kinds=1, cmd_log_depth=32, beat_bytes=16)
     p2 = C.register("HW_PARAMS2").pack(addr_bits=40, clock_mhz=250)
-    assert HardwareLimits.from_registers(p0, p1, p2) == hw
+    p3 = C.register("HW_PARAMS3").pack(max_context=4096)
+    assert HardwareLimits.from_registers(p0, p1, p2, p3) == hw
+    # a design without HW_PARAMS3 (linears only) reads 0 there: no fabric decoder
+    assert not HardwareLimits.from_registers(p0, p1, p2).fabric_ops
 
 
 def test_error_codes_are_pinned():
@@ -150,8 +154,10 @@ def test_error_codes_are_pinned():
         "NONE": 0, "BAD_OPCODE": 1, "BAD_VERSION": 2, "RESERVED_NONZERO": 3, "ZERO_SHAPE": 4,
         "BAD_GROUP_SIZE": 5, "K_NOT_GROUP_MULTIPLE": 6, "BAD_TILE_ROWS": 7, "UNSUPPORTED_WEIGHT_KIND": 8,
         "TOO_MANY_TOKENS": 9, "MISALIGNED_ADDRESS": 10, "ADDRESS_RANGE": 11, "BAD_CMD_BASE": 12,
-        "FETCH_ERROR": 13, "READ_ERROR": 14, "WRITE_ERROR": 15, "DATAPATH_ERROR": 16}
-    assert C.REGMAP_VERSION == (1, 0)
+        "FETCH_ERROR": 13, "READ_ERROR": 14, "WRITE_ERROR": 15, "DATAPATH_ERROR": 16,
+        "BAD_FIELD": 17, "CONTEXT_FULL": 18, "BAD_TOKEN": 19}
+    # 1.1 added the fabric decoder's registers, opcodes and codes 17..19 (compatible additions)
+    assert C.REGMAP_VERSION == (1, 1)
     assert all(e in C.ERROR_TEXT for e in ErrorCode)
     assert C.describe_error(4, 7) == "command 7: ZERO_SHAPE: n, k or tokens is zero"
     assert "unknown" in C.describe_error(200)

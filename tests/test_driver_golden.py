@@ -26,6 +26,7 @@ def models(make_tiny_kq):
     return {head: make_tiny_kq(head) for head in ("int4", "fp16", "int8")}
 
 
+HYBRID = types.SimpleNamespace(split="hybrid")   # the paper's split (the fabric one: test_fabric_program.py)
 PROMPT = [7, 3, 11, 100, 42, 5, 9, 250, 17, 33, 1]   # 11 tokens: an 8-lane chunk and a 3-token chunk
 
 
@@ -42,7 +43,7 @@ def test_driver_golden_is_bit_identical_to_runtime_golden(models, head, coherent
     kq = models[head]
     ref = _greedy(open_model(kq, "golden", progress=False), PROMPT, 8)
     dev = GoldenDevice(preset("kv260"), coherent=coherent)
-    model = open_accelerated(kq, "golden", types.SimpleNamespace(fuse=fuse), device=dev)
+    model = open_accelerated(kq, "golden", types.SimpleNamespace(fuse=fuse, split="hybrid"), device=dev)
     got = _greedy(model, PROMPT, 8)
     assert got.new_ids == ref.new_ids
     assert len(got.logits) == 8
@@ -57,8 +58,8 @@ def test_driver_golden_is_bit_identical_to_runtime_golden(models, head, coherent
 
 def test_last_logits_only_prefill_runs_the_lm_head_once(models):
     kq = models["int4"]
-    full = open_accelerated(kq, "golden")
-    last = open_accelerated(kq, "golden", last_logits_only=True)
+    full = open_accelerated(kq, "golden", HYBRID)
+    last = open_accelerated(kq, "golden", HYBRID, last_logits_only=True)
     a = full.forward(PROMPT, full.new_cache())
     b = last.forward(PROMPT, last.new_cache())
     assert a.shape == (len(PROMPT), 512) and b.shape == (1, 512)
@@ -70,7 +71,7 @@ def test_last_logits_only_prefill_runs_the_lm_head_once(models):
 def test_int8_lm_head_on_an_int4_design_runs_on_the_host(models):
     kq = models["int8"]
     ref = _greedy(open_model(kq, "golden", progress=False), PROMPT[:4], 3)
-    m4 = open_accelerated(kq, "golden")                                  # kv260: INT4 only -> host
+    m4 = open_accelerated(kq, "golden", HYBRID)                                  # kv260: INT4 only -> host
     assert m4.host_linears == ["lm_head"]
     assert _greedy(m4, PROMPT[:4], 3).new_ids == ref.new_ids
     with pytest.raises(DeviceError, match="lm_head is int8, which the loaded design"):
@@ -81,7 +82,7 @@ def test_int8_lm_head_on_an_int4_design_runs_on_the_host(models):
 def test_activation_writer_matches_the_contract(models):
     """The driver's fused in-place quantizer writes exactly sw.contract.commands.pack_activations of
     sw.contract.numerics.quantize_activations, padding zero, whatever the buffer held before."""
-    model = open_accelerated(models["int4"], "golden")
+    model = open_accelerated(models["int4"], "golden", HYBRID)
     rng = np.random.default_rng(1)
     for k in (128, 384):
         buf = model.dev.alloc(activation_layout(k, 64, 8).total_bytes)
@@ -237,15 +238,21 @@ def test_sim_device_missing_or_unloadable_is_one_clear_error(monkeypatch):
         open_device("sim")
 
 
-def test_bench_report(models):
-    model = open_accelerated(models["int4"], "golden")
+@pytest.mark.parametrize("split", ["hybrid", "fabric"])
+def test_bench_report(models, split):
+    model = open_accelerated(models["int4"], "golden", types.SimpleNamespace(split=split, hw_config="kv260-fabric"))
     rep = bench_report(model, PROMPT, 4)
     json.dumps(rep)
-    assert rep["new_tokens"] == 4 and rep["prompt_tokens"] == len(PROMPT)
+    assert rep["new_tokens"] == 4 and rep["prompt_tokens"] == len(PROMPT) and rep["split"] == split
     pt = rep["per_token"]
     assert pt["accelerator_kind"] == "modeled (analytical)" and "measured on this machine" in pt["host_kind"]
-    assert pt["host_s"] > 0 and pt["accelerator_s"] > 0 and pt["runs"] == 9
+    # hybrid: q/k/v, o, gate/up and down per layer (2 layers) + the LM head; fabric: one start
+    assert pt["host_s"] > 0 and pt["accelerator_s"] > 0 and pt["runs"] == (9 if split == "hybrid" else 1)
+    if split == "fabric":
+        assert pt["register_accesses"] <= 16
+    else:
+        assert pt["register_accesses"] >= 9 * 6
     assert rep["decode_tok_s"] == pytest.approx(1 / (pt["host_s"] + pt["accelerator_s"]))
-    assert rep["time_to_first_token_s"] > 0 and rep["hardware"]["config_hash"] == preset("kv260").config_hash
+    assert rep["time_to_first_token_s"] > 0 and rep["hardware"]["config_hash"] == preset("kv260-fabric").config_hash
     assert rep["assumptions"]["accelerator_time"]["kind"].startswith("analytical")
     assert len(rep["steps"]) == 4 and rep["steps"][0]["tokens"] == len(PROMPT)

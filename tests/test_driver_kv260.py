@@ -166,7 +166,7 @@ def board_factory(tmp_path):
 def _args(board, **kw):
     base = dict(kv260_access="uio", uio="kriallm", mem_base=None, udmabuf="udmabuf0", irq=False,
                 udmabuf_sync="combined", sysfs_root=str(board.sys), dev_root=str(board.dev), timeout=2.0,
-                fuse=True, manifest=None, app=None, bitstream=None)
+                fuse=True, manifest=None, app=None, bitstream=None, split="hybrid")
     kw = {k: str(v) if isinstance(v, Path) else v for k, v in kw.items()}
     return types.SimpleNamespace(**{**base, **kw})
 

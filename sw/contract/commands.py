@@ -51,7 +51,7 @@ from .layout import BEAT_BYTES, TileLayout
 # ---------------------------------------------------------------------------
 
 ID_MAGIC = int.from_bytes(b"KRIA", "little")   # reading ID as 4 LE bytes gives b"KRIA"
-REGMAP_VERSION = (1, 0)                         # (major, minor) of this register map + descriptor format
+REGMAP_VERSION = (1, 1)                         # (major, minor) of this register map + descriptor format
 DESCRIPTOR_VERSION = 1                          # the `version` byte of every descriptor
 CSR_ADDR_WIDTH = 12                             # a 4 KiB AXI4-Lite window
 CSR_DATA_BYTES = 4
@@ -159,6 +159,9 @@ def _build_register_map() -> tuple[RegisterSpec, ...]:
     b.add("HW_PARAMS2", "Address range and clock.",
           ("addr_bits", 8, "R", "bus address width: every address must be below 2^addr_bits"),
           ("clock_mhz", 12, "R", "the clock the design was built for"))
+    b.add("HW_PARAMS3", "The fabric decoder (issue 11): 0 in a design that runs the linear layers only.",
+          ("max_context", 24, "R", "KV-cache positions the attention unit holds (0: no fabric decoder; the "
+           "EMBED..SILU_MUL opcodes and the ARGMAX flag are then invalid)"))
     for i in range(8):
         doc = ("The sha256 of the ArrayConfig's canonical JSON (ArrayConfig.config_hash), bytes 0..3 as a "
                "little-endian word; CONFIG_HASH1..7 hold bytes 4..31 in order. The driver refuses a model "
@@ -206,6 +209,14 @@ def _build_register_map() -> tuple[RegisterSpec, ...]:
         b.add(f"{name}_LO", f"{doc}, bits 31..0 (the read latches _HI).",
               ("value", 32, "R", "counter bits 31..0"), **({"at": 0x80} if first else {}))
         b.add(f"{name}_HI", f"{doc}, bits 63..32 as latched.", ("value", 32, "R", "counter bits 63..32"))
+    b.add("RUN_POS", "The fabric decoder's position of token row 0 for the next run (ROPE, KV_STORE, ATTEND).",
+          ("pos", 24, "RW", "row t of a command is at position pos + t"), at=0xC0)
+    b.add("RUN_TOKEN", "The token id EMBED reads when its TOKEN_REG flag is set (decode: one token).",
+          ("token", 24, "RW", "token id"))
+    b.add("RESULT_INDEX", "The argmax of the last LINEAR with the ARGMAX flag: the next token under greedy decoding.",
+          ("index", 24, "R", "first index of the largest output of the last token row (NaN counts as -inf)"))
+    b.add("RESULT_VALUE", "The fp32 bit pattern of the largest output RESULT_INDEX points at.",
+          ("value", 32, "R", "fp32 bits"))
     return tuple(b.regs)
 
 
@@ -266,6 +277,10 @@ class ErrorCode(enum.IntEnum):
     READ_ERROR = 14             # datapath: SLVERR/DECERR reading weights, activations or bias
     WRITE_ERROR = 15            # datapath: SLVERR/DECERR writing outputs
     DATAPATH_ERROR = 16         # datapath reported an error without a more specific code
+    # The fabric decoder's ops (sw/contract/fabric_commands.py validate_fabric_command):
+    BAD_FIELD = 17              # a fabric op's shape field is invalid for this op or this design
+    CONTEXT_FULL = 18           # RUN_POS + tokens exceeds the KV cache / RoPE table capacity (at run time)
+    BAD_TOKEN = 19              # EMBED: a token id at or above the vocabulary (at run time)
 
 
 ERROR_TEXT = {
@@ -286,6 +301,9 @@ ERROR_TEXT = {
     ErrorCode.READ_ERROR: "AXI error response while reading weights, activations or bias",
     ErrorCode.WRITE_ERROR: "AXI error response while writing outputs",
     ErrorCode.DATAPATH_ERROR: "the datapath reported an error",
+    ErrorCode.BAD_FIELD: "a fabric op's shape field (n, aux, a stride or capacity) is invalid for the op or design",
+    ErrorCode.CONTEXT_FULL: "RUN_POS + tokens exceeds the capacity of the KV cache or RoPE table",
+    ErrorCode.BAD_TOKEN: "EMBED read a token id at or above the vocabulary size",
 }
 
 
@@ -307,14 +325,26 @@ DESCRIPTOR_BYTES = 64
 class Opcode(enum.IntEnum):
     INVALID = 0
     LINEAR = 1
+    # The fabric decoder's ops (sw/contract/fabric_commands.py): executed only by a design whose
+    # HW_PARAMS3.max_context is non-zero; elsewhere they are BAD_OPCODE.
+    EMBED = 2
+    RMSNORM = 3
+    QUANT = 4
+    ROPE = 5
+    KV_STORE = 6
+    ATTEND = 7
+    ADD = 8
+    SILU_MUL = 9
 
 
 class Flags(enum.IntFlag):
     HAS_BIAS = 1 << 0         # add the fp32 bias at bias_addr (else y starts at +0.0)
     WEIGHT_INT8 = 1 << 1      # INT8 symmetric per-channel weights (else INT4 asymmetric group-wise)
+    ARGMAX = 1 << 2           # fabric decoder: the last token row's argmax into RESULT_INDEX/RESULT_VALUE
 
 
-FLAGS_DEFINED = int(Flags.HAS_BIAS | Flags.WEIGHT_INT8)
+FLAGS_DEFINED = int(Flags.HAS_BIAS | Flags.WEIGHT_INT8)        # what a linears-only design accepts
+FLAGS_DEFINED_FABRIC = FLAGS_DEFINED | int(Flags.ARGMAX)       # ... and a design with the fabric decoder
 WEIGHT_KIND_INT4 = 1 << 0     # HW_PARAMS1.weight_kinds bits
 WEIGHT_KIND_INT8 = 1 << 1
 
@@ -322,7 +352,8 @@ WEIGHT_KIND_INT8 = 1 << 1
 DESCRIPTOR_FIELDS: tuple[tuple[str, int, str, str], ...] = (
     ("opcode", 0, "B", "1 = LINEAR; 0 and others are invalid"),
     ("version", 1, "B", f"descriptor format, must be {DESCRIPTOR_VERSION}"),
-    ("flags", 2, "H", "bit 0 HAS_BIAS, bit 1 WEIGHT_INT8; bits 2..15 reserved (0)"),
+    ("flags", 2, "H", "bit 0 HAS_BIAS, bit 1 WEIGHT_INT8, bit 2 ARGMAX (fabric-decoder designs only); "
+                      "other bits reserved (0)"),
     ("n", 4, "I", "N: output rows (need not be a multiple of tile_rows)"),
     ("k", 8, "I", "K: input columns, a multiple of group_size"),
     ("group_size", 12, "H", "G: quantization group along K; must equal HW_PARAMS0.group_size"),
@@ -394,23 +425,32 @@ def linear_command(*, n: int, k: int, group_size: int, tokens: int, tile_rows: i
                          bias_addr=bias_addr or 0, flags=int(flags), tag=tag)
 
 
-def pack_command(cmd: LinearCommand) -> bytes:
+def pack_fields(cmd, fields: tuple[tuple[str, int, str, str], ...]) -> bytes:
+    """The descriptor bytes of `cmd` laid out by a field table (DESCRIPTOR_FIELDS or another opcode's)."""
     values = []
-    for name, _, fmt, _ in DESCRIPTOR_FIELDS:
+    for name, _, fmt, _ in fields:
         v = int(getattr(cmd, name))
         bits = 8 * struct.calcsize(fmt)
         if not 0 <= v < (1 << bits):
             raise FormatError(f"descriptor field {name} = {v} does not fit {bits} unsigned bits")
         values.append(v)
-    return struct.pack(_FMT, *values)
+    return struct.pack("<" + "".join(f for _, _, f, _ in fields), *values)
 
 
-def unpack_command(data: bytes) -> LinearCommand:
+def unpack_fields(data: bytes, fields: tuple[tuple[str, int, str, str], ...]) -> dict[str, int]:
+    """{field: value} of one descriptor by a field table (FormatError unless exactly 64 bytes)."""
     data = bytes(data)
     if len(data) != DESCRIPTOR_BYTES:
         raise FormatError(f"a descriptor is {DESCRIPTOR_BYTES} bytes, got {len(data)}")
-    values = dict(zip((name for name, *_ in DESCRIPTOR_FIELDS), struct.unpack(_FMT, data)))
-    return LinearCommand(**values)
+    return dict(zip((name for name, *_ in fields), struct.unpack("<" + "".join(f for _, _, f, _ in fields), data)))
+
+
+def pack_command(cmd: LinearCommand) -> bytes:
+    return pack_fields(cmd, DESCRIPTOR_FIELDS)
+
+
+def unpack_command(data: bytes) -> LinearCommand:
+    return LinearCommand(**unpack_fields(data, DESCRIPTOR_FIELDS))
 
 
 def pack_command_list(cmds: Iterable[LinearCommand]) -> bytes:
@@ -431,21 +471,29 @@ class HardwareLimits:
     group_size: int
     weight_kinds: int = WEIGHT_KIND_INT4
     addr_bits: int = DEFAULT_ADDR_BITS
+    max_context: int = 0          # HW_PARAMS3: 0 = no fabric decoder (linears only)
+
+    @property
+    def fabric_ops(self) -> bool:
+        """The design executes the fabric decoder's opcodes and the ARGMAX flag."""
+        return self.max_context > 0
 
     @classmethod
     def from_config(cls, cfg, addr_bits: int = DEFAULT_ADDR_BITS) -> "HardwareLimits":
         """From an sw.contract.config.ArrayConfig (duck-typed, so no import of rtl here)."""
         kinds = WEIGHT_KIND_INT8 if getattr(cfg, "weight_bits", 4) == 8 else WEIGHT_KIND_INT4
         return cls(tile_rows=cfg.rows, tokens=cfg.tokens, group_size=cfg.group_size, weight_kinds=kinds,
-                   addr_bits=addr_bits)
+                   addr_bits=addr_bits, max_context=getattr(cfg, "max_context", 0))
 
     @classmethod
-    def from_registers(cls, hw_params0: int, hw_params1: int, hw_params2: int) -> "HardwareLimits":
+    def from_registers(cls, hw_params0: int, hw_params1: int, hw_params2: int,
+                       hw_params3: int = 0) -> "HardwareLimits":
         p0 = register("HW_PARAMS0").unpack(hw_params0)
         p1 = register("HW_PARAMS1").unpack(hw_params1)
         p2 = register("HW_PARAMS2").unpack(hw_params2)
+        p3 = register("HW_PARAMS3").unpack(hw_params3)
         return cls(tile_rows=p0["rows"], tokens=p0["tokens"], group_size=p0["group_size"],
-                   weight_kinds=p1["weight_kinds"], addr_bits=p2["addr_bits"])
+                   weight_kinds=p1["weight_kinds"], addr_bits=p2["addr_bits"], max_context=p3["max_context"])
 
 
 def validate_command(cmd: LinearCommand, hw: HardwareLimits) -> ErrorCode:
@@ -454,7 +502,8 @@ def validate_command(cmd: LinearCommand, hw: HardwareLimits) -> ErrorCode:
         return ErrorCode.BAD_OPCODE
     if cmd.version != DESCRIPTOR_VERSION:
         return ErrorCode.BAD_VERSION
-    if (cmd.flags & ~FLAGS_DEFINED) or any(getattr(cmd, f) for f in RESERVED_FIELDS):
+    defined = FLAGS_DEFINED_FABRIC if hw.fabric_ops else FLAGS_DEFINED
+    if (cmd.flags & ~defined) or any(getattr(cmd, f) for f in RESERVED_FIELDS):
         return ErrorCode.RESERVED_NONZERO
     if cmd.n == 0 or cmd.k == 0 or cmd.tokens == 0:
         return ErrorCode.ZERO_SHAPE
@@ -731,6 +780,32 @@ def render_registers_markdown() -> str:
         out.append(f"| {int(e)} | {e.name} | {ERROR_TEXT[e]} |")
     out.append("")
     return "\n".join(out)
+
+
+def _render_fabric_markdown() -> list[str]:
+    from . import fabric_commands as fc   # it imports this module, so not at the top
+    out = [
+        "",
+        "## Fabric decoder descriptors (HW_PARAMS3.max_context > 0)",
+        "",
+        "A design with the fabric decoder also executes these opcodes, with the same 64-byte size, header "
+        "and tag place as LINEAR (sw/contract/fabric_commands.py), and a LINEAR with flag ARGMAX leaves the "
+        "last token row's argmax in RESULT_INDEX / RESULT_VALUE. Row t of a command is at position "
+        "RUN_POS + t.",
+        "",
+        "| offset | size | field | description |",
+        "|---|---|---|---|",
+    ]
+    for name, off, fmt, doc in fc.FABRIC_FIELDS:
+        out.append(f"| {off} | {struct.calcsize(fmt)} | {name} | {doc} |")
+    out += ["", "| opcode | op | what it does |", "|---|---|---|"]
+    for op, doc in fc.OP_DOCS.items():
+        out.append(f"| {int(op)} | {op.name} | {doc} |")
+    out += ["", "Buffers: fp32 row buffers have 64-byte aligned rows (`row_stride`); the KV cache of a layer "
+            "is `kv_cache_layout` (K codes, V codes int8 [kv_heads][capacity][head_dim], then K and V scales "
+            "fp32 [kv_heads][capacity]); the RoPE table is `rope_table_layout` (row p: cos then sin, fp32 "
+            "[head_dim/2] each); the embedding table is bf16 [vocab][hidden]."]
+    return out
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ SCHEMA = "kriallm.array-config/1"
 K26_CAPACITY = {"LUT": 117_120, "FF": 234_240, "DSP": 1_248, "BRAM36": 144, "URAM": 64}
 
 # DSP48E2 multiplier ports: 27-bit signed A (pre-adder output), 18-bit signed B.
+MAX_CONTEXT_LIMIT = 1 << 20        # HW_PARAMS3.max_context has 24 bits; 1 Mi positions is far beyond any KV260 use
 DSP_A_BITS = 27
 DSP_B_BITS = 18
 DSP_P_BITS = 48
@@ -61,6 +62,7 @@ class ArrayConfig:
     pipeline: int = 2             # optional register stages, see `pipeline_stages`
     dequant_lanes: int = 1        # fp32 dequant pipelines per engine
     acc_bits: int = 0             # accumulator width override; 0 derives the exact minimum
+    max_context: int = 0          # fabric decoder: KV-cache positions (0: linears only, the paper's split)
 
     # ---- derived facts -------------------------------------------------
     @property
@@ -220,6 +222,11 @@ class ArrayConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"array config: {k} must be a non-negative integer, got {v!r}")
+        mc = self.max_context
+        if not isinstance(mc, int) or isinstance(mc, bool) or not (mc == 0 or 64 <= mc <= MAX_CONTEXT_LIMIT) \
+                or mc % 64:
+            raise ConfigError(f"array config: max_context must be 0 (no fabric decoder) or a multiple of 64 from "
+                              f"64 to {MAX_CONTEXT_LIMIT}, got {mc!r}")
         if not isinstance(self.dsp_packing, bool):
             raise ConfigError(f"array config: dsp_packing must be true or false, got {self.dsp_packing!r}")
         if self.weight_bits not in (4, 8):
@@ -265,7 +272,10 @@ class ArrayConfig:
 
     # ---- serialisation ---------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["max_context"]:        # a linears-only design: its JSON and config hash as before issue 11
+            del d["max_context"]
+        return d
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps({"schema": SCHEMA, **self.to_dict()}, indent=indent, sort_keys=True)
@@ -336,6 +346,10 @@ _KV260 = ArrayConfig(rows=32, cols=1, tokens=8, weight_bits=4, group_size=64, en
 PRESETS: dict[str, ArrayConfig] = {
     "kv260": _KV260,
     "kv260-nopack": dataclasses.replace(_KV260, dsp_packing=False),
+    # The design issue 11 specifies: kv260 plus the fabric decoder with a 4096-position KV cache (the
+    # bench's deepest point, 2048, plus room). The golden device models it; the RTL top does not
+    # contain the fabric units yet, so it cannot be elaborated (rtl.cmdproc.rtl_limits says so).
+    "kv260-fabric": dataclasses.replace(_KV260, max_context=4096),
     # Small points for CI: rows x cols, odd token counts and every pipeline depth class.
     "test-4x4-g32": ArrayConfig(rows=4, cols=4, tokens=2, group_size=32, port_bits=128,
                                 dsp_packing=True, pipeline=2, dequant_lanes=1),

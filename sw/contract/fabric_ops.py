@@ -255,7 +255,13 @@ def rms_norm(x: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
     """x [..., n] fp32: s = fixed_sum(x*x); ms = s * fp32(1/n); v = ms + fp32(eps);
     r = rsqrt(v); y = (x * r) * gamma, every step rounded."""
     x = np.asarray(x, F32)
-    inv_n, eps32 = rms_constants(x.shape[-1], eps)
+    return rms_norm_consts(x, gamma, *rms_constants(x.shape[-1], eps))
+
+
+def rms_norm_consts(x: np.ndarray, gamma: np.ndarray, inv_n: np.float32, eps32: np.float32) -> np.ndarray:
+    """:func:`rms_norm` with its two fp32 constants given (what the RMSNORM descriptor carries)."""
+    x = np.asarray(x, F32)
+    inv_n, eps32 = F32(inv_n), F32(eps32)
     s = fixed_sum((x * x).astype(F32))
     v = ((s * inv_n).astype(F32) + eps32).astype(F32)
     r = rsqrt(v)

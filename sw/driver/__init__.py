@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..argtypes import float_range
+from ..argtypes import float_range, int_range
 from ..contract.errors import ConfigError, DeviceError
 from .device import (Buffer, Device, ExpectedHardware, Identity, RunStats, check_identity, check_model,
                      expected_hardware, hardware_config)
 
 DEVICE_NAMES = ("golden", "sim", "kv260")
+SPLITS = ("auto", "fabric", "hybrid")
 
 # Backends outside the driver plug in through this entry-point group (pyproject.toml): the RTL
 # simulation backend, sim.device:open_sim_device, registers itself as "sim". The driver never
@@ -48,11 +49,11 @@ def _plugin_opener(name: str):
 
 __all__ = ["Buffer", "Device", "ExpectedHardware", "Identity", "RunStats", "check_identity", "check_model",
            "expected_hardware", "hardware_config", "DEVICE_NAMES", "add_device_args", "open_device",
-           "open_accelerated", "AcceleratedModel", "bench_report"]
+           "open_accelerated", "AcceleratedModel", "bench_report", "depth_sweep"]
 
 
 def __getattr__(name):
-    if name in ("AcceleratedModel", "bench_report", "StepTiming"):
+    if name in ("AcceleratedModel", "bench_report", "StepTiming", "depth_sweep"):
         from . import runner
         return getattr(runner, name)
     raise AttributeError(name)
@@ -77,6 +78,12 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
                         "CONFIG_HASH differs (kv260: default /lib/firmware/xilinx/APP/manifest.json with --app)")
     g.add_argument("--timeout", type=float_range(0.0, 1e6, lo_open=True), default=5.0, metavar="S",
                    help="seconds to wait for one command run before giving up (default: %(default)s)")
+    g.add_argument("--split", choices=SPLITS, default="auto",
+                   help="what runs on the accelerator: fabric = the whole decoder, one start per token; hybrid = "
+                        "the linear layers only, the host does the rest (the paper's split); auto = fabric when "
+                        "the design has the fabric decoder (HW_PARAMS3), else hybrid (default: %(default)s)")
+    g.add_argument("--context", type=int_range(1, 1 << 20), default=None, metavar="N",
+                   help="fabric split: KV-cache positions to allocate (default: the design's max_context)")
     g.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="run q/k/v and gate/up as separate starts instead of one start each")
     k = parser.add_argument_group("kv260 options")
@@ -149,15 +156,27 @@ def expected_from_args(name: str, args) -> ExpectedHardware | None:
 
 def open_accelerated(model_path, name: str, args=None, device: Device | None = None, *,
                      last_logits_only: bool = False):
-    """Open `name`, check its identity against the manifest, load the .kq: an AcceleratedModel
-    (a drop-in for sw.runtime.OpenModel). last_logits_only=True for generate/bench (a prefill then
-    runs the LM head for the last prompt token only); False for eval, which needs every position."""
+    """Open `name`, check its identity against the manifest, load the .kq: a FabricModel (the whole
+    decoder on the device) or an AcceleratedModel (the hybrid split), per --split; both are drop-ins
+    for sw.runtime.OpenModel. last_logits_only=True for generate/bench (a prefill then runs the LM
+    head for the last prompt token only); False for eval, which needs every position."""
     from .runner import AcceleratedModel
     dev = device or open_device(name, args)
     try:
-        model = AcceleratedModel(model_path, dev, expected=expected_from_args(name, args),
-                                 timeout_s=_arg(args, "timeout", 5.0), fuse=_arg(args, "fuse", True),
-                                 last_logits_only=last_logits_only)
+        expected = expected_from_args(name, args)
+        split = _arg(args, "split", "auto") or "auto"
+        if split not in SPLITS:
+            raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if split == "auto":
+            split = "fabric" if dev.check_identity(expected).limits.fabric_ops else "hybrid"
+        if split == "fabric":
+            from .fabric_model import FabricModel
+            model = FabricModel(model_path, dev, expected=expected, timeout_s=_arg(args, "timeout", 5.0),
+                                capacity=_arg(args, "context"), last_logits_only=last_logits_only)
+        else:
+            model = AcceleratedModel(model_path, dev, expected=expected,
+                                     timeout_s=_arg(args, "timeout", 5.0), fuse=_arg(args, "fuse", True),
+                                     last_logits_only=last_logits_only)
     except BaseException:
         dev.close()
         raise

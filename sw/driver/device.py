@@ -298,6 +298,9 @@ class RegionAllocator:
         return phys, size
 
 
+_CMD_REG_OFFSETS = frozenset(REGISTER_BY_NAME[n].offset for n in ("CMD_BASE_LO", "CMD_BASE_HI", "CMD_COUNT"))
+
+
 class Device(abc.ABC):
     """The driver's view of one accelerator. Subclasses implement the five primitives
     ``_read32``, ``_write32``, ``alloc``, ``close`` and (optionally) ``_wait_event``."""
@@ -309,6 +312,8 @@ class Device(abc.ABC):
     def __init__(self):
         self._identity: Identity | None = None
         self._run: tuple[int, int, float] | None = None
+        self._cmd_regs: tuple[int, int] | None = None   # CMD_BASE and CMD_COUNT as last written
+        self.register_accesses = 0                       # every read32/write32, for the bench
 
     # ---- primitives ----------------------------------------------------------
     @abc.abstractmethod
@@ -345,10 +350,15 @@ class Device(abc.ABC):
         return int(reg)
 
     def read32(self, reg) -> int:
+        self.register_accesses += 1
         return int(self._read32(self._offset(reg))) & 0xFFFFFFFF
 
     def write32(self, reg, value: int) -> None:
-        self._write32(self._offset(reg), int(value) & 0xFFFFFFFF)
+        self.register_accesses += 1
+        off = self._offset(reg)
+        if off in _CMD_REG_OFFSETS:
+            self._cmd_regs = None       # start() rewrites them; anyone else's write voids what it knows
+        self._write32(off, int(value) & 0xFFFFFFFF)
 
     def read_field(self, reg: str, field_name: str) -> int:
         return register(reg).field(field_name).get(self.read32(reg))
@@ -375,7 +385,7 @@ class Device(abc.ABC):
             v = register("VERSION").unpack(self.read32("VERSION"))
             self._identity = Identity(
                 magic=self.read32("ID"), version=(v["major"], v["minor"]),
-                limits=HardwareLimits.from_registers(p0, p1, p2), cols=f0["cols"], engines=f1["engines"],
+                limits=HardwareLimits.from_registers(p0, p1, p2, self.read32("HW_PARAMS3")), cols=f0["cols"], engines=f1["engines"],
                 beat_bytes=f1["beat_bytes"], clock_mhz=f2["clock_mhz"],
                 config_hash=config_hash_from_words(self.read32(f"CONFIG_HASH{i}") for i in range(8)))
         return self._identity
@@ -395,9 +405,11 @@ class Device(abc.ABC):
         if self._run is not None:
             raise DeviceError(f"the {self.name} device is still running the previous command list; "
                               f"wait() for it before starting another")
-        self.write32("CMD_BASE_LO", cmd_base & 0xFFFFFFFF)
-        self.write32("CMD_BASE_HI", cmd_base >> 32)
-        self.write32("CMD_COUNT", count)
+        if self._cmd_regs != (cmd_base, count):      # the registers keep their values between runs
+            self.write32("CMD_BASE_LO", cmd_base & 0xFFFFFFFF)
+            self.write32("CMD_BASE_HI", cmd_base >> 32)
+            self.write32("CMD_COUNT", count)
+            self._cmd_regs = (cmd_base, count)
         ctrl = CTRL_START | (CTRL_PERF_CLEAR if perf_clear else 0) | (CTRL_IRQ_ENABLE if self.uses_irq else 0)
         self._run = (cmd_base, count, time.perf_counter())
         self._before_start()

@@ -31,12 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..contract.commands import (ALIGN, BEAT_BYTES, CMD_LOG_DEPTH, DESCRIPTOR_BYTES, ID_MAGIC, PERF_COUNTERS, REGISTERS,
-                        REGMAP_VERSION, ErrorCode, HardwareLimits, LinearCommand, activation_layout, bias_bytes,
-                        config_hash_words, output_layout, register, unpack_command, validate_cmd_base,
-                        validate_command)
+                        REGMAP_VERSION, ErrorCode, Flags, HardwareLimits, LinearCommand, activation_layout,
+                        bias_bytes, config_hash_words, output_layout, register, validate_cmd_base)
 from ..contract.errors import DeviceError
+from ..contract.fabric_commands import FabricCommand, unpack_any, validate_any
 from ..contract.layout import TileLayout, unpack_linear
 from ..contract.numerics import dequant_accumulate
+from .fabric_exec import FabricOps, FabricPerf, argmax_row
 from .device import (CTRL_IRQ_ENABLE, CTRL_PERF_CLEAR, CTRL_SOFT_RESET, CTRL_START,
                      DMA_TO_DEVICE, Buffer, Device, RegionAllocator)
 
@@ -140,6 +141,8 @@ class RunResult:
     bytes_written: int = 0
     mem_stall: int = 0
     compute_stall: int = 0
+    result_index: int | None = None      # the last ARGMAX (RESULT_INDEX / RESULT_VALUE)
+    result_value: int = 0
 
 
 class _Weights:
@@ -166,10 +169,13 @@ class CommandExecutor:
     that overlap a written range (the golden device calls it on every sync_for_device).
     """
 
-    def __init__(self, memory: PhysMemory, limits: HardwareLimits, perf: PerfModel | None = None):
+    def __init__(self, memory: PhysMemory, limits: HardwareLimits, perf: PerfModel | None = None,
+                 fabric_perf: FabricPerf | None = None):
         self.memory = memory
         self.limits = limits
         self.perf = perf or PerfModel()
+        self.fabric = FabricOps(memory, fabric_perf or FabricPerf(cap_bytes_per_cycle=self.perf.cap_bytes_per_cycle),
+                                bus_error=BusError)
         self._weights: dict[tuple, tuple[int, int, _Weights]] = {}
         self._spans: list[tuple[int, int, tuple]] = []   # (start, end, key), sorted by start
         self._max_span = 0
@@ -199,7 +205,8 @@ class CommandExecutor:
             self._max_span = max(self._max_span, hit[1] - hit[0])
         return hit[2]
 
-    def run(self, cmd_base: int, count: int, on_command=None) -> RunResult:
+    def run(self, cmd_base: int, count: int, on_command=None, *, pos: int = 0, token: int = 0) -> RunResult:
+        """Execute `count` descriptors; pos and token are RUN_POS and RUN_TOKEN (fabric ops)."""
         res = RunResult(ErrorCode.NONE, 0, [])
         err = validate_cmd_base(cmd_base, self.limits)
         if err != ErrorCode.NONE:
@@ -212,13 +219,19 @@ class CommandExecutor:
             except BusError:
                 res.error = ErrorCode.FETCH_ERROR
                 return res
-            cmd = unpack_command(raw.tobytes())
+            cmd = unpack_any(raw.tobytes())
             res.bytes_read += DESCRIPTOR_BYTES
-            err = validate_command(cmd, self.limits)
+            err = validate_any(cmd, self.limits)
             if err != ErrorCode.NONE:
                 res.error = err
                 return res
-            err = self.execute(cmd, res)
+            if isinstance(cmd, FabricCommand):
+                err, cycles, rd, wr = self.fabric.execute(cmd, pos, token)
+                res.cycles.append(cycles)
+                res.bytes_read += rd
+                res.bytes_written += wr
+            else:
+                err = self.execute(cmd, res)
             if on_command is not None:
                 on_command(i, res)
             if err != ErrorCode.NONE:
@@ -259,6 +272,8 @@ class CommandExecutor:
             self.memory.view(cmd.out_addr, outl.total_bytes)[:] = out.view(np.uint8).reshape(-1)
         except BusError:
             return ErrorCode.WRITE_ERROR
+        if cmd.flags & Flags.ARGMAX:
+            res.result_index, res.result_value = argmax_row(y[t - 1])
         rd = layout.total_bytes + act.total_bytes + (bias_bytes(n, r) if cmd.has_bias else 0)
         cycles, stall = self.perf.command(cmd, layout, rd + DESCRIPTOR_BYTES, outl.total_bytes)
         res.cycles.append(cycles)
@@ -288,6 +303,7 @@ def identity_words(limits: HardwareLimits, *, cols: int, engines: int, beat_byte
         "HW_PARAMS1": register("HW_PARAMS1").pack(engines=engines, weight_kinds=limits.weight_kinds,
                                                   cmd_log_depth=CMD_LOG_DEPTH, beat_bytes=beat_bytes),
         "HW_PARAMS2": register("HW_PARAMS2").pack(addr_bits=limits.addr_bits, clock_mhz=clock_mhz),
+        "HW_PARAMS3": register("HW_PARAMS3").pack(max_context=limits.max_context),
     }
     for i, w in enumerate(config_hash_words(config_hash)):
         words[f"CONFIG_HASH{i}"] = w
@@ -387,7 +403,10 @@ class RegisterModel:
             self.log[i % CMD_LOG_DEPTH] = min(c, 0xFFFFFFFF)
             self._set("LAST_CMD_CYCLES", min(c, 0xFFFFFFFF))
 
-        res = self.executor.run(base, count, on_command)
+        res = self.executor.run(base, count, on_command, pos=self._get("RUN_POS"), token=self._get("RUN_TOKEN"))
+        if res.result_index is not None:
+            self._set("RESULT_INDEX", res.result_index)
+            self._set("RESULT_VALUE", res.result_value)
         busy = sum(res.cycles) + (res.index - len(res.cycles)) + 1   # failing commands cost a cycle each
         c = self.counters
         c["BUSY_CYCLES"] += busy
@@ -456,7 +475,8 @@ class GoldenDevice(Device):
 
     def describe(self) -> dict:
         return {"backend": self.name, "coherent_model": self.coherent,
-                "accelerator_time": self.executor.perf.assumptions()}
+                "accelerator_time": {**self.executor.perf.assumptions(),
+                                     **(self.executor.fabric.perf.assumptions() if self.limits.fabric_ops else {})}}
 
     def _read32(self, offset: int) -> int:
         return self.regs.read(offset)

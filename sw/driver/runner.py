@@ -52,6 +52,7 @@ class StepTiming:
     accel_s: float = 0.0         # the device's own time: cycles / clock when it has cycles, else wall
     runs: int = 0
     commands: int = 0
+    register_accesses: int = 0   # register reads and writes of the step (fabric split)
     transfer_s: float = 0.0      # the sim device's simulator I/O (buffers in and out of its DDR model,
                                  # register accesses through the simulated AXI4-Lite port): simulator
                                  # cost, not host work, so not host time
@@ -74,6 +75,35 @@ class _Linear:
     weight_bytes: int = 0
 
 
+def upload_linear(dev: Device, kq, name: str, tile_rows: int, group_size: int, source: str):
+    """Copy one linear's packed weight stream (and padded bias) into DMA buffers and flush them:
+    (weight bus address, bias bus address or None, its TileLayout)."""
+    blob, layout = kq.linear_blob(name)
+    if layout.tile_rows != tile_rows or layout.group_size != group_size:
+        raise DeviceError(f"{source}: linear {name} has tile_rows {layout.tile_rows} / group "
+                          f"size {layout.group_size} but the design needs {tile_rows} / {group_size}")
+    wbuf = dev.alloc(blob.size, f"w.{name}")
+    wbuf.array[:] = blob
+    wbuf.sync_for_device()
+    bias_addr = None
+    if (name, "bias") in kq.entries:
+        b = pack_bias(kq.array(kq.entries[(name, "bias")]), tile_rows)
+        bbuf = dev.alloc(len(b), f"b.{name}")
+        bbuf.write(0, b)
+        bbuf.sync_for_device()
+        bias_addr = bbuf.phys
+    return wbuf.phys, bias_addr, layout
+
+
+def load_tokenizer(kq):
+    """The tokenizer stored in a .kq, or None."""
+    tok = kq.entries.get(("tokenizer.json", ""))
+    if not tok:
+        return None
+    from tokenizers import Tokenizer
+    return Tokenizer.from_str(bytes(kq._view(tok)).decode())
+
+
 def _role(name: str) -> str:
     return name if name == "lm_head" else name.split(".", 3)[3]
 
@@ -88,6 +118,8 @@ class AcceleratedModel:
     last_logits_only: forward() of several tokens returns only the last position's logits (what
     generate samples from), so a prefill runs the LM head for one token; leave it off for eval.
     """
+
+    split = "hybrid"
 
     def __init__(self, kq_path, device: Device, *, expected: ExpectedHardware | None = None,
                  timeout_s: float = 5.0, fuse: bool = True, host_fallback: bool = True,
@@ -108,7 +140,7 @@ class AcceleratedModel:
         self.quant = kq.quant
         self.limits = lim = self.ident.limits
         self.tokens_max = lim.tokens
-        self.tokenizer = self._tokenizer(kq)
+        self.tokenizer = load_tokenizer(kq)
         self.timings: list[StepTiming] = []
         self._step: StepTiming | None = None
         self._stash: dict[str, tuple[object, np.ndarray]] = {}
@@ -140,14 +172,6 @@ class AcceleratedModel:
         self.runner = Qwen2Runner(cfg, self._params(kq), self.linear)
 
     # ---- loading ---------------------------------------------------------------
-    @staticmethod
-    def _tokenizer(kq):
-        tok = kq.entries.get(("tokenizer.json", ""))
-        if not tok:
-            return None
-        from tokenizers import Tokenizer
-        return Tokenizer.from_str(bytes(kq._view(tok)).decode())
-
     @staticmethod
     def _params(kq) -> dict[str, np.ndarray]:
         params = {}
@@ -195,22 +219,9 @@ class AcceleratedModel:
         outs = {role: dev.alloc(output_layout(n, T, r).total_bytes, f"out.{role}") for role, n in roles.items()}
         self._cmds = []
         for l in plan:
-            blob, layout = kq.linear_blob(l.name)
-            if layout.tile_rows != r or layout.group_size != g:
-                raise DeviceError(f"{self.source.name}: linear {l.name} has tile_rows {layout.tile_rows} / group "
-                                  f"size {layout.group_size} but the design needs {r} / {g}")
-            wbuf = dev.alloc(blob.size, f"w.{l.name}")
-            wbuf.array[:] = blob
-            wbuf.sync_for_device()
-            bias_addr = None
-            if (l.name, "bias") in kq.entries:
-                b = pack_bias(kq.array(kq.entries[(l.name, "bias")]), r)
-                bbuf = dev.alloc(len(b), f"b.{l.name}")
-                bbuf.write(0, b)
-                bbuf.sync_for_device()
-                bias_addr = bbuf.phys
+            weight_addr, bias_addr, layout = upload_linear(dev, kq, l.name, r, g, self.source.name)
             l.act, l.out, l.index = acts[l.k], outs[_role(l.name)], len(self._cmds)
-            self._cmds.append(dict(n=l.n, k=l.k, group_size=g, tile_rows=r, weight_addr=wbuf.phys,
+            self._cmds.append(dict(n=l.n, k=l.k, group_size=g, tile_rows=r, weight_addr=weight_addr,
                                    act_addr=l.act.phys, out_addr=l.out.phys, bias_addr=bias_addr,
                                    weight_int8=layout.bits == 8, tag=l.index))
         # fused runs: consecutive device linears of one layer that read the same input
@@ -333,16 +344,24 @@ class AcceleratedModel:
         self._stash.clear()
         self._step = step = StepTiming(tokens=int(ids.size))
         x0 = getattr(self.dev, "sim_io_wall_s", 0.0)
+        acc0 = self.dev.register_accesses
         t0 = time.perf_counter()
         try:
             logits = self.runner.forward(ids, cache, last_only=self.last_logits_only)
         finally:
             step.wall_s = time.perf_counter() - t0
+            step.register_accesses = self.dev.register_accesses - acc0
             step.transfer_s = getattr(self.dev, "sim_io_wall_s", 0.0) - x0
             self._step = None
             self._stash.clear()
         self.timings.append(step)
         return logits
+
+    def seek(self, cache, depth: int) -> None:
+        """Make `cache` hold `depth` positions (of zeros) without computing them: the timing of a
+        decode step at context depth `depth` does not depend on what the cache holds (bench)."""
+        cache.reserve(depth + 1)
+        cache.length = depth
 
     owns_device = False        # set by open_accelerated when it opened the device for this model
 
@@ -359,6 +378,15 @@ class AcceleratedModel:
 # The bench report
 # ---------------------------------------------------------------------------
 
+SPLIT_DETAIL = {
+    "hybrid": "fabric: every linear incl. LM head; host: embedding, RMSNorm, RoPE, attention + KV cache, "
+              "SiLU x up, activation quantization, sampling",
+    "fabric": "fabric: the whole decoder (embedding, norms, RoPE, INT8 KV cache + attention, SiLU x up, "
+              "residuals, activation quantization, every linear, greedy argmax), one start per token; host: "
+              "RUN_POS/RUN_TOKEN, start, wait, read the token id (or the logits for sampling)",
+}
+
+
 def _mean(xs):
     xs = list(xs)
     return float(np.mean(xs)) if xs else float("nan")
@@ -367,6 +395,34 @@ def _mean(xs):
 def host_description() -> str:
     import os
     return f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs"
+
+
+def depth_sweep(model, depths: list[int], new_tokens: int = 4, progress=None) -> list[dict]:
+    """Decode `new_tokens` greedy tokens at each context depth (llama-bench's -d): the cache is
+    seeked to the depth (zeros; timing does not depend on the values), then per token the host
+    time (measured), the accelerator time (the device's kind), register accesses and starts."""
+    rows = []
+    on_board = model.dev.name == "kv260"
+    for d in depths:
+        cache = model.new_cache()
+        model.seek(cache, d)
+        model.timings.clear()
+        nxt = 1
+        for _ in range(new_tokens):
+            if hasattr(model, "forward_greedy"):
+                nxt = model.forward_greedy([nxt], cache)
+            else:
+                nxt = int(np.argmax(model.forward([nxt], cache)[-1]))
+            if progress is not None:
+                progress()
+        steps = list(model.timings)
+        host, acc, wall = _mean(s.host_s for s in steps), _mean(s.accel_s for s in steps), _mean(s.wall_s for s in steps)
+        rows.append({"depth": d, "tokens": len(steps), "host_s": host, "accelerator_s": acc,
+                     "tok_s": 1.0 / wall if on_board else 1.0 / (host + acc),
+                     "register_accesses": _mean(s.register_accesses for s in steps),
+                     "runs": _mean(s.runs for s in steps), "commands": _mean(s.commands for s in steps)})
+    model.timings.clear()
+    return rows
 
 
 def bench_report(model: AcceleratedModel, prompt_ids: list[int], max_new_tokens: int = 16, sampler=None,
@@ -414,6 +470,7 @@ def bench_report(model: AcceleratedModel, prompt_ids: list[int], max_new_tokens:
             "device_wall_note": ("wall time inside start..wait on this host" +
                                  (": the time to compute the model, not an accelerator time" if modeled else "")),
             "runs": _mean(s.runs for s in decode), "commands": _mean(s.commands for s in decode),
+            "register_accesses": _mean(s.register_accesses for s in decode),
             "weight_bytes": model.weight_bytes_per_token,
         },
         "prefill": {"tokens": prefill.tokens, "host_s": prefill.host_s, "accelerator_s": prefill.accel_s,
@@ -422,8 +479,8 @@ def bench_report(model: AcceleratedModel, prompt_ids: list[int], max_new_tokens:
                    "device_wall_s": s.device_wall_s, "simulator_io_s": s.transfer_s, "runs": s.runs}
                   for s in steps],
         "host_linears": model.host_linears,
-        "split": "fabric: every linear incl. LM head; host: embedding, RMSNorm, RoPE, attention + KV cache, "
-                 "SiLU x up, activation quantization, sampling",
+        "split": model.split,
+        "split_detail": SPLIT_DETAIL[model.split],
         "assumptions": model.dev.describe(),
     }
     return rep

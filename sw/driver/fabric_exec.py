@@ -1,0 +1,219 @@
+"""The golden device's execution of the fabric decoder's opcodes (sw/contract/fabric_commands.py).
+
+Each op reads its inputs from the modeled DDR, computes with the contract's
+functions (:mod:`sw.contract.fabric_ops`, :func:`sw.contract.numerics.quantize_activations`)
+and writes its outputs back, exactly as the descriptor says. The cycle counts
+are an analytical model (:class:`FabricPerf`), labeled as such; the sim
+backend counts RTL cycles once the units run there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..contract import fabric_ops as fo
+from ..contract.commands import ErrorCode, activation_layout, pack_activations
+from ..contract.fabric_commands import FabricCommand, FabricFlags, Opcode, kv_cache_layout
+from ..contract.numerics import quantize_activations
+
+F32 = np.float32
+
+
+class BusFault(Exception):
+    """An access outside DDR while executing an op: code is READ_ERROR or WRITE_ERROR."""
+
+    def __init__(self, code: ErrorCode):
+        super().__init__(code.name)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class FabricPerf:
+    """Cycles of one fabric op, analytically (not an RTL simulation):
+
+    vector ops: max(bytes / cap, passes x elements / vector_lanes) + fixed;
+    ATTEND: per query row and KV group, max(K and V bytes / cap, q.k MACs / attn_macs +
+    scores (one exp2 per cycle) + P.V MACs / attn_macs) + fixed.
+    """
+    cap_bytes_per_cycle: float = 64.0
+    vector_lanes: int = 4
+    attn_macs: int = 128
+    fixed_cycles: int = 64
+
+    def assumptions(self) -> dict:
+        return {"fabric_ops": "analytical: max(bytes / cap, elements / vector_lanes) per vector op; "
+                              "attention max(KV bytes / cap, 2 x MACs / attn_macs + positions x heads)",
+                "vector_lanes": self.vector_lanes, "attn_macs": self.attn_macs,
+                "fixed_cycles_per_fabric_op": self.fixed_cycles}
+
+    def vector(self, elements: int, passes: int, nbytes: int) -> int:
+        return max(-(-passes * elements // self.vector_lanes), int(-(-nbytes // self.cap_bytes_per_cycle))) \
+            + self.fixed_cycles
+
+    def attend(self, spans: list[int], groups: int, rep: int, hd: int) -> int:
+        total = 0
+        for s in spans:
+            mem = int(-(-groups * s * (2 * hd + 8) // self.cap_bytes_per_cycle))
+            compute = groups * (2 * -(-s * rep * hd // self.attn_macs) + s * rep)
+            total += max(mem, compute)
+        return total + self.fixed_cycles
+
+
+class FabricOps:
+    """Executes fabric descriptors against a PhysMemory-like object (``view(addr, nbytes)``)."""
+
+    def __init__(self, memory, perf: FabricPerf | None = None, bus_error=Exception):
+        self.memory = memory
+        self.perf = perf or FabricPerf()
+        self._bus_error = bus_error
+
+    # ---- memory access -----------------------------------------------------------------------
+    def _view(self, addr: int, nbytes: int, code: ErrorCode) -> np.ndarray:
+        try:
+            return self.memory.view(addr, nbytes)
+        except self._bus_error:
+            raise BusFault(code) from None
+
+    def _rows(self, addr: int, stride: int, t: int, n: int) -> np.ndarray:
+        """fp32 [t, n] read from row-strided memory (a copy)."""
+        buf = self._view(addr, (t - 1) * stride + 4 * n, ErrorCode.READ_ERROR)
+        return np.stack([buf[r * stride:r * stride + 4 * n].view("<f4") for r in range(t)]).astype(F32)
+
+    def _put_rows(self, addr: int, stride: int, y: np.ndarray) -> int:
+        t, n = y.shape
+        buf = self._view(addr, (t - 1) * stride + 4 * n, ErrorCode.WRITE_ERROR)
+        for r in range(t):
+            buf[r * stride:r * stride + 4 * n] = np.ascontiguousarray(y[r], "<f4").view(np.uint8)
+        return 4 * t * n
+
+    # ---- ops ---------------------------------------------------------------------------------
+    def execute(self, cmd: FabricCommand, pos: int, token: int) -> tuple[ErrorCode, int, int, int]:
+        """(error, cycles, bytes read, bytes written) of one validated descriptor."""
+        try:
+            return (ErrorCode.NONE, *getattr(self, f"_{cmd.op.name.lower()}")(cmd, pos, token))
+        except BusFault as e:
+            return e.code, self.perf.fixed_cycles, 0, 0
+        except _RunError as e:
+            return e.code, self.perf.fixed_cycles, 0, 0
+
+    def _embed(self, c: FabricCommand, pos: int, token: int):
+        t, n = c.tokens, c.n
+        if c.flags & FabricFlags.TOKEN_REG:
+            ids = np.array([token], np.int64)
+        else:
+            ids = self._view(c.src0, 4 * t, ErrorCode.READ_ERROR).view("<i4").astype(np.int64)
+        if np.any((ids < 0) | (ids >= c.p0)):
+            raise _RunError(ErrorCode.BAD_TOKEN)
+        table = self._view(c.src1, c.p0 * 2 * n, ErrorCode.READ_ERROR).view("<u2").reshape(c.p0, n)
+        wr = self._put_rows(c.dst, c.dst_stride, fo.embedding(table, ids))
+        rd = 4 * t + 2 * t * n
+        return self.perf.vector(t * n, 1, rd + wr), rd, wr
+
+    def _rmsnorm(self, c: FabricCommand, pos: int, token: int):
+        t, n = c.tokens, c.n
+        x = self._rows(c.src0, c.src_stride, t, n)
+        gamma = self._view(c.src1, 4 * n, ErrorCode.READ_ERROR).view("<f4").astype(F32)
+        inv_n, eps = np.uint32(c.p0).view(F32), np.uint32(c.p1).view(F32)
+        wr = self._put_rows(c.dst, c.dst_stride, fo.rms_norm_consts(x, gamma, inv_n, eps))
+        rd = 8 * t * n + 4 * n
+        return self.perf.vector(t * n, 2, rd + wr), rd, wr
+
+    def _quant(self, c: FabricCommand, pos: int, token: int):
+        t, n = c.tokens, c.n
+        x = self._rows(c.src0, c.src_stride, t, n)
+        q, s, qsum = quantize_activations(x, c.aux)
+        data = np.frombuffer(pack_activations(q, s, qsum, c.aux), np.uint8)
+        self._view(c.dst, activation_layout(n, c.aux, t).total_bytes, ErrorCode.WRITE_ERROR)[:] = data
+        return self.perf.vector(t * n, 1, 4 * t * n + data.size), 4 * t * n, data.size
+
+    def _check_span(self, c: FabricCommand, pos: int) -> None:
+        if pos + c.tokens > c.p0:
+            raise _RunError(ErrorCode.CONTEXT_FULL)
+
+    def _rope(self, c: FabricCommand, pos: int, token: int):
+        self._check_span(c, pos)
+        t, n, hd = c.tokens, c.n, c.aux
+        table = self._view(c.src1 + pos * 4 * hd, t * 4 * hd, ErrorCode.READ_ERROR).view("<f4").reshape(t, hd)
+        cos, sin = table[:, :hd // 2].astype(F32), table[:, hd // 2:].astype(F32)
+        x = self._rows(c.src0, c.src_stride, t, n).reshape(t, n // hd, hd).transpose(1, 0, 2)
+        y = fo.apply_rope(x, cos, sin).transpose(1, 0, 2).reshape(t, n)
+        wr = self._put_rows(c.dst, c.dst_stride, y)
+        rd = 4 * t * n + t * 4 * hd
+        return self.perf.vector(t * n, 1, rd + wr), rd, wr
+
+    def _kv_store(self, c: FabricCommand, pos: int, token: int):
+        self._check_span(c, pos)
+        t, n, hd, nkv, cap = c.tokens, c.n, c.aux, c.p1, c.p0
+        value = bool(c.flags & FabricFlags.VALUE)
+        lay = kv_cache_layout(nkv, hd, cap)
+        x = self._rows(c.src0, c.src_stride, t, n).reshape(t, nkv, hd).transpose(1, 0, 2)
+        codes, scales = fo.quantize_heads(x)                     # [nkv, T, hd], [nkv, T]
+        cv = self._view(c.dst + lay.codes_offset(value), nkv * cap * hd, ErrorCode.WRITE_ERROR)
+        sv = self._view(c.dst + lay.scales_offset(value), 4 * nkv * cap, ErrorCode.WRITE_ERROR)
+        cv.view(np.int8).reshape(nkv, cap, hd)[:, pos:pos + t] = codes
+        sv.view("<f4").reshape(nkv, cap)[:, pos:pos + t] = scales
+        wr = t * nkv * (hd + 4)
+        return self.perf.vector(t * n, 1, 4 * t * n + wr), 4 * t * n, wr
+
+    def _attend(self, c: FabricCommand, pos: int, token: int):
+        self._check_span(c, pos)
+        t, n, hd, nkv, cap = c.tokens, c.n, c.aux, c.p1, c.p0
+        heads = n // hd
+        rep = heads // nkv
+        end = pos + t
+        act = activation_layout(n, hd, t)
+        buf = self._view(c.src0, act.total_bytes, ErrorCode.READ_ERROR)
+        q8 = buf[:t * act.codes_stride].reshape(t, act.codes_stride)[:, :n].view(np.int8)
+        sq = np.ascontiguousarray(buf[act.scales_offset:act.scales_offset + t * act.meta_stride]
+                                  .reshape(t, act.meta_stride)[:, :4 * heads]).view("<f4").astype(F32)
+        lay = kv_cache_layout(nkv, hd, cap)
+        cache = self._view(c.src1, lay.total_bytes, ErrorCode.READ_ERROR)
+        codes = lambda v: cache[lay.codes_offset(v):lay.codes_offset(v) + nkv * cap * hd].view(np.int8) \
+            .reshape(nkv, cap, hd)                                                  # noqa: E731
+        scales = lambda v: cache[lay.scales_offset(v):lay.scales_offset(v) + 4 * nkv * cap].view("<f4") \
+            .reshape(nkv, cap)                                                      # noqa: E731
+        keys, kscale, vals, vscale = codes(False), scales(False), codes(True), scales(True)
+        q8 = q8.reshape(t, nkv, rep, hd).transpose(1, 2, 0, 3)      # [nkv, rep, T, hd]
+        sq = sq.reshape(t, nkv, rep).transpose(1, 2, 0)              # [nkv, rep, T]
+        visible = np.arange(end)[None, :] <= (pos + np.arange(t))[:, None]
+        out = np.empty((nkv, rep, t, hd), F32)
+        for g in range(nkv):
+            scores = fo.attention_scores(q8[g], sq[g], keys[g, :end], kscale[g, :end].astype(F32), hd)
+            p = fo.softmax2(scores, visible)
+            out[g] = fo.attention_values(p, vals[g, :end], vscale[g, :end].astype(F32))
+        y = out.reshape(heads, t, hd).transpose(1, 0, 2).reshape(t, n)
+        wr = self._put_rows(c.dst, c.dst_stride, y)
+        spans = [pos + r + 1 for r in range(t)]
+        rd = act.total_bytes + nkv * sum(spans) * (2 * hd + 8)
+        return self.perf.attend(spans, nkv, rep, hd), rd, wr
+
+    def _binary(self, c: FabricCommand, fn):
+        t, n = c.tokens, c.n
+        a = self._rows(c.src0, c.src_stride, t, n)
+        b = self._rows(c.src1, c.p0, t, n)
+        wr = self._put_rows(c.dst, c.dst_stride, fn(a, b))
+        return self.perf.vector(t * n, 1, 8 * t * n + wr), 8 * t * n, wr
+
+    def _add(self, c: FabricCommand, pos: int, token: int):
+        return self._binary(c, fo.residual_add)
+
+    def _silu_mul(self, c: FabricCommand, pos: int, token: int):
+        return self._binary(c, fo.silu_mul)
+
+
+class _RunError(Exception):
+    def __init__(self, code: ErrorCode):
+        super().__init__(code.name)
+        self.code = code
+
+
+def argmax_row(y: np.ndarray) -> tuple[int, int]:
+    """(index, fp32 bits of the value) of fabric_ops.argmax_first over one row."""
+    y = np.asarray(y, F32)
+    i = int(fo.argmax_first(y))
+    return i, int(y[i:i + 1].view("<u4")[0])
+
+
+__all__ = ["FabricOps", "FabricPerf", "BusFault", "argmax_row", "Opcode"]
