@@ -236,7 +236,7 @@ def _exp2_steps(f: _Flow, t: Value) -> Value:
     return _pow2_core(f)
 
 
-_EXP_SLOTS = ("g", "g", "g", "g") + _CORE_SLOTS
+_EXP_SLOTS = ("g", "g", "g", "g", "g") + _CORE_SLOTS
 _LOG2E_Q31 = fo.LOG2E_Q31
 _EXP_MAX_U = 126 << _FRAC
 
@@ -247,7 +247,8 @@ def _exp_steps(f: _Flow, x: Value) -> Value:
     # (E <= 133; the contract clamps at 62, beyond which everything rounds to 0 anyway).
     f.step(mant=Cat(x[0:23], e != 0), sh=Mux(e > 152 - 62, 152 - e, 62)[0:6], dead=e >= 134,
            bad=_nonpositive_bad(x))
-    f.step(p=f.v.pop("mant") * Const(_LOG2E_Q31, 32))
+    f.step(p=f.v.pop("mant") * Const(_LOG2E_Q31, 32))     # two DSP48E2s: a product and a pipeline register
+    f.step()
     whole, up = _shift_round(f.v.pop("p"), f.v.pop("sh"), 62)
     f.step(whole=whole[0:38], up=up)
     mag = f.v.pop("whole") + f.v.pop("up")
@@ -257,7 +258,7 @@ def _exp_steps(f: _Flow, x: Value) -> Value:
 
 class Exp2(_ChainUnit):
     """``fabric_ops.exp2``: 2^t for t <= 0 (-inf gives +0.0, t < -126 gives +0.0).
-    t > +0.0 or NaN gives the canonical NaN. Default latency 32."""
+    t > +0.0 or NaN gives the canonical NaN. Default latency 33."""
 
     _SLOTS = _EXP2_SLOTS
 
@@ -268,7 +269,7 @@ class Exp2(_ChainUnit):
 class Exp(_ChainUnit):
     """``fabric_ops.exp``: e^x for x <= 0 (the exact 24x32-bit product with LOG2E_Q31, one
     round-half-even shift, then Exp2's fixed-point core). x > +0.0 or NaN gives the canonical
-    NaN. Default latency 34."""
+    NaN. Default latency 36."""
 
     _SLOTS = _EXP_SLOTS
 
@@ -348,7 +349,7 @@ class Rsqrt(_ChainUnit):
 # --- sigmoid -------------------------------------------------------------------------------------
 class Sigmoid(_ChainUnit):
     """``fabric_ops.sigmoid``: e = exp(-|g|), r = reciprocal(1 + e), g >= 0 (incl. -0.0): r,
-    else e * r. +inf gives 1.0, -inf +0.0; NaN gives the canonical NaN. Default latency 93."""
+    else e * r. +inf gives 1.0, -inf +0.0; NaN gives the canonical NaN. Default latency 95."""
 
     _SLOTS = _EXP_SLOTS + ("add",) + _RECIP_SLOTS + ("mul", "g")
 
