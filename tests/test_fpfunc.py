@@ -71,9 +71,16 @@ def golden(op: str, a, b=None):
             out[ok] = as_bits(np.divide(x[ok], y[ok]))
             return out
         if op == "toint":
-            q = np.clip(np.rint(np.where(np.isnan(x), F32(0.0), x)), -CLIP, CLIP).astype(np.int64)
-            return (q & ((1 << INT_WIDTH) - 1)).astype(U32)
+            return golden_int(a)
     raise ValueError(op)
+
+
+def golden_int(a, width=INT_WIDTH, clip=CLIP):
+    """np.clip(np.rint(x), -clip, clip) (NaN: 0) as width-bit two's complement patterns."""
+    x = as_f32(a)
+    with np.errstate(all="ignore"):
+        q = np.clip(np.rint(np.where(np.isnan(x), F32(0.0), x)), -clip, clip).astype(np.int64)
+    return (q & ((1 << width) - 1)).astype(U32)
 
 
 def _check(op, got, exp, *ins):
@@ -293,10 +300,12 @@ def test_divide_pysim(latency):
 
 
 @pytest.mark.parametrize("latency", [0, None])
-def test_to_int_pysim(latency):
-    a = np.array(HAND["toint"], dtype=U32)
-    _check("toint", run_pysim(Fp32ToInt(INT_WIDTH, CLIP, latency=latency), {"a": a.tolist()}),
-           golden("toint", a), a)
+@pytest.mark.parametrize("width,clip", [(INT_WIDTH, CLIP), (16, 1000), (32, (1 << 24) - 1), (2, 1)])
+def test_to_int_pysim(latency, width, clip):
+    a = np.concatenate([HAND["toint"], as_bits(np.array([999.5, 1000.5, -1000.5, 1e6, 16777215.0, -16777215.0,
+                                                         16777216.0, 0.5, 1.5, -1.5, 2.5], F32))]).astype(U32)
+    _check("toint", run_pysim(Fp32ToInt(width, clip, latency=latency), {"a": a.tolist()}),
+           golden_int(a, width, clip), a)
 
 
 def _latency(unit):
