@@ -82,8 +82,6 @@ commands the pipelines drain (``latency`` cycles), except when the next command 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, enum, stream
@@ -177,12 +175,9 @@ class VectorUnit(CheckedComponent):
             "codes": Out(stream.Signature(data.ArrayLayout(signed(8), L))),
             "stats": Out(stream.Signature(stats_layout())),
         })
-        # Latencies of the function units (probed from default instances; they are elaborated
-        # later as the real ones, so nothing is left unused).
-        self._sig_latency = _probe_latency(Sigmoid)
-        self._toint_latency = _probe_latency(lambda: Fp32ToInt(8, QMAX_A))
-        self._div_latency = _probe_latency(Fp32Divide)
-        self._rsqrt_latency = _probe_latency(Rsqrt)
+        self._sig_latency = Sigmoid.resolve_latency(None)
+        self._toint_latency = Fp32ToInt.resolve_latency(None)
+        self._div_latency = Fp32Divide.resolve_latency(None)
 
     @property
     def lanes(self) -> int:
@@ -547,11 +542,3 @@ class VectorUnit(CheckedComponent):
                      stats_fifo.w_en.eq(codes_valid & info.last),
                      stats_fifo.w_data.eq(Cat(Mux(info.live, info.sa, 0), qsum_new[:32]))]
         return m
-
-
-def _probe_latency(factory) -> int:
-    """The latency of a default-built unit, without leaving an unelaborated instance behind."""
-    from amaranth.hdl import Fragment
-    unit = factory()
-    Fragment.get(unit, None)
-    return unit.latency

@@ -319,7 +319,7 @@ def run_programs(unit, src, name, scenarios, tmp_path, seed):
     res_dir.mkdir()
     np.savez(vec, **spec)
     run_cocotb(sources=[src], toplevel=name, test_module="tb_vector", build_name=name, test_dir=SIM_DIR,
-               extra_env={"VECTOR_VECTORS": str(vec), "VECTOR_RESULTS": str(res_dir)})
+               fast_compile=True, extra_env={"VECTOR_VECTORS": str(vec), "VECTOR_RESULTS": str(res_dir)})
     for sname, (prog, _, _) in scenarios.items():
         _check_scenario(unit, res_dir, sname, prog)
     return res_dir
