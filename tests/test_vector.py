@@ -12,6 +12,7 @@ throughput and latency.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,7 @@ def quant_input(rng, n, group):
     return x.reshape(-1)
 
 
+@np.errstate(over="ignore")      # the edge cases overflow on purpose (x*x, gate*up to inf)
 def make_program(lanes, preset, group, rng, full_intermediate=True) -> Program:
     cfg = PRESETS[preset]
     hidden, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
@@ -252,7 +254,9 @@ def timed_program(lanes, op, n, hd, group, rng) -> Program:
 # Verilator runs
 # ---------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def build_unit(lanes: int):
+    """The unit and its Verilog, once per lane count and process (elaborating it takes seconds)."""
     from amaranth.back import verilog
 
     from sim.runner import write_verilog
@@ -281,7 +285,6 @@ def _scenario_spec(unit, name, prog, p_in, p_out, rng):
 def _check_scenario(unit, res_dir: Path, name: str, prog: Program):
     from sim.tb_array import unpack_payloads
     out, codes, scales, qsums = prog.expected()
-    L = unit.lanes
     got = {s: np.load(res_dir / f"{name}_{s}.npz") for s in OUT_STREAMS}
     got_out = got["out"]["payload"].view(U32).reshape(-1)
     got_codes = got["codes"]["payload"].view(np.int8).reshape(-1)
@@ -303,7 +306,6 @@ def _check_scenario(unit, res_dir: Path, name: str, prog: Program):
     assert got_scale.shape == scales.shape and not len(bad), \
         f"{name}: group stats differ at {bad[:8]}: got {f32(got_scale[bad[:4]])} / {got_qsum[bad[:4]]} " \
         f"expected {f32(scales[bad[:4]])} / {qsums[bad[:4]]}"
-    assert len(got_codes) == len(codes) and L
 
 
 def run_programs(unit, src, name, scenarios, tmp_path, seed):
