@@ -119,17 +119,23 @@ class StreamSource:
 
 
 class StreamSink:
-    """Pulls `<prefix>__payload` with random back-pressure and records every handshake."""
+    """Pulls `<prefix>__payload` with random back-pressure and records every handshake.
 
-    def __init__(self, dut, prefix: str, ready_prob: float, rng: random.Random):
+    With ``check_hold`` it also asserts the stream rule that a beat shown (valid) but not
+    taken stays valid with the same payload until it is taken."""
+
+    def __init__(self, dut, prefix: str, ready_prob: float, rng: random.Random, check_hold: bool = False):
         self.payload = getattr(dut, f"{prefix}__payload")
         self.valid = getattr(dut, f"{prefix}__valid")
         self.ready = getattr(dut, f"{prefix}__ready")
+        self.prefix = prefix
         self.p = ready_prob
         self.rng = rng
+        self.check_hold = check_hold
         self.items: list[int] = []
         self.cycles: list[int] = []
         self._ready = 0
+        self._held: int | None = None
         self.ready.value = 0
 
     def drive(self) -> None:
@@ -137,9 +143,17 @@ class StreamSink:
         self.ready.value = self._ready
 
     def sample(self, cycle: int) -> None:
-        if self._ready and int(self.valid.value):
+        valid = int(self.valid.value)
+        if self.check_hold and self._held is not None:
+            assert valid, f"cycle {cycle}: {self.prefix}.valid dropped before the beat was taken"
+            assert self.payload.value.to_unsigned() == self._held, \
+                f"cycle {cycle}: {self.prefix}.payload changed while waiting for ready"
+        self._held = None
+        if valid and self._ready:
             self.items.append(self.payload.value.to_unsigned())
             self.cycles.append(cycle)
+        elif valid and self.check_hold:
+            self._held = self.payload.value.to_unsigned()
 
 
 async def reset(dut, cycles: int = 3) -> None:
