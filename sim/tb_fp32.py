@@ -1,13 +1,13 @@
-"""cocotb bench for the fp32 units: streams test vectors through a bank of pipelines.
+"""cocotb bench for free-running units: streams test vectors through a bank of pipelines.
 
-The toplevel is tests/test_fp32.py's ``Fp32Bank``: for every op a few lanes of the
-unit (at different latencies, padded to one common latency), all fed in the same
-cycle. The pytest side writes FP32_VECTORS (an .npz) with, per port, the lane
-values of every cycle and the lane width; this bench drives one row per cycle
+The toplevel is a sim/unit_bank.py ``UnitBank`` (tests/test_fp32.py, tests/test_fpfunc.py):
+for every op a few lanes of the unit (at different latencies, padded to one common
+latency), all fed in the same cycle. The pytest side writes FP32_VECTORS (an .npz)
+with, per port, the lane values of every cycle and the lane width; this bench drives one row per cycle
 (with random idle cycles, which a free-running pipeline must not care about),
 checks that o_valid follows i_valid by exactly ``latency`` cycles on every lane,
 and writes the captured outputs to FP32_RESULTS for the pytest side to compare
-with NumPy.
+with its golden model.
 """
 
 from __future__ import annotations

@@ -9,17 +9,13 @@ boundaries, ties, signed zeros, infinities and NaNs).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from amaranth.hdl import Fragment, Module, Signal
-from amaranth.lib import wiring
-from amaranth.lib.wiring import In, Out
-from amaranth.sim import Simulator
+from amaranth.hdl import Fragment
 
 from rtl.fp32 import Fp16ToFp32, Fp32Add, Fp32Multiply, IntToFp32
+from sim.unit_bank import BankOp, UnitBank, run_bank, run_pysim
 from sw.contract.errors import ConfigError
 
 F32 = np.float32
@@ -244,33 +240,7 @@ def half_vectors():
 # ---------------------------------------------------------------------------
 
 def _run_pysim(unit, inputs: dict[str, list[int]]):
-    """Feed one vector per cycle; return the outputs in order, checking the latency."""
-    n = len(next(iter(inputs.values())))
-    outs = []
-
-    async def bench(ctx):
-        for cycle in range(n + unit.latency):
-            if cycle < n:
-                for name, vals in inputs.items():
-                    ctx.set(getattr(unit, name), vals[cycle])
-            ctx.set(unit.i_valid, int(cycle < n))
-            await ctx.delay(1e-9)
-            if cycle >= unit.latency:
-                assert ctx.get(unit.o_valid) == 1
-                outs.append(ctx.get(unit.o) & 0xFFFFFFFF)
-            else:
-                assert ctx.get(unit.o_valid) == 0
-            if unit.latency:
-                await ctx.tick()
-            else:
-                await ctx.delay(1e-6)   # a combinational unit has no clock domain
-
-    sim = Simulator(unit)
-    if unit.latency:
-        sim.add_clock(1e-6)
-    sim.add_testbench(bench)
-    sim.run()
-    return np.array(outs, dtype=U32)
+    return run_pysim(unit, inputs).astype(U32)
 
 
 def _check(op, got, exp, *ins):
@@ -344,65 +314,19 @@ def test_latency_is_validated():
 # Verilator: a few hundred thousand vectors per op
 # ---------------------------------------------------------------------------
 
-# op -> (unit factory, operand port names, operand lane width)
 BANK_OPS = {
-    "mul": (lambda lat: Fp32Multiply(latency=lat), Fp32Multiply.max_latency(), ("a", "b"), 32),
-    "mun": (lambda lat: Fp32Multiply(latency=lat, normal_a=True), Fp32Multiply.max_latency(), ("a", "b"), 32),
-    "muh": (lambda lat: Fp32Multiply(latency=lat, normal_a=True, a_bits=11), Fp32Multiply.max_latency(),
-            ("a", "b"), 32),
-    "add": (lambda lat: Fp32Add(latency=lat), Fp32Add.max_latency(), ("a", "b"), 32),
-    "i2f": (lambda lat: IntToFp32(32, latency=lat), IntToFp32.max_latency(), ("a",), 32),
-    "i2n": (lambda lat: IntToFp32(20, latency=lat), IntToFp32.max_latency(), ("a",), 20),
-    "h2f": (lambda lat: Fp16ToFp32(latency=lat), Fp16ToFp32.max_latency(), ("a",), 16),
+    "mul": BankOp(lambda lat: Fp32Multiply(latency=lat), Fp32Multiply.max_latency(), ("a", "b")),
+    "mun": BankOp(lambda lat: Fp32Multiply(latency=lat, normal_a=True), Fp32Multiply.max_latency(), ("a", "b")),
+    "muh": BankOp(lambda lat: Fp32Multiply(latency=lat, normal_a=True, a_bits=11), Fp32Multiply.max_latency(),
+                  ("a", "b")),
+    "add": BankOp(lambda lat: Fp32Add(latency=lat), Fp32Add.max_latency(), ("a", "b")),
+    "i2f": BankOp(lambda lat: IntToFp32(32, latency=lat), IntToFp32.max_latency(), ("a",)),
+    "i2n": BankOp(lambda lat: IntToFp32(20, latency=lat), IntToFp32.max_latency(), ("a",), width=20),
+    "h2f": BankOp(lambda lat: Fp16ToFp32(latency=lat), Fp16ToFp32.max_latency(), ("a",), width=16),
 }
 BANK_LANES = 4
 VECTORS = {"mul": 320_000, "mun": 320_000, "muh": 320_000, "add": 320_000, "i2f": 200_000, "i2n": 60_000,
            "h2f": 1 << 16}
-
-
-def _lane_latency(k, make, max_lat):
-    default = make(None)
-    Fragment.get(default, None)
-    order = [default.latency, max_lat] + [n for n in range(max_lat) if n != default.latency]
-    return order[k % len(order)]
-
-
-class Fp32Bank(wiring.Component):
-    """`lanes` copies of every unit side by side at different latencies (the default,
-    the maximum, 0, 1, 2, ...), each delayed to one common latency so the bench
-    sees a single pipeline. The maximum latency registers every step boundary, so
-    a value that skips a boundary shows up as a mismatch there."""
-
-    def __init__(self, lanes: int):
-        self.lanes = lanes
-        self.latency = max(spec[1] for spec in BANK_OPS.values())
-        ports = {"i_valid": In(1), "o_valid": Out(lanes * len(BANK_OPS))}
-        for op, (_, _, operands, width) in BANK_OPS.items():
-            for name in operands:
-                ports[f"{op}_{name}"] = In(width * lanes)
-            ports[f"{op}_o"] = Out(32 * lanes)
-        super().__init__(ports)
-
-    def elaborate(self, platform):
-        m = Module()
-        valid_bits = []
-        for op, (make, max_lat, operands, width) in BANK_OPS.items():
-            for k in range(self.lanes):
-                unit = make(_lane_latency(k, make, max_lat))
-                m.submodules[f"{op}{k}"] = unit
-                m.d.comb += unit.i_valid.eq(self.i_valid)
-                for name in operands:
-                    m.d.comb += getattr(unit, name).eq(getattr(self, f"{op}_{name}")[k * width:(k + 1) * width])
-                o, v = unit.o, unit.o_valid
-                for stage in range(self.latency - unit.latency):
-                    o2, v2 = Signal(32, name=f"{op}{k}_pad{stage}"), Signal(name=f"{op}{k}_padv{stage}")
-                    m.d.sync += [o2.eq(o), v2.eq(v)]
-                    o, v = o2, v2
-                m.d.comb += getattr(self, f"{op}_o")[k * 32:(k + 1) * 32].eq(o)
-                valid_bits.append(v)
-        for i, v in enumerate(valid_bits):
-            m.d.comb += self.o_valid[i].eq(v)
-        return m
 
 
 def _bank_vectors(seed: int):
@@ -424,40 +348,11 @@ def _bank_vectors(seed: int):
 
 @pytest.mark.sim
 def test_fp32_units_verilator(tmp_path):
-    from amaranth.back import verilog
-
-    from sim.runner import run_cocotb, write_verilog
-
-    bank = Fp32Bank(BANK_LANES)
-    src = write_verilog(verilog.convert(bank, name="fp32_bank"), "fp32_bank")
     seed = 20250601
     vectors = _bank_vectors(seed)
-    lanes = BANK_LANES
-    cycles = max(-(-len(next(iter(v.values()))) // lanes) for v in vectors.values())
-    spec = {"latency": bank.latency, "lanes": lanes, "seed": seed}
-    in_ports, out_ports = [], []
-    for op, ops in vectors.items():
-        width = BANK_OPS[op][3]
-        for name, vals in ops.items():
-            port = f"{op}_{name}"
-            padded = np.zeros(cycles * lanes, dtype=np.int64)
-            padded[:len(vals)] = np.asarray(vals).astype(np.int64)
-            spec[f"in_{port}"] = padded.reshape(cycles, lanes)
-            spec[f"bits_{port}"] = width
-            in_ports.append(port)
-        spec[f"bits_{op}_o"] = 32
-        out_ports.append(f"{op}_o")
-    spec["in_ports"] = np.array(in_ports)
-    spec["out_ports"] = np.array(out_ports)
-    vec_path, res_path = tmp_path / "vectors.npz", tmp_path / "results.npz"
-    np.savez(vec_path, **spec)
-    run_cocotb(sources=[src], toplevel="fp32_bank", test_module="tb_fp32", build_name="fp32_bank",
-               extra_env={"FP32_VECTORS": str(vec_path), "FP32_RESULTS": str(res_path)},
-               test_dir=Path(__file__).resolve().parent.parent / "sim")
-    res = np.load(res_path)
+    res = run_bank(UnitBank(BANK_OPS, BANK_LANES), vectors, tmp_path, "fp32_bank", seed)
     for op, ops in vectors.items():
         ins = [np.asarray(v) for v in ops.values()]
-        n = len(ins[0])
-        got = res[f"out_{op}_o"].reshape(-1)[:n].astype(U32)
+        got = res[op].astype(U32)
         exp = golden("mul" if op in ("mun", "muh") else op, *ins) if len(ins) == 2 else golden(op, ins[0])
         _check(op, got, exp, *ins)
