@@ -154,6 +154,22 @@ def _delay(m: Module, value, cycles: int, name: str, reset_less: bool = True) ->
     return v
 
 
+def _delay_fields(m: Module, fields: dict, cycles: int, name: str) -> SimpleNamespace:
+    """Every value of `fields` `cycles` cycles later; ``valid`` (if present) is a reset register
+    chain, the rest travel packed in one reset-less chain (one wide signal per stage)."""
+    out = {}
+    if "valid" in fields:
+        out["valid"] = _delay(m, fields["valid"], cycles, f"{name}_valid", reset_less=False)
+    rest = {k: Value.cast(v) for k, v in fields.items() if k != "valid"}
+    packed = _delay(m, Cat(*rest.values()), cycles, name)
+    pos = 0
+    for k, v in rest.items():
+        part = packed[pos:pos + len(v)]
+        out[k] = part.as_signed() if v.shape().signed else part
+        pos += len(v)
+    return SimpleNamespace(**out)
+
+
 def _bits_of(value, width: int) -> Value:
     """`value` zero-extended or cut to exactly `width` bits (a field of an address)."""
     return Cat(Value.cast(value), Const(0, width))[0:width]
@@ -282,27 +298,32 @@ class AttentionUnit(CheckedComponent):
         row = Signal(D * 8, reset_less=True)
         row_scale = Signal(32, reset_less=True)
         row_valid = Signal()
-        loading = (phase_k | phase_v) & (rows_in < n)
-        beat_take = loading & ~stage_full & src_valid
-        m.d.comb += [self.k.ready.eq(phase_k & loading & ~stage_full),
-                     self.v.ready.eq(phase_v & loading & ~stage_full)]
-        with m.If(beat_take):
-            m.d.sync += stage.word_select(stage_cnt[0:max(1, (row_beats - 1).bit_length())] if row_beats > 1
-                                          else 0, BEAT_BITS).eq(src_data)
-            m.d.sync += stage_cnt.eq(stage_cnt + 1)
-            with m.If(stage_cnt == row_beats - 1):
-                m.d.sync += rows_in.eq(rows_in + 1)
-        scale_take = phase_k & ~stage_scale_ok & (scales_in < n) & self.k_scale.valid
-        m.d.comb += self.k_scale.ready.eq(phase_k & ~stage_scale_ok & (scales_in < n))
-        with m.If(scale_take):
-            m.d.sync += [stage_scale.eq(self.k_scale.payload), stage_scale_ok.eq(1), scales_in.eq(scales_in + 1)]
-
         issue_mac = Signal()          # a MAC step issues this cycle (pass 1 or 3)
         row_done = issue_mac & (step == P - 1)
+        # the staged row (and K scale) move to `row` when it is free or being finished; a beat or
+        # scale arriving in that cycle starts the next staged row, so rows follow back to back
         take_row = stage_full & (stage_scale_ok | phase_v) & (~row_valid | row_done)
+        loading = (phase_k | phase_v) & (rows_in < n)
+        beat_room = loading & (~stage_full | take_row)
+        beat_take = beat_room & src_valid
+        slot = Mux(take_row, 0, stage_cnt)
+        m.d.comb += [self.k.ready.eq(phase_k & beat_room), self.v.ready.eq(phase_v & beat_room)]
+        with m.If(beat_take):
+            m.d.sync += stage.word_select(slot[0:max(1, (row_beats - 1).bit_length())] if row_beats > 1
+                                          else 0, BEAT_BITS).eq(src_data)
+            m.d.sync += stage_cnt.eq(slot + 1)
+            with m.If(slot == row_beats - 1):
+                m.d.sync += rows_in.eq(rows_in + 1)
+        with m.Elif(take_row):
+            m.d.sync += stage_cnt.eq(0)
+        scale_room = phase_k & (~stage_scale_ok | take_row) & (scales_in < n)
+        m.d.comb += self.k_scale.ready.eq(scale_room)
+        with m.If(scale_room & self.k_scale.valid):
+            m.d.sync += [stage_scale.eq(self.k_scale.payload), stage_scale_ok.eq(1), scales_in.eq(scales_in + 1)]
+        with m.Elif(take_row):
+            m.d.sync += stage_scale_ok.eq(0)
         with m.If(take_row):
-            m.d.sync += [row.eq(stage), row_scale.eq(stage_scale), row_valid.eq(1), stage_cnt.eq(0),
-                         stage_scale_ok.eq(0)]
+            m.d.sync += [row.eq(stage), row_scale.eq(stage_scale), row_valid.eq(1)]
         with m.Elif(row_done):
             m.d.sync += row_valid.eq(0)
 
@@ -333,9 +354,9 @@ class AttentionUnit(CheckedComponent):
                      mul_a.b.eq(C)]
         with m.If(a_issue):
             m.d.sync += a_cnt.eq(a_cnt + 1)
-        a_head = _delay(m, a_cnt, mul_a.latency, "a_head")
+        a_head = Signal(range(G + 1))                     # results come back in order
         with m.If(mul_a.o_valid):
-            m.d.sync += Array(a_regs)[a_head].eq(mul_a.o)
+            m.d.sync += [Array(a_regs)[a_head].eq(mul_a.o), a_head.eq(a_head + 1)]
         a_done = _delay(m, phase_q & (a_cnt == G), mul_a.latency + 1, "a_done", reset_less=False)
 
         # ---- the MAC pipeline (pass 1 and pass 3 share the M multipliers) ------------------------
@@ -350,12 +371,9 @@ class AttentionUnit(CheckedComponent):
             with m.Else():
                 m.d.sync += step.eq(step + 1)
         # S1: the issued step (and, in pass 3, the w word read at S0)
-        s1 = SimpleNamespace(
-            valid=_delay(m, issue_mac, 1, "s_valid", reset_less=False),
-            pass1=_delay(m, phase_k, 1, "s_pass1"),
-            hb=_delay(m, hb, 1, "s_hb"), chunk=_delay(m, chunk, 1, "s_chunk"), j=_delay(m, j, 1, "s_j"),
-            codes=_delay(m, row.word_select(chunk, L * 8) if K > 1 else row, 1, "s_codes"),
-            q=_delay(m, q_ring[P - 1], 1, "s_q"), scale=_delay(m, row_scale, 1, "s_scale"))
+        s1 = _delay_fields(m, dict(valid=issue_mac, pass1=phase_k, hb=hb, chunk=chunk, j=j,
+                                   codes=row.word_select(chunk, L * 8) if K > 1 else row,
+                                   q=q_ring[P - 1], scale=row_scale), 1, "s1")
         # S2: W = RNE(M(w) >> (B - x(w))) per head slot
         w_word = sc_rd.data
         big_w = []
@@ -366,21 +384,17 @@ class AttentionUnit(CheckedComponent):
             x = Mux(field == 0, 1, field)
             bexp = b_arr[s1.hb * H + k if H > 1 else s1.hb]
             q, sticky = shift_right_sticky(Cat(Const(0, 1), mant), (bexp - x)[0:8], 26)
-            big_w.append(q[1:] + (q[0] & (sticky | q[1])))
-        s2 = SimpleNamespace(**{k: _delay(m, v, 1, f"s2_{k}", reset_less=(k != "valid"))
-                                for k, v in vars(s1).items()})
-        s2.w = [_delay(m, v, 1, f"s2_w{k}") for k, v in enumerate(big_w)]
+            big_w.append((q[1:] + (q[0] & (sticky | q[1])))[0:24])
+        s2 = _delay_fields(m, dict(vars(s1), w=Cat(*big_w)), 1, "s2")
         # S3: multiplier operands
-        opa = [Mux(s2.pass1, s2.q[8 * l:8 * l + 8].as_signed(), Cat(s2.w[l // L][0:24], Const(0, 1)).as_signed())
-               for l in range(M)]
+        opa = [Mux(s2.pass1, s2.q[8 * l:8 * l + 8].as_signed(),
+                   Cat(s2.w.word_select(l // L, 24), Const(0, 1)).as_signed()) for l in range(M)]
         opb = [s2.codes[8 * (l % L):8 * (l % L) + 8].as_signed() for l in range(M)]
-        s3 = SimpleNamespace(**{k: _delay(m, v, 1, f"s3_{k}", reset_less=(k != "valid"))
-                                for k, v in vars(s2).items() if k not in ("w", "q", "codes")})
+        s3 = _delay_fields(m, {k: v for k, v in vars(s2).items() if k not in ("w", "q", "codes")}, 1, "s3")
         a3 = [_delay(m, v, 1, f"opa{l}") for l, v in enumerate(opa)]
         b3 = [_delay(m, v, 1, f"opb{l}") for l, v in enumerate(opb)]
         # S4: products
-        s4 = SimpleNamespace(**{k: _delay(m, v, 1, f"s4_{k}", reset_less=(k != "valid"))
-                                for k, v in vars(s3).items()})
+        s4 = _delay_fields(m, vars(s3), 1, "s4")
         prod = [_delay(m, a3[l] * b3[l], 1, f"prod{l}") for l in range(M)]
 
         # pass 3: the accumulator ring (P registers of M lanes); pass 4 rotates it
@@ -408,16 +422,14 @@ class AttentionUnit(CheckedComponent):
                 tree_regs += 1
         sums = [_delay(m, v[0], 1, f"dot{k}") for k, v in enumerate(level)]
         tree_regs += 1
-        t = SimpleNamespace(**{k: _delay(m, v, tree_regs, f"t_{k}", reset_less=(k != "valid"))
-                               for k, v in vars(s4).items()})
+        t = _delay_fields(m, vars(s4), tree_regs, "t")
         dots = [Signal(signed(24), name=f"dotacc{k}") for k in range(H)]     # |dot| <= 127^2 D < 2^23
         dot_valid = Signal()
         m.d.sync += dot_valid.eq(t.valid & t.pass1 & (t.chunk == K - 1))
         with m.If(t.valid & t.pass1):
             m.d.sync += [dots[k].eq(Mux(t.chunk == 0, 0, dots[k]) + sums[k]) for k in range(H)]
-        d_hb = _delay(m, t.hb, 1, "d_hb")
-        d_j = _delay(m, t.j, 1, "d_j")
-        d_scale = _delay(m, t.scale, 1, "d_scale")
+        d = _delay_fields(m, dict(hb=t.hb, j=t.j, scale=t.scale), 1, "d")
+        d_hb, d_scale = d.hb, d.scale
         for k in range(H):
             m.d.comb += [i2f[k].i_valid.eq(dot_valid), i2f[k].a.eq(dots[k]),
                          mul_b[k].i_valid.eq(dot_valid), mul_b[k].a.eq(a_arr[d_hb * H + k if H > 1 else d_hb]),
@@ -425,8 +437,8 @@ class AttentionUnit(CheckedComponent):
                          mul_s[k].i_valid.eq(i2f[k].o_valid), mul_s[k].a.eq(i2f[k].o), mul_s[k].b.eq(mul_b[k].o)]
         assert i2f[0].latency == mul_b[0].latency
         sc_lat = i2f[0].latency + mul_s[0].latency
-        o_hb = _delay(m, d_hb, sc_lat, "o_hb")
-        o_j = _delay(m, d_j, sc_lat, "o_j")
+        o = _delay_fields(m, dict(hb=d.hb, j=d.j), sc_lat, "o")
+        o_hb, o_j = o.hb, o.j
         score_valid = mul_s[0].o_valid
         for k in range(H):
             h_idx = o_hb * H + k if H > 1 else o_hb
@@ -449,17 +461,14 @@ class AttentionUnit(CheckedComponent):
                 m.d.sync += [head.eq(0), j.eq(j + 1)]
             with m.Else():
                 m.d.sync += head.eq(head + 1)
-        e1 = SimpleNamespace(valid=_delay(m, issue_e, 1, "e1_valid", reset_less=False),
-                             head=_delay(m, head, 1, "e1_head"), slot=_delay(m, e_slot, 1, "e1_slot"),
-                             hb=_delay(m, e_hb, 1, "e1_hb"), j=_delay(m, j, 1, "e1_j"),
-                             sv=_delay(m, sv, 1, "e1_sv"))
+        e1 = _delay_fields(m, dict(valid=issue_e, head=head, slot=e_slot, hb=e_hb, j=j, sv=sv), 1, "e1")
         score = sc_rd.data.word_select(e1.slot, 32) if H > 1 else sc_rd.data
         m.d.comb += [sub_m.i_valid.eq(e1.valid), sub_m.a.eq(score), sub_m.b.eq(m_arr[e1.head] ^ _SIGN),
                      exp2.i_valid.eq(sub_m.o_valid), exp2.a.eq(sub_m.o)]
         e_lat = sub_m.latency + exp2.latency
-        ee = SimpleNamespace(**{k: _delay(m, v, e_lat, f"ee_{k}") for k, v in vars(e1).items() if k != "valid"})
+        ee = _delay_fields(m, {k: v for k, v in vars(e1).items() if k != "valid"}, e_lat, "ee")
         m.d.comb += [mul_w.i_valid.eq(exp2.o_valid), mul_w.a.eq(exp2.o), mul_w.b.eq(ee.sv)]
-        ww = SimpleNamespace(**{k: _delay(m, v, mul_w.latency, f"ww_{k}") for k, v in vars(ee).items()})
+        ww = _delay_fields(m, vars(ee), mul_w.latency, "ww")
         w_word_reg = Signal(32 * H, reset_less=True)
         w_new = Cat(*[Mux(ww.slot == k, mul_w.o, w_word_reg[32 * k:32 * k + 32]) for k in range(H)]) \
             if H > 1 else mul_w.o
@@ -483,10 +492,8 @@ class AttentionUnit(CheckedComponent):
         m.d.comb += sc_addr_rd.eq(Mux(phase_e, Cat(j[0:jbits], e_hb), Cat(j[0:jbits], hb)))
 
         # fixed_sum partials: partial (h, j mod 32), read-modify-write through add_p
-        ep = SimpleNamespace(valid=_delay(m, exp2.o_valid, 1, "ep_valid", reset_less=False),
-                             e=_delay(m, exp2.o, 1, "ep_e"),
-                             addr=_delay(m, Cat(_bits_of(ee.j, 5), ee.head), 1, "ep_addr"),
-                             first=_delay(m, ee.j < 32, 1, "ep_first"))
+        ep = _delay_fields(m, dict(valid=exp2.o_valid, e=exp2.o, addr=Cat(_bits_of(ee.j, 5), ee.head),
+                                   first=ee.j < 32), 1, "ep")
         tree_a = Signal(32)
         tree_b = Signal(32)
         tree_valid = Signal()
@@ -508,9 +515,8 @@ class AttentionUnit(CheckedComponent):
         m.d.comb += [pa_rd.addr.eq(Mux(tree_rd, rd_a_addr, Cat(_bits_of(ee.j, 5), ee.head))),
                      pb_rd.addr.eq(rd_a_addr + 1)]
         # in the tree phase: a read at t gives the operands at t+1
-        lvl1 = _delay(m, lvl, 1, "lvl1")
-        idx1 = _delay(m, pair, 1, "pair1")
-        head1 = _delay(m, t_head, 1, "thead1")
+        t1 = _delay_fields(m, dict(lvl=lvl, pair=pair, head=t_head), 1, "t1")
+        lvl1, idx1, head1 = t1.lvl, t1.pair, t1.head
         m.d.comb += [tree_valid.eq(_delay(m, t_issue, 1, "t_issue1", reset_less=False)),
                      tree_a.eq(Mux((lvl1 == 0) & (Cat(Const(0, 1), idx1) >= n), 0, pa_rd.data)),
                      tree_b.eq(Mux((lvl1 == 0) & (Cat(Const(1, 1), idx1) >= n), 0, pb_rd.data)),
@@ -518,9 +524,9 @@ class AttentionUnit(CheckedComponent):
         recip_issue = Signal()
         m.d.comb += [recip.i_valid.eq(_delay(m, recip_issue, 1, "recip_issue1", reset_less=False)),
                      recip.a.eq(pa_rd.data)]
-        recip_head = _delay(m, head1, recip.latency, "recip_head")
+        recip_head = Signal(range(G + 1))                 # results come back in order
         with m.If(recip.o_valid):
-            m.d.sync += Array(r_regs)[recip_head].eq(recip.o)
+            m.d.sync += [Array(r_regs)[recip_head].eq(recip.o), recip_head.eq(recip_head + 1)]
 
         # ---- pass 4: outputs ----------------------------------------------------------------------
         groups = M // OUT_WORDS
@@ -548,14 +554,47 @@ class AttentionUnit(CheckedComponent):
                      fifo.r_en.eq(self.out.ready)]
 
         # ---- the sequencer ---------------------------------------------------------------------
-        drain = Signal(range(max(pass1_lat, pass2_lat, 8) + 2))
+        drain = Signal(range(max(pass1_lat, pass2_lat + add_p.latency + 2, 8) + 1))
+        tail_start = Signal()
+        with m.FSM(name="tail"):
+            with m.State("IDLE"):
+                with m.If(tail_start):
+                    m.d.sync += [lvl.eq(0), pair.eq(0), t_head.eq(0)]
+                    m.next = "TREE"
+            with m.State("TREE"):
+                m.d.comb += [phase_tree.eq(1), tree_rd.eq(1), t_issue.eq(1),
+                             rd_a_addr.eq(Cat(Const(0, 1), _bits_of(pair, 4), t_head))]
+                with m.If(pair == (Const(15, 4) >> lvl)):          # 16 >> lvl sums per head
+                    m.d.sync += pair.eq(0)
+                    with m.If(t_head == G - 1):
+                        m.d.sync += [t_head.eq(0), t_wait.eq(add_p.latency + 2)]
+                        m.next = "TREE_WAIT"
+                    with m.Else():
+                        m.d.sync += t_head.eq(t_head + 1)
+                with m.Else():
+                    m.d.sync += pair.eq(pair + 1)
+            with m.State("TREE_WAIT"):                              # a level's sums are written
+                m.d.comb += phase_tree.eq(1)
+                m.d.sync += t_wait.eq(t_wait - 1)
+                with m.If(t_wait == 0):
+                    m.d.sync += lvl.eq(lvl + 1)
+                    with m.If(lvl == 4):
+                        m.d.sync += t_head.eq(0)
+                        m.next = "RECIP"
+                    with m.Else():
+                        m.next = "TREE"
+            with m.State("RECIP"):
+                m.d.comb += [recip_issue.eq(1), tree_rd.eq(1), rd_a_addr.eq(Cat(Const(0, 5), t_head))]
+                m.d.sync += t_head.eq(t_head + 1)
+                with m.If(t_head == G - 1):
+                    m.next = "IDLE"
         m.d.comb += self.cmd.ready.eq(0)
         with m.FSM(name="attn"):
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
                     m.d.sync += [n.eq(self.cmd.payload.n), s_q.eq(self.cmd.payload.s_q), q_cnt.eq(0),
-                                 a_cnt.eq(0), j.eq(0), step.eq(0), head.eq(0)]
+                                 a_cnt.eq(0), a_head.eq(0), recip_head.eq(0), j.eq(0), step.eq(0), head.eq(0)]
                     m.d.sync += [r.eq(_NEG_INF) for r in m_regs] + [r.eq(1) for r in b_regs]
                     m.next = "LOAD_Q"
             with m.State("LOAD_Q"):
@@ -584,44 +623,19 @@ class AttentionUnit(CheckedComponent):
                 m.d.comb += phase_e.eq(1)
                 m.d.sync += drain.eq(drain - 1)
                 with m.If(drain == 0):
-                    m.d.sync += [lvl.eq(0), pair.eq(0), t_head.eq(0)]
-                    m.next = "TREE"
-            with m.State("TREE"):
-                m.d.comb += [phase_tree.eq(1), tree_rd.eq(1), t_issue.eq(1), rd_a_addr.eq(Cat(Const(0, 1), _bits_of(pair, 4), t_head))]
-                last_pair = pair == (Const(15, 4) >> lvl)
-                with m.If(last_pair):
-                    m.d.sync += pair.eq(0)
-                    with m.If(t_head == G - 1):
-                        m.d.sync += [t_head.eq(0), t_wait.eq(add_p.latency + 2)]
-                        m.next = "TREE_WAIT"
-                    with m.Else():
-                        m.d.sync += t_head.eq(t_head + 1)
-                with m.Else():
-                    m.d.sync += pair.eq(pair + 1)
-            with m.State("TREE_WAIT"):
-                m.d.comb += phase_tree.eq(1)
-                m.d.sync += t_wait.eq(t_wait - 1)
-                with m.If(t_wait == 0):
-                    m.d.sync += lvl.eq(lvl + 1)
-                    with m.If(lvl == 4):
-                        m.d.sync += t_head.eq(0)
-                        m.next = "RECIP"
-                    with m.Else():
-                        m.next = "TREE"
-            with m.State("RECIP"):
-                m.d.comb += [recip_issue.eq(1), tree_rd.eq(1), rd_a_addr.eq(Cat(Const(0, 5), t_head))]
-                m.d.sync += t_head.eq(t_head + 1)
-                with m.If(t_head == G - 1):
+                    # fixed_sum's tree and the reciprocals (the "tail" below) run beside pass 3
+                    m.d.comb += tail_start.eq(1)
                     m.d.sync += [j.eq(0), step.eq(0), rows_in.eq(0), stage_cnt.eq(0), row_valid.eq(0)]
                     m.next = "PASS_V"
             with m.State("PASS_V"):
                 m.d.comb += phase_v.eq(1)
                 with m.If(j == n):
-                    m.d.sync += drain.eq(recip.latency + 8)
+                    m.d.sync += drain.eq(5)             # the last products reach the ring
                     m.next = "DRAIN_V"
             with m.State("DRAIN_V"):
-                m.d.sync += drain.eq(drain - 1)
-                with m.If(drain == 0):
+                with m.If(drain != 0):
+                    m.d.sync += drain.eq(drain - 1)
+                with m.If((drain == 0) & (recip_head == G)):
                     m.d.sync += [step.eq(0), grp.eq(0)]
                     m.next = "OUT"
             with m.State("OUT"):

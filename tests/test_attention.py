@@ -124,16 +124,17 @@ def _mix(rng, head_dim, group, ns, kinds):
 KINDS = ["realistic", "extreme", "subnormal", "equal"]
 # (point, positions of the commands): tiny (2 chunks per head), 0.5b (2 heads per step, one phantom),
 # 1.5b (2 chunks per head)
+# (point, positions of the commands). Default: qwen2.5-0.5b's shape (2 heads per step, one phantom);
+# slow: tiny's and 1.5b's shapes, other MAC counts, long contexts.
 POINTS = [
-    (dict(head_dim=32, group=2, macs=16, max_positions=64), [1, 2, 33, 64, 31, 32, 5, 17]),
-    (dict(head_dim=64, group=7, macs=128, max_positions=512), [1, 40, 300, 33]),
-    (dict(head_dim=128, group=6, macs=64, max_positions=256), [3, 200, 1, 64]),
+    (dict(head_dim=64, group=7, macs=128, max_positions=512), [1, 40, 300, 33, 2, 64]),
 ]
 SLOW_POINTS = [
+    (dict(head_dim=32, group=2, macs=16, max_positions=64), [1, 2, 33, 64, 31, 32, 5, 17]),
+    (dict(head_dim=128, group=6, macs=64, max_positions=256), [3, 200, 1, 64, 256]),
     (dict(head_dim=32, group=2, macs=64, max_positions=128), [1, 128, 77, 2, 33, 100]),
     (dict(head_dim=64, group=7, macs=64, max_positions=4096), [1, 700, 2048, 65]),
     (dict(head_dim=128, group=6, macs=128, max_positions=1024), [1, 1024, 500, 32]),
-    (dict(head_dim=64, group=7, macs=16, max_positions=64), [1, 64, 20, 33]),
 ]
 
 
@@ -289,11 +290,17 @@ def run_pysim(point: dict, cmds: list[dict], vcd: str | None = None) -> np.ndarr
     return np.array(out, np.uint32).reshape(len(cmds), G * D)
 
 
-def test_attention_unit_pysim_small():
-    """A small unit (head_dim 16, group 3 with a phantom head, 32 MACs) in Amaranth's simulator."""
-    point = dict(head_dim=16, group=3, macs=32, max_positions=40)
-    rng = np.random.default_rng(21)
-    cmds = _mix(rng, 16, 3, [1, 35, 6], ["realistic", "extreme", "subnormal"])
+@pytest.mark.parametrize("point, ns", [
+    (dict(head_dim=32, group=2, macs=16, max_positions=40), [1, 35, 6, 32]),   # tiny's shape, 2 chunks per head
+    (dict(head_dim=16, group=3, macs=32, max_positions=40), [1, 35, 6, 33]),   # 2 heads per step, a phantom
+], ids=["d32g2m16", "d16g3m32"])
+def test_attention_unit_pysim(point, ns):
+    """Small units in Amaranth's simulator (no Verilator): every command kind, n across the
+    32 fixed_sum partials, fixed input gaps and output back-pressure."""
+    D, G = point["head_dim"], point["group"]
+    rng = np.random.default_rng(21 + D)
+    cmds = _mix(rng, D, G, ns, KINDS)
     got = run_pysim(point, cmds)
     for i, c in enumerate(cmds):
-        assert np.array_equal(got[i], _bits(golden(c, 16)).ravel()), (i, c["kind"], got[i], _bits(golden(c, 16)))
+        want = _bits(golden(c, D)).ravel()
+        assert np.array_equal(got[i], want), (i, c["kind"], np.flatnonzero(got[i] != want))
