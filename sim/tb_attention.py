@@ -56,7 +56,7 @@ def _beats128(codes: np.ndarray) -> list[int]:
 
 
 def _stream_beats(spec):
-    G, D, nbits = int(spec["group"]), int(spec["head_dim"]), int(spec["n_bits"])
+    G, nbits = int(spec["group"]), int(spec["n_bits"])
     ns = [int(x) for x in spec["n"]]
     cmd = [n | sum(int(s) << (nbits + 32 * g) for g, s in enumerate(sq)) for n, sq in zip(ns, spec["s_q"])]
     beats = {"cmd": cmd, "q": _beats128(spec["q8"]), "k": _beats128(spec["k8"]),

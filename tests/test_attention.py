@@ -170,7 +170,9 @@ def test_attention_unit_cycles_per_position(tmp_path):
     slope = (took[1] - took[0]) / (ns[1] - ns[0])
     assert slope == unit.cycles_per_position == 15, (took, slope)
     assert took[0] == took[2]
-    print("cycles per command", took.tolist())
+    # measured 1,740 cycles at n = 100: 240 of overhead (q load, drains, outputs; the tail of
+    # fixed_sum and the reciprocals hides under pass 3)
+    assert took[0] - 100 * unit.cycles_per_position <= 260, took
 
 
 # ---- no simulator needed -----------------------------------------------------------------------
