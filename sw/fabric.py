@@ -6,7 +6,7 @@ fp32, this model runs every op through the contract of
 :mod:`sw.contract.fabric_ops` (docs/numerics.md, "The fabric ops"): bf16
 embedding lookup, fixed-order RMSNorm with a table+Newton rsqrt, RoPE from
 host-made fp32 tables, attention over an INT8 KV cache (per position and KV
-head scales) with integer q.k, a base-2 softmax, fp32 P.V in fixed order,
+head scales) with integer q.k, a base-2 softmax, block-fixed-point integer P.V,
 SiLU x up with the contract's sigmoid, fp32 residual adds and the golden
 linears (:mod:`sw.contract.numerics`) including the LM head.
 
@@ -27,7 +27,6 @@ from .reference import KVCache
 
 F32 = np.float32
 _INITIAL_CACHE_LEN = 256
-_PV_BLOCK_ELEMS = 1 << 22   # fp32 products materialised at once by P.V (memory only, not arithmetic)
 
 
 class FabricKVCache(KVCache):
@@ -138,14 +137,9 @@ class FabricRunner:
         sq = sq.reshape(nkv, rep, t)
         visible = np.arange(end)[None, :] <= (start + np.arange(t))[:, None]   # [T, S]
         out = np.empty((nkv, rep, t, hd), F32)
-        block = max(1, _PV_BLOCK_ELEMS // max(1, rep * end * hd))
         for g in range(nkv):
-            keys, kscale = cache.keys[layer][g, :end], cache.key_scales[layer][g, :end]
-            vals, vscale = cache.values[layer][g, :end], cache.value_scales[layer][g, :end]
-            for b0 in range(0, t, block):
-                b1 = min(t, b0 + block)
-                scores = fo.attention_scores(q8[g, :, b0:b1], sq[g, :, b0:b1], keys, kscale, hd)
-                p = fo.softmax2(scores, visible[b0:b1])
-                out[g, :, b0:b1] = fo.attention_values(p, vals, vscale)
+            out[g] = fo.attend_kv_group(q8[g], sq[g], cache.keys[layer][g, :end], cache.key_scales[layer][g, :end],
+                                        cache.values[layer][g, :end], cache.value_scales[layer][g, :end],
+                                        visible, hd)
         out = out.reshape(cfg.num_attention_heads, t, hd)
         return np.ascontiguousarray(out.transpose(1, 0, 2).reshape(t, cfg.q_dim))

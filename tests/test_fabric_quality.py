@@ -12,6 +12,11 @@ ratio on next-token targets. Measured (docs/numerics.md, "The fabric ops"):
 | 1 | 0.1005 | 0.1001 | 0.997 | 0.639 | 0.655 | 1.124 | 1.128 | 0.00062 |
 | 2 | 0.0610 | 0.0608 | 0.996 | 0.792 | 0.800 | 1.089 | 1.088 | 0.00051 |
 
+Re-measured after the P.V contract became block fixed point (integer W x int8 MACs, one
+rounding per output): ratio 1.0040, 0.9967, 0.9962, KL(hybrid || fabric) 0.000615, 0.000615,
+0.000514, top-1(hybrid, fabric) 0.973, 0.961, 0.984 -- every number above is unchanged at the
+precision shown.
+
 The issue's acceptance is KL(fabric) <= 1.2 KL(hybrid) on every model; the
 tighter measured bounds below (ratio 1.05, KL(hybrid || fabric) 0.0015, about
 2.5x the worst seed) catch a regression of the fabric ops long before that.

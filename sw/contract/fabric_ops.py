@@ -311,24 +311,87 @@ def attention_scores(q8, s_q, k8, s_k, head_dim: int) -> np.ndarray:
     return (acc.astype(F32) * b).astype(F32)
 
 
-def softmax2(scores: np.ndarray, visible: np.ndarray) -> np.ndarray:
-    """Base-2 softmax over the last axis on the visible positions (at least one per row).
+def softmax2(scores: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Base-2 softmax over the last axis on the visible positions (at least one per row),
+    left unnormalised: returns (e [..., S], r [...]) with p = e * r in exact arithmetic.
     m = max of visible scores (exact); d = score - m (rounded, <= 0); e = exp2(d);
-    e = +0.0 where not visible; s = fixed_sum(e) (>= 1); r = reciprocal(s); p = e * r."""
+    e = +0.0 where not visible; s = fixed_sum(e) (>= 1); r = reciprocal(s).
+    :func:`attention_values` applies r once per output, after the integer P.V."""
     scores = np.asarray(scores, F32)
     m = np.max(np.where(visible, scores, F32(-np.inf)), axis=-1, keepdims=True)
     d = np.where(visible, (scores - m).astype(F32), F32(0.0)).astype(F32)
     e = np.where(visible, exp2(d), F32(0.0)).astype(F32)
-    r = reciprocal(fixed_sum(e))
-    return (e * r[..., None]).astype(F32)
+    return e, reciprocal(fixed_sum(e))
 
 
-def attention_values(p: np.ndarray, v8: np.ndarray, s_v: np.ndarray) -> np.ndarray:
-    """P.V with P kept fp32. p [..., S]; v8 int8 [S, hd]; s_v fp32 [S].
-    a[j] = p[j] * s_v[j]; t[j, d] = a[j] * fp32(v8[j, d]); out[d] = fixed_sum over j of t."""
-    a = (np.asarray(p, F32) * np.asarray(s_v, F32)).astype(F32)        # [..., S]
-    t = (a[..., None, :] * v8.T.astype(F32)).astype(F32)               # [..., hd, S]
-    return fixed_sum(t)
+PV_MAX_POSITIONS = 1 << 20     # |acc| < 2^24 * 127 * 2^20 < 2^52: a 52-bit signed accumulator
+PV_W_BITS = 24                 # W_j < 2^24 (unsigned)
+
+
+def pv_weights(e: np.ndarray, s_v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The block-fixed-point P.V weights: (W int64 [..., S], B int64 [...]).
+
+    w_j = fp32(e_j * s_v[j]) (one RNE product; e_j, s_v[j] >= 0, so w_j >= 0) is
+    M_j * 2^(x_j - 150): M_j its 24-bit integer significand (hidden bit included,
+    0 for subnormals), x_j = max(biased exponent field, 1). B = max_j x_j over all
+    j (a zero has x = 1, so invisible positions never move B). W_j =
+    round_half_even(M_j / 2^(B - x_j)): the alignment shift of a float adder,
+    with RNE instead of a sticky bit. W_j < 2^24 (B = x_j: W_j = M_j; else
+    W_j <= round(M_j / 2) <= 2^23); a shift >= 25 gives 0.
+    """
+    w = (np.asarray(e, F32) * np.asarray(s_v, F32)).astype(F32)
+    if np.any(np.signbit(w)) or not np.all(np.isfinite(w)):
+        raise ValueError("attention_values: the contract's domain is e >= 0, s_v >= 0, finite")
+    bits = w.view(np.uint32).astype(np.int64)
+    field = (bits >> 23) & 0xFF
+    mant = (bits & 0x7FFFFF) | np.where(field > 0, 1 << 23, 0)
+    x = np.maximum(field, 1)
+    b = np.max(x, axis=-1) if x.shape[-1] else np.ones(x.shape[:-1], np.int64)
+    shift = np.minimum(b[..., None] - x, 26)          # M < 2^24: any shift >= 25 gives 0
+    return np.where(shift == 0, mant, _rne_shift(mant, np.maximum(shift, 1))), b
+
+
+def attention_values(e: np.ndarray, r: np.ndarray, v8: np.ndarray, s_v: np.ndarray) -> np.ndarray:
+    """P.V in block fixed point. e [..., S] and r [...] from :func:`softmax2`;
+    v8 int8 [S, hd]; s_v fp32 [S] (S <= PV_MAX_POSITIONS). Returns fp32 [..., hd].
+
+    (W, B) = :func:`pv_weights` (e, s_v); acc_d = sum_j W_j * v8[j, d] (exact
+    signed integer, |acc| < 2^24 * 127 * S); y_d = fp32 RNE of acc_d * 2^(B - 150)
+    (one rounding, subnormals kept, 0 -> +0.0); out_d = fp32(y_d * r).
+    """
+    v8 = np.asarray(v8)
+    if v8.shape[0] > PV_MAX_POSITIONS:
+        raise ValueError(f"attention_values: at most {PV_MAX_POSITIONS} positions")
+    w, b = pv_weights(e, s_v)
+    # Every product and partial sum is an integer below 2^52, so float64 matmul is exact
+    # in any order (an FMA of exact integers is exact too).
+    acc = (w.astype(np.float64) @ v8.astype(np.float64)).astype(np.int64)
+    # acc < 2^53 is exact in float64, scaling by a power of two (>= 2^-149) too; the one
+    # rounding is float64 -> fp32 (RNE, subnormals kept).
+    y = np.ldexp(acc.astype(np.float64), (b - 150)[..., None]).astype(F32)
+    return (y * np.asarray(r, F32)[..., None]).astype(F32)
+
+
+ATTEND_BLOCK_ELEMS = 1 << 22   # scores materialised at once (memory only, not arithmetic)
+
+
+def attend_kv_group(q8, s_q, k8, s_k, v8, s_v, visible, head_dim: int) -> np.ndarray:
+    """One KV head's attention for the query heads that share it.
+
+    q8 int8 [rep, T, hd], s_q fp32 [rep, T]; k8, v8 int8 [S, hd], s_k, s_v fp32 [S];
+    visible bool [T, S] (row t sees positions j with visible[t, j]). Returns fp32
+    [rep, T, hd]: :func:`attention_scores`, :func:`softmax2`, :func:`attention_values`
+    per row. Rows are independent, so processing them in blocks changes nothing.
+    """
+    rep, t = q8.shape[0], q8.shape[1]
+    out = np.empty((rep, t, head_dim), F32)
+    block = max(1, ATTEND_BLOCK_ELEMS // max(1, rep * k8.shape[0]))
+    for b0 in range(0, t, block):
+        b1 = min(t, b0 + block)
+        scores = attention_scores(q8[:, b0:b1], s_q[:, b0:b1], k8, s_k, head_dim)
+        e, r = softmax2(scores, visible[b0:b1])
+        out[:, b0:b1] = attention_values(e, r, v8, s_v)
+    return out
 
 
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:

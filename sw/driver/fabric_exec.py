@@ -180,9 +180,8 @@ class FabricOps:
         visible = np.arange(end)[None, :] <= (pos + np.arange(t))[:, None]
         out = np.empty((nkv, rep, t, hd), F32)
         for g in range(nkv):
-            scores = fo.attention_scores(q8[g], sq[g], keys[g, :end], kscale[g, :end].astype(F32), hd)
-            p = fo.softmax2(scores, visible)
-            out[g] = fo.attention_values(p, vals[g, :end], vscale[g, :end].astype(F32))
+            out[g] = fo.attend_kv_group(q8[g], sq[g], keys[g, :end], kscale[g, :end].astype(F32),
+                                        vals[g, :end], vscale[g, :end].astype(F32), visible, hd)
         y = out.reshape(heads, t, hd).transpose(1, 0, 2).reshape(t, n)
         wr = self._put_rows(c.dst, c.dst_stride, y)
         spans = [pos + r + 1 for r in range(t)]
