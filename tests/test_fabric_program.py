@@ -167,6 +167,8 @@ def _good(op=Opcode.QUANT, **kw):
     (_good(dst=1 << 40), ErrorCode.ADDRESS_RANGE),
     (_good(aux=48, n=96 * 4), ErrorCode.BAD_FIELD),       # not a quantization group the unit has
     (_good(n=900), ErrorCode.BAD_FIELD),                    # not a multiple of the group
+    (_good(n=(1 << 16) + 64, src_stride=(1 << 18) + 256), ErrorCode.BAD_FIELD),   # above FABRIC_MAX_N
+    (_good(n=1 << 16, src_stride=1 << 18), ErrorCode.NONE),
     (_good(src_stride=1024), ErrorCode.BAD_FIELD),         # rows of 3584 bytes would overlap
     (_good(Opcode.ROPE, src1=0x4000, dst_stride=3584, p0=4097), ErrorCode.BAD_FIELD),   # > max_context
     (_good(Opcode.ROPE, src1=0x4000, dst_stride=3584, p0=4096), ErrorCode.NONE),

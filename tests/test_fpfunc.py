@@ -365,7 +365,10 @@ def _run(tmp_path, vectors, seed):
 
 
 @pytest.mark.sim
+@pytest.mark.slow
 def test_fpfunc_units_verilator(tmp_path):
+    """The bank's random vectors (slow: a long Verilator build). The default run checks these
+    units in Verilator inside the vector and attention units, and here in Amaranth's simulator."""
     seed = 20261202
     _run(tmp_path, _bank_vectors(seed, VECTORS), seed)
 

@@ -51,6 +51,7 @@ FABRIC_OPCODES = (Opcode.EMBED, Opcode.RMSNORM, Opcode.QUANT, Opcode.ROPE, Opcod
                   Opcode.ADD, Opcode.SILU_MUL)
 QUANT_GROUPS = (32, 64, 128)      # the vector unit's quantization groups (activation groups and head dims)
 HEAD_DIMS = (32, 64, 128)         # the attention unit's head dimensions (the Qwen2 presets')
+FABRIC_MAX_N = 1 << 16            # elements per token row of a fabric op (Qwen2-72B's MLP has 29,568)
 
 
 class FabricFlags(enum.IntFlag):
@@ -65,7 +66,7 @@ FABRIC_FIELDS: tuple[tuple[str, int, str, str], ...] = (
     ("opcode", 0, "B", "2 EMBED, 3 RMSNORM, 4 QUANT, 5 ROPE, 6 KV_STORE, 7 ATTEND, 8 ADD, 9 SILU_MUL"),
     ("version", 1, "B", f"descriptor format, must be {DESCRIPTOR_VERSION}"),
     ("flags", 2, "H", "EMBED bit 0 TOKEN_REG; KV_STORE bit 1 VALUE; other bits reserved (0)"),
-    ("n", 4, "I", "elements per token row (hidden size, heads x head_dim, ...)"),
+    ("n", 4, "I", "elements per token row (hidden size, heads x head_dim, ...), at most FABRIC_MAX_N = 65536"),
     ("tokens", 8, "H", "T: token rows, 1..HW_PARAMS0.tokens; row t is at position RUN_POS + t"),
     ("aux", 10, "H", "QUANT: group size; ROPE, KV_STORE, ATTEND: head_dim; others 0"),
     ("tag", 12, "I", "free for the driver (layer and op id)"),
@@ -311,7 +312,7 @@ def validate_fabric_command(cmd: FabricCommand, hw: HardwareLimits) -> ErrorCode
         return ErrorCode.MISALIGNED_ADDRESS
     if any(a >> hw.addr_bits for a in addrs):
         return ErrorCode.ADDRESS_RANGE
-    if not _shape_ok(cmd, hw):
+    if cmd.n > FABRIC_MAX_N or not _shape_ok(cmd, hw):
         return ErrorCode.BAD_FIELD
     row = 4 * cmd.n
     if cmd.tokens > 1 and any(s < row for s in strides):
