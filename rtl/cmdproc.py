@@ -46,15 +46,17 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out, connect, flipped
 
 from sw.contract.commands import (ALIGN, CMD_LOG_DEPTH, CSR_ADDR_WIDTH, DEFAULT_ADDR_BITS, DESCRIPTOR_BYTES,
-                         DESCRIPTOR_VERSION, FLAGS_DEFINED, ID_MAGIC, PERF_COUNTERS, REGMAP_VERSION,
+                         DESCRIPTOR_VERSION, FLAGS_DEFINED, FLAGS_DEFINED_FABRIC, ID_MAGIC, PERF_COUNTERS, REGMAP_VERSION,
                          WEIGHT_KIND_INT4, WEIGHT_KIND_INT8, ErrorCode, HardwareLimits, Opcode,
                          config_hash_words, descriptor_field_bits, register)
 from sw.contract.errors import ConfigError
+from sw.contract.fabric_commands import FABRIC_OPCODES
 
 from .axi import BEATS_WIDTH, read_data_layout, transfer_command_layout
 from .axilite import AxiLiteSignature, AxiLiteToCsr
 from .component import CheckedComponent
 from .csr import RegisterBank
+from .fabric_cmd import FabricDescriptorChecker, fabric_descriptor_layout, fabric_done_layout, fabric_op_layout
 
 __all__ = ["CommandProcessor", "DescriptorChecker", "descriptor_layout", "op_layout", "op_done_layout",
            "PerfEventSignature"]
@@ -84,6 +86,7 @@ def op_layout(addr_width: int = DEFAULT_ADDR_BITS) -> data.StructLayout:
         "tag": unsigned(32),                # the descriptor's tag, for the datapath's own use
         "has_bias": unsigned(1),
         "weight_int8": unsigned(1),
+        "argmax": unsigned(1),              # Flags.ARGMAX (fabric designs): the last row's argmax to RESULT_*
         "n": unsigned(32),
         "k": unsigned(32),
         "groups": unsigned(32),
@@ -149,10 +152,11 @@ class DescriptorChecker(wiring.Component):
         else:
             out_of_range = Const(0)
         kind_ok = Mux(int8, bool(lim.weight_kinds & WEIGHT_KIND_INT8), bool(lim.weight_kinds & WEIGHT_KIND_INT4))
+        defined = FLAGS_DEFINED_FABRIC if lim.fabric_ops else FLAGS_DEFINED
         checks = [
             (d.opcode != Opcode.LINEAR, ErrorCode.BAD_OPCODE),
             (d.version != DESCRIPTOR_VERSION, ErrorCode.BAD_VERSION),
-            (((d.flags & (0xFFFF & ~FLAGS_DEFINED)) != 0) | (d.reserved0 != 0) | (d.reserved1 != 0),
+            (((d.flags & (0xFFFF & ~defined)) != 0) | (d.reserved0 != 0) | (d.reserved1 != 0),
              ErrorCode.RESERVED_NONZERO),
             ((d.n == 0) | (d.k == 0) | (d.tokens == 0), ErrorCode.ZERO_SHAPE),
             (d.group_size != lim.group_size, ErrorCode.BAD_GROUP_SIZE),
@@ -177,6 +181,8 @@ class _State(enum.Enum, shape=3):
     CHECK = 2
     ISSUE = 3
     WAIT_DONE = 4
+    FABRIC_ISSUE = 5    # a fabric op waits for every earlier command's answer, then goes out on `fop`
+    FABRIC_WAIT = 6     # ... and is answered on `fop_done` before the next descriptor
 
 
 class CommandProcessor(CheckedComponent):
@@ -240,7 +246,17 @@ class CommandProcessor(CheckedComponent):
         self._beat_bits = config.port_bits
         self._desc_beats = DESCRIPTOR_BYTES * 8 // self._beat_bits
         self._bank = RegisterBank()
+        fabric = {}
+        if self._limits.fabric_ops:
+            fabric = {
+                "fop": Out(stream.Signature(fabric_op_layout(addr_width))),
+                "fop_done": In(stream.Signature(fabric_done_layout())),
+                "result_we": In(1),
+                "result_index": In(register("RESULT_INDEX").field("index").width),
+                "result_value": In(32),
+            }
         super().__init__({
+            **fabric,
             "csr": In(AxiLiteSignature(addr_width=CSR_ADDR_WIDTH)),
             "fetch_cmd": Out(stream.Signature(transfer_command_layout(addr_width, beats_width))),
             "fetch_data": In(stream.Signature(read_data_layout(self._beat_bits))),
@@ -301,6 +317,7 @@ class CommandProcessor(CheckedComponent):
             regs.HW_PARAMS1.f.beat_bytes.r_data.eq(self._beat_bits // 8),
             regs.HW_PARAMS2.f.addr_bits.r_data.eq(self._addr_width),
             regs.HW_PARAMS2.f.clock_mhz.r_data.eq(cfg.clock_mhz),
+            regs.HW_PARAMS3.f.max_context.r_data.eq(lim.max_context),
         ]
         for i, word in enumerate(self._hash_words):
             m.d.comb += getattr(regs, f"CONFIG_HASH{i}").f.hash.r_data.eq(word)
@@ -380,6 +397,14 @@ class CommandProcessor(CheckedComponent):
         m.submodules.checker = checker = DescriptorChecker(lim)
         m.d.comb += checker.desc.eq(cur)
         check = checker.code
+        fabric = lim.fabric_ops
+        is_fabric = Signal()
+        if fabric:
+            # A fabric opcode's descriptor is checked by validate_fabric_command's rules instead.
+            m.submodules.fabric_checker = fchecker = FabricDescriptorChecker(lim)
+            m.d.comb += [fchecker.desc.eq(cur.as_value()),
+                         is_fabric.eq(Cat(*(cur.opcode == o for o in FABRIC_OPCODES)).any())]
+            check = Mux(is_fabric, fchecker.code, checker.code)
         d = cur
         has_bias = d.flags[0]
         int8 = d.flags[1]
@@ -391,9 +416,27 @@ class CommandProcessor(CheckedComponent):
         m.d.comb += [
             p.index.eq(issue_index), p.tag.eq(d.tag), p.has_bias.eq(has_bias), p.weight_int8.eq(int8),
             p.n.eq(d.n), p.k.eq(d.k), p.groups.eq(d.k >> g_bits), p.tokens.eq(d.tokens),
+            p.argmax.eq(d.flags[2] if fabric else 0),
             p.weight_addr.eq(d.weight_addr[:aw]), p.act_addr.eq(d.act_addr[:aw]),
             p.bias_addr.eq(d.bias_addr[:aw]), p.out_addr.eq(d.out_addr[:aw]),
         ]
+
+        if fabric:
+            # ---- the fabric decoder's run registers and result ---------------------------------
+            fv = data.View(fabric_descriptor_layout(), cur.as_value())
+            fp = self.fop.payload
+            for name, _ in fabric_op_layout(aw):
+                if name == "run_pos":
+                    m.d.comb += fp.run_pos.eq(regs.RUN_POS.f.pos.data)
+                elif name == "run_token":
+                    m.d.comb += fp.run_token.eq(regs.RUN_TOKEN.f.token.data)
+                else:
+                    m.d.comb += getattr(fp, name).eq(getattr(fv, name))
+            res_index, res_value = Signal.like(self.result_index), Signal(32)
+            with m.If(self.result_we):
+                m.d.sync += [res_index.eq(self.result_index), res_value.eq(self.result_value)]
+            m.d.comb += [regs.RESULT_INDEX.f.index.r_data.eq(res_index),
+                         regs.RESULT_VALUE.f.value.r_data.eq(res_value)]
 
         # ---- per-command cycle log --------------------------------------------------------
         m.submodules.cmd_log = log = Memory(shape=unsigned(CYCLE_BITS), depth=CMD_LOG_DEPTH, init=[])
@@ -424,6 +467,8 @@ class CommandProcessor(CheckedComponent):
             with m.Case(_State.IDLE):
                 # Completions of ops abandoned by a soft reset are swallowed here.
                 m.d.comb += self.op_done.ready.eq(1)
+                if fabric:
+                    m.d.comb += self.fop_done.ready.eq(1)
                 with m.If(start & ~soft_reset):
                     m.d.sync += [done.eq(0), error.eq(0), error_code.eq(0), index.eq(0), cmd_cycles.eq(0)]
                     if not serial:
@@ -446,7 +491,7 @@ class CommandProcessor(CheckedComponent):
                         m.d.comb += [finish.eq(1), fail.eq(1),
                                      fail_code.eq(Mux(cur_err, ErrorCode.FETCH_ERROR, check))]
                 with m.Else():
-                    m.d.sync += state.eq(_State.ISSUE)
+                    m.d.sync += state.eq(Mux(is_fabric, _State.FABRIC_ISSUE, _State.ISSUE))
             with m.Case(_State.ISSUE):
                 m.d.comb += self.op.valid.eq(outstanding < self._ops_in_flight)
                 with m.If(self.op.valid & self.op.ready):
@@ -459,6 +504,29 @@ class CommandProcessor(CheckedComponent):
                             m.d.sync += state.eq(_State.WAIT_DONE)
                         with m.Else():
                             m.d.sync += state.eq(_State.WAIT_DESC)
+
+            if fabric:
+                with m.Case(_State.FABRIC_ISSUE):
+                    m.d.comb += self.fop.valid.eq(outstanding == 0)
+                    with m.If(self.fop.valid & self.fop.ready):
+                        m.d.sync += state.eq(_State.FABRIC_WAIT)
+                with m.Case(_State.FABRIC_WAIT):
+                    m.d.comb += self.fop_done.ready.eq(1)
+                    with m.If(self.fop_done.valid):
+                        m.d.comb += [log_w.en.eq(1), log_w.addr.eq(index[:(CMD_LOG_DEPTH - 1).bit_length()]),
+                                     log_w.data.eq(this_cycles)]
+                        m.d.sync += [last_cycles.eq(this_cycles), cmd_cycles.eq(0)]
+                        code = self.fop_done.payload.code
+                        with m.If(code != 0):
+                            m.d.comb += [finish.eq(1), fail.eq(1), fail_code.eq(code)]
+                        with m.Else():
+                            m.d.sync += index.eq(index + 1)
+                            if not serial:
+                                m.d.sync += issue_index.eq(issue_index + 1)
+                            with m.If(index + 1 == run_count):
+                                m.d.comb += finish.eq(1)
+                            with m.Else():
+                                m.d.sync += state.eq(_State.WAIT_DESC)
 
         # The answers, one per presented command, in command order.
         with m.If((state == _State.WAIT_DONE) if serial else (active & (outstanding != 0))):

@@ -132,7 +132,8 @@ class FabricDescriptorChecker(wiring.Component):
             Mux(is_[Opcode.ATTEND], p1_small & (rem == 0), 1))
         shape_ok = Mux(is_[Opcode.QUANT], aux_group & ~n_mod_aux,
                        Mux(headed, headed_ok,
-                           Mux(is_[Opcode.EMBED], (d.p0 != 0) & (d.n[:3] == 0) & (~token_reg | (d.tokens == 1)),
+                           Mux(is_[Opcode.EMBED], (d.aux == 0) & (d.p0 != 0) & (d.n[:3] == 0) &
+                                   (~token_reg | (d.tokens == 1)),
                                d.aux == 0)))
         row = d.n * 4
         overlap = (d.tokens > 1) & Cat(*(u & (s < row) for s, u in strides)).any()

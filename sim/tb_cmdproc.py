@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sw.contract.commands import (DESCRIPTOR_BYTES, ID_MAGIC, REGMAP_VERSION, ErrorCode,  # noqa: E402
                          HardwareLimits, LinearCommand, REGISTERS, Reg, config_hash_from_words, linear_command,
                          pack_command_list, register, validate_cmd_base, validate_command)
+from sw.contract import fabric_commands as fc  # noqa: E402
+from sw.contract.fabric_commands import pack_any_list  # noqa: E402
 
 try:                    # inside the simulator, sim/ is the test directory
     from tb_csr import OKAY, SLVERR, CsrPort, cycles, reset, start_clock
@@ -43,8 +45,10 @@ CYCLE_LIMIT = 20_000                  # per wait for a run to finish
 # The device (elaborated on the pytest side)
 # ---------------------------------------------------------------------------
 
-def cmdproc_harness(config, *, addr_width: int = 32, config_hash: str | None = None):
-    """CommandProcessor + AxiReadMaster with the AXI read port, `op`, `op_done` and `perf` at the top."""
+def cmdproc_harness(config, *, addr_width: int = 32, config_hash: str | None = None, limits=None,
+                    ops_in_flight: int = 1):
+    """CommandProcessor + AxiReadMaster with the AXI read port, `op`, `op_done` and `perf` at the top
+    (and, for limits with the fabric decoder, `fop`, `fop_done` and the result inputs)."""
     from amaranth.hdl import Module
     from amaranth.lib import stream, wiring
     from amaranth.lib.wiring import In, Out, connect, flipped
@@ -52,13 +56,20 @@ def cmdproc_harness(config, *, addr_width: int = 32, config_hash: str | None = N
     from rtl.axi import AxiReadMaster, axi4_read_signature
     from rtl.axilite import AxiLiteSignature
     from rtl.cmdproc import CommandProcessor, PerfEventSignature, op_done_layout, op_layout
+    from rtl.fabric_cmd import fabric_done_layout, fabric_op_layout
     from sw.contract.commands import CSR_ADDR_WIDTH
 
     class CmdprocHarness(wiring.Component):
         def __init__(self):
-            self.cmdproc = CommandProcessor(config, config_hash=config_hash, addr_width=addr_width)
+            self.cmdproc = CommandProcessor(config, config_hash=config_hash, addr_width=addr_width, limits=limits,
+                                            ops_in_flight=ops_in_flight)
             self.reader = AxiReadMaster(data_width=config.port_bits, addr_width=addr_width, max_outstanding=2)
+            self.fabric = self.cmdproc.limits.fabric_ops
+            fabric = {"fop": Out(stream.Signature(fabric_op_layout(addr_width))),
+                      "fop_done": In(stream.Signature(fabric_done_layout())),
+                      "result_we": In(1), "result_index": In(24), "result_value": In(32)} if self.fabric else {}
             super().__init__({
+                **fabric,
                 "csr": In(AxiLiteSignature(addr_width=CSR_ADDR_WIDTH)),
                 "m_axi": Out(axi4_read_signature(addr_width, config.port_bits)),
                 "op": Out(stream.Signature(op_layout(addr_width))),
@@ -78,6 +89,11 @@ def cmdproc_harness(config, *, addr_width: int = 32, config_hash: str | None = N
             connect(m, flipped(self.op), cp.op)
             connect(m, flipped(self.op_done), cp.op_done)
             connect(m, flipped(self.perf), cp.perf)
+            if self.fabric:
+                connect(m, flipped(self.fop), cp.fop)
+                connect(m, flipped(self.fop_done), cp.fop_done)
+                m.d.comb += [cp.result_we.eq(self.result_we), cp.result_index.eq(self.result_index),
+                             cp.result_value.eq(self.result_value)]
             m.d.comb += [cp.fetch_error.eq(rd.error), rd.clear.eq(cp.fetch_clear),
                          self.irq.eq(cp.irq), self.busy.eq(cp.busy), self.soft_reset.eq(cp.soft_reset)]
             return m
@@ -94,24 +110,36 @@ def _spec() -> dict:
 
 
 class Datapath:
-    """Stand-in datapath: accepts one op at a time, answers op_done after a random delay,
-    strobes perf events while it works, and forgets its op on the soft_reset pulse."""
+    """Stand-in datapath: accepts up to `in_flight` ops, answers op_done in order after a random
+    delay, strobes perf events while it works, and forgets its ops on the soft_reset pulse. With
+    the fabric ports it also takes `fop` (never while a LINEAR is unanswered, and no LINEAR while
+    a fabric op is) and answers `fop_done` with the code in `fabric_answers` (0 by default)."""
 
-    def __init__(self, dut, fields: dict, rng: random.Random):
+    def __init__(self, dut, fields: dict, rng: random.Random, *, in_flight: int = 1, fabric_fields=None):
         self.dut, self.fields, self.rng = dut, fields, rng
+        self.in_flight = in_flight
+        self.fabric_fields = fabric_fields
         self.delay = (1, 30)
         self.ready_prob = 0.5
         self.answers: dict[int, tuple[int, int]] = {}     # index -> (error, error_code)
+        self.fabric_answers: dict[int, int] = {}           # tag -> code
         self.ops: list[dict] = []
+        self.sequence: list[tuple[str, dict]] = []         # ("op" | "fop", payload) in acceptance order
         self.done_cycles: list[int] = []
         self.busy_cycles: list[int] = []
         self.soft_resets = 0
         self.reset_totals()
         self.cycle = 0
-        self._pending = None
+        self._pending: list[tuple[dict, int]] = []
+        self._fpending = None
         dut.op__ready.value = 0
         dut.op_done__valid.value = 0
         dut.op_done__payload.value = 0
+        if fabric_fields:
+            dut.fop__ready.value = 0
+            dut.fop_done__valid.value = 0
+            dut.fop_done__payload.value = 0
+            dut.result_we.value = 0
         for s in ("mem_stall", "compute_stall", "bytes_read", "bytes_written"):
             getattr(dut, f"perf__{s}").value = 0
         self._task = cocotb.start_soon(self._run())
@@ -121,24 +149,38 @@ class Datapath:
 
     def clear_log(self):
         self.ops.clear()
+        self.sequence.clear()
         self.done_cycles.clear()
         self.busy_cycles.clear()
 
+    @staticmethod
+    def _decode(fields: dict, value: int) -> dict:
+        return {k: (value >> off) & ((1 << w) - 1) for k, (off, w) in fields.items()}
+
     def decode(self, value: int) -> dict:
-        return {k: (value >> off) & ((1 << w) - 1) for k, (off, w) in self.fields.items()}
+        return self._decode(self.fields, value)
 
     async def _run(self):
         dut, rng = self.dut, self.rng
+        fabric = self.fabric_fields is not None
         while True:
             await FallingEdge(dut.clk)
-            ready = self._pending is None and rng.random() < self.ready_prob
+            ready = len(self._pending) < self.in_flight and self._fpending is None and rng.random() < self.ready_prob
             dut.op__ready.value = int(ready)
-            answering = self._pending is not None and self.cycle >= self._pending[1]
+            answering = bool(self._pending) and self.cycle >= self._pending[0][1]
             dut.op_done__valid.value = int(answering)
             if answering:
-                err, code = self.answers.get(self._pending[0]["index"], (0, 0))
+                err, code = self.answers.get(self._pending[0][0]["index"], (0, 0))
                 dut.op_done__payload.value = err | (code << 1)
-            working = self._pending is not None
+            fready = fanswer = False
+            if fabric:
+                fready = self._fpending is None and not self._pending and rng.random() < self.ready_prob
+                dut.fop__ready.value = int(fready)
+                fanswer = self._fpending is not None and self.cycle >= self._fpending[1]
+                dut.fop_done__valid.value = int(fanswer)
+                if fanswer:
+                    dut.fop_done__payload.value = self.fabric_answers.get(self._fpending[0]["tag"], 0)
+            working = bool(self._pending) or self._fpending is not None
             events = {
                 "mem_stall": int(working and rng.random() < 0.3),
                 "compute_stall": int(working and rng.random() < 0.2),
@@ -152,22 +194,39 @@ class Datapath:
                 self.busy_cycles.append(self.cycle)
             if int(dut.soft_reset.value):
                 self.soft_resets += 1
-                self._pending = None
+                self._pending = []
+                self._fpending = None
                 self.reset_totals()
             else:
                 self.totals["MEM_STALL"] += events["mem_stall"]
                 self.totals["COMPUTE_STALL_CYCLES"] += events["compute_stall"]
                 self.totals["BYTES_READ"] += events["bytes_read"]
                 self.totals["BYTES_WRITTEN"] += events["bytes_written"]
-                if self._pending is not None:
-                    assert not int(dut.op__valid.value), "a new op was offered before op_done"
+                if len(self._pending) >= self.in_flight:
+                    assert not int(dut.op__valid.value), "more ops offered than may be in flight"
+                if fabric:
+                    if self._pending:
+                        assert not int(dut.fop__valid.value), "a fabric op was offered while a LINEAR was unanswered"
+                    if self._fpending is not None:
+                        assert not int(dut.op__valid.value), "a LINEAR was offered while a fabric op was unanswered"
+                        assert not int(dut.fop__valid.value), "a fabric op was offered before fop_done"
+                if answering and int(dut.op_done__ready.value):
+                    self.done_cycles.append(self.cycle)
+                    self._pending.pop(0)
                 if ready and int(dut.op__valid.value):
                     op = self.decode(int(dut.op__payload.value))
                     self.ops.append(op)
-                    self._pending = (op, self.cycle + rng.randint(*self.delay))
-                if answering and int(dut.op_done__ready.value):
-                    self.done_cycles.append(self.cycle)
-                    self._pending = None
+                    self.sequence.append(("op", op))
+                    due = max([self.cycle + rng.randint(*self.delay)] + [d for _, d in self._pending])
+                    self._pending.append((op, due))
+                if fabric:
+                    if fanswer and int(dut.fop_done__ready.value):
+                        self.done_cycles.append(self.cycle)
+                        self._fpending = None
+                    if fready and int(dut.fop__valid.value):
+                        fop = self._decode(self.fabric_fields, int(dut.fop__payload.value))
+                        self.sequence.append(("fop", fop))
+                        self._fpending = (fop, self.cycle + rng.randint(*self.delay))
             self.cycle += 1
 
 
@@ -189,7 +248,10 @@ class TB:
         self.ram = FaultyRam(AxiReadBus.from_prefix(dut, "m_axi", bus_separator="__"), dut.clk, dut.rst,
                              size=RAM_BYTES)
         self.ram.log.setLevel(logging.WARNING)     # per-burst logging costs more than the simulation
-        self.dp = Datapath(dut, {k: tuple(v) for k, v in self.spec["op_fields"].items()}, self.rng)
+        fabric = self.spec.get("fabric_fields")
+        self.dp = Datapath(dut, {k: tuple(v) for k, v in self.spec["op_fields"].items()}, self.rng,
+                           in_flight=self.spec.get("ops_in_flight", 1),
+                           fabric_fields={k: tuple(v) for k, v in fabric.items()} if fabric else None)
         lim = self.spec["limits"]
         self.hw = HardwareLimits(**lim)
 
@@ -242,7 +304,7 @@ class TB:
     async def run(self, cmds: list[LinearCommand], *, base: int = 0x1000, start_extra: int = 0,
                   expect_busy: bool = True, limit: int = CYCLE_LIMIT) -> dict:
         """Write the list at `base`, start, wait for STATUS.done; returns STATUS."""
-        self.ram.write(base, pack_command_list(cmds))
+        self.ram.write(base, pack_any_list(cmds))
         await self.wr("CMD_BASE_LO", base & 0xFFFFFFFF)
         await self.wr("CMD_BASE_HI", base >> 32)
         await self.wr("CMD_COUNT", len(cmds))
@@ -263,6 +325,7 @@ class TB:
 
     def expected_op(self, cmd: LinearCommand, index: int) -> dict:
         return {"index": index, "tag": cmd.tag, "has_bias": int(cmd.has_bias), "weight_int8": int(cmd.weight_int8),
+                **({"argmax": (cmd.flags >> 2) & 1} if "argmax" in self.dp.fields else {}),
                 "n": cmd.n, "k": cmd.k, "groups": cmd.k // cmd.group_size, "tokens": cmd.tokens,
                 "weight_addr": cmd.weight_addr, "act_addr": cmd.act_addr, "bias_addr": cmd.bias_addr,
                 "out_addr": cmd.out_addr}
@@ -547,3 +610,104 @@ async def soft_reset_and_rerun(dut):
         tb.check_ops(good)
         assert int(dut.irq.value) == 1
         await tb.wr("IRQ_STATUS", 0b11)
+
+
+# ---------------------------------------------------------------------------
+# The fabric decoder's opcodes (a design with HW_PARAMS3.max_context > 0)
+# ---------------------------------------------------------------------------
+
+def random_fabric_command(rng: random.Random, hw: HardwareLimits, tag: int) -> "fc.FabricCommand":
+    """A valid descriptor of a random fabric op (validate_fabric_command says NONE)."""
+    op = rng.choice(fc.FABRIC_OPCODES)
+    aux = rng.choice(fc.QUANT_GROUPS if op == fc.Opcode.QUANT else fc.HEAD_DIMS)
+    heads = rng.randint(1, 8)
+    n = aux * heads
+    row = -(-4 * n // 64) * 64
+    a = lambda: rng.randrange(0, 1 << hw.addr_bits, 64)   # noqa: E731
+    kw = dict(opcode=op, n=n, tokens=rng.randint(1, hw.tokens), src0=a(), src1=a(), dst=a(), src_stride=row,
+              dst_stride=row, aux=aux, p0=rng.randint(1, hw.max_context), p1=1, tag=tag)
+    if op == fc.Opcode.EMBED:
+        kw.update(aux=0, n=8 * heads, src_stride=0, p1=0, flags=int(fc.FabricFlags.TOKEN_REG), src0=0, tokens=1)
+    elif op == fc.Opcode.QUANT:
+        kw.update(p0=0, p1=0, src1=0, dst_stride=0)
+    elif op == fc.Opcode.KV_STORE:
+        kw.update(p1=heads, src1=0, dst_stride=0, flags=rng.choice([0, int(fc.FabricFlags.VALUE)]))
+    elif op == fc.Opcode.ATTEND:
+        kw.update(src_stride=0)
+    elif op in (fc.Opcode.ADD, fc.Opcode.SILU_MUL):
+        kw.update(aux=0, p1=0, p0=row)
+    else:       # RMSNORM, ROPE
+        kw.update(aux=0 if op == fc.Opcode.RMSNORM else aux, p1=0)
+    cmd = fc.FabricCommand(**kw)
+    assert fc.validate_fabric_command(cmd, hw) == ErrorCode.NONE, cmd
+    return cmd
+
+
+def expected_fop(cmd, run_pos: int, run_token: int) -> dict:
+    out = {name: getattr(cmd, name) for name, _, _, _ in fc.FABRIC_FIELDS if name != "version"}
+    out.update(run_pos=run_pos, run_token=run_token)
+    return out
+
+
+@cocotb.test(timeout_time=6000, timeout_unit="us")
+async def fabric_ops(dut):
+    tb = TB(dut, 11)
+    await tb.start()
+    tb.ram_pauses(0.2)
+    hw = tb.hw
+    assert hw.max_context > 0
+    p3 = register("HW_PARAMS3").unpack(await tb.rd("HW_PARAMS3"))
+    assert p3 == {"max_context": hw.max_context}, p3
+    assert HardwareLimits.from_registers(await tb.rd("HW_PARAMS0"), await tb.rd("HW_PARAMS1"),
+                                         await tb.rd("HW_PARAMS2"), await tb.rd("HW_PARAMS3")) == hw
+    for run, (pos, token) in enumerate(((123, 4567), (0, 0), (4095, (1 << 24) - 1))):
+        await tb.wr("RUN_POS", pos)
+        await tb.wr("RUN_TOKEN", token)
+        assert (await tb.rd("RUN_POS"), await tb.rd("RUN_TOKEN")) == (pos, token)
+        cmds = []
+        for i in range(30):
+            if tb.rng.random() < 0.4:
+                c = tb.random_command(tag=i)
+                cmds.append(c.replace(flags=c.flags | (4 if tb.rng.random() < 0.3 else 0)))
+            else:
+                cmds.append(random_fabric_command(tb.rng, hw, tag=i))
+        st = await tb.run(cmds)
+        assert st == {"busy": 0, "done": 1, "error": 0, "error_code": 0, "cmd_index": len(cmds)}, st
+        want, lin = [], 0
+        for c in cmds:
+            if isinstance(c, fc.FabricCommand):
+                want.append(("fop", expected_fop(c, pos, token)))
+            else:
+                want.append(("op", tb.expected_op(c, cmds.index(c))))
+                lin += 1
+        got = tb.dp.sequence
+        assert len(got) == len(want), (len(got), len(want))
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g == w, f"run {run} command {i}: {g} != {w}"
+        dut._log.info(f"run {run}: {len(cmds)} commands ({lin} LINEAR) in order, RUN_POS {pos}, RUN_TOKEN {token}")
+
+    # A fabric op's run-time error stops the run at its index; nothing after it executes.
+    cmds = [random_fabric_command(tb.rng, hw, tag=100 + i) for i in range(5)]
+    tb.dp.fabric_answers = {102: int(ErrorCode.CONTEXT_FULL)}
+    st = await tb.run(cmds)
+    assert st == {"busy": 0, "done": 1, "error": 1, "error_code": int(ErrorCode.CONTEXT_FULL), "cmd_index": 2}, st
+    assert [k for k, _ in tb.dp.sequence] == ["fop"] * 3
+    tb.dp.fabric_answers = {}
+    # Bad fabric descriptors are reported with the contract's code and never executed.
+    for changes in (dict(n=0), dict(version=3), dict(p2=1), dict(tokens=hw.tokens + 1), dict(dst=0x1010),
+                    dict(aux=48), dict(n=(1 << 16) + 64)):
+        cmds = [random_fabric_command(tb.rng, hw, tag=200 + i) for i in range(4)]
+        cmds[1] = tb.random_command(tag=201)
+        cmds[2] = cmds[2].replace(**changes)
+        code = fc.validate_fabric_command(cmds[2], hw)
+        assert code != ErrorCode.NONE, changes
+        st = await tb.run(cmds)
+        assert st == {"busy": 0, "done": 1, "error": 1, "error_code": int(code), "cmd_index": 2}, (changes, st)
+        assert [k for k, _ in tb.dp.sequence] == ["fop", "op"], (changes, tb.dp.sequence)
+    # RESULT_INDEX / RESULT_VALUE hold what the datapath strobes.
+    await FallingEdge(dut.clk)
+    dut.result_index.value, dut.result_value.value, dut.result_we.value = 151_935, 0x4049_0FDB, 1
+    await FallingEdge(dut.clk)
+    dut.result_we.value = 0
+    dut.result_index.value, dut.result_value.value = 7, 7
+    assert (await tb.rd("RESULT_INDEX"), await tb.rd("RESULT_VALUE")) == (151_935, 0x4049_0FDB)

@@ -109,9 +109,11 @@ def test_processor_facts():
 # ---------------------------------------------------------------------------
 
 CASES = {
-    # config, address bits, tests (None = all)
-    "4x4-g32-128b": ("test-4x4-g32", 32, None),
-    "8x16-g64-512b": ("test-8x16-g64", 36, "runs_log_counters_irq|bad_commands_not_executed"),
+    # config, address bits, tests (None = all but the fabric decoder's), ops in flight
+    "4x4-g32-128b": ("test-4x4-g32", 32, None, 1),
+    "8x16-g64-512b": ("test-8x16-g64", 36, "runs_log_counters_irq|bad_commands_not_executed", 1),
+    # kv260-fabric's command processor (limits with max_context), two ops in flight as in the top
+    "kv260-fabric": ("kv260-fabric", 32, "fabric_ops|bad_commands_not_executed", 2),
 }
 
 
@@ -124,12 +126,18 @@ def test_cmdproc_cocotb(case, tmp_path):
     from sim.tb_cmdproc import cmdproc_harness
     from sw.contract.commands import register
 
-    name, addr_width, filt = CASES[case]
+    from rtl.fabric_cmd import fabric_op_layout
+    from sw.contract.commands import HardwareLimits
+
+    name, addr_width, filt, in_flight = CASES[case]
     cfg = preset(name)
-    top = cmdproc_harness(cfg, addr_width=addr_width)
+    limits = HardwareLimits.from_config(cfg, addr_bits=addr_width)   # the RTL top refuses fabric configs yet
+    top = cmdproc_harness(cfg, addr_width=addr_width, limits=limits, ops_in_flight=in_flight)
     lim = top.cmdproc.limits
     spec = {
-        "op_fields": {k: [f.offset, f.width] for k, f in op_layout(addr_width)},
+        "op_fields": {k: [f.offset, f.width] for k, f in op_layout(addr_width)
+                      if lim.fabric_ops or k != "argmax"},
+        "ops_in_flight": in_flight,
         "limits": dataclasses.asdict(lim),
         "config_hash": cfg.config_hash,
         "hw_params0": {"rows": cfg.rows, "cols": cfg.cols, "tokens": cfg.tokens, "group_size": cfg.group_size},
@@ -141,7 +149,9 @@ def test_cmdproc_cocotb(case, tmp_path):
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     src = write_verilog(verilog.convert(top, name="cmdproc_harness"), "cmdproc_harness")
     env = {"CMDPROC_SPEC": str(tmp_path / "spec.json")}
-    if filt:
-        env["COCOTB_TEST_FILTER"] = filt
+    if lim.fabric_ops:
+        spec["fabric_fields"] = {k: [f.offset, f.width] for k, f in fabric_op_layout(addr_width)}
+        (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env["COCOTB_TEST_FILTER"] = filt or "^(?!.*fabric_ops)"
     run_cocotb(sources=[src], toplevel="cmdproc_harness", test_module="tb_cmdproc",
                build_name=f"cmdproc-{case}", extra_env=env, test_dir=REPO / "sim")

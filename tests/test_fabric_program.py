@@ -175,6 +175,8 @@ def _good(op=Opcode.QUANT, **kw):
     (_good(Opcode.ATTEND, src1=0x4000, src_stride=0, dst_stride=3584, p0=4096, p1=3), ErrorCode.BAD_FIELD),
     (_good(Opcode.EMBED, tokens=2, src0=0, src1=0x4000, src_stride=0, dst_stride=3584, aux=0, p0=512, flags=1),
      ErrorCode.BAD_FIELD),                                 # RUN_TOKEN feeds one row only
+    (_good(Opcode.EMBED, tokens=1, src0=0, src1=0x4000, src_stride=0, dst_stride=3584, aux=64, p0=512, flags=1),
+     ErrorCode.BAD_FIELD),                                 # EMBED has no aux
 ])
 def test_fabric_validation_codes(cmd, code):
     assert fc.validate_fabric_command(cmd, HW) == code

@@ -255,7 +255,7 @@ def _shape_ok(cmd: FabricCommand, hw: HardwareLimits) -> bool:
             return cmd.p1 > 0 and (n // aux) % cmd.p1 == 0
         return True
     if op == Opcode.EMBED:
-        return cmd.p0 > 0 and n % 8 == 0 and (not cmd.flags & FabricFlags.TOKEN_REG or cmd.tokens == 1)
+        return aux == 0 and cmd.p0 > 0 and n % 8 == 0 and (not cmd.flags & FabricFlags.TOKEN_REG or cmd.tokens == 1)
     return aux == 0
 
 

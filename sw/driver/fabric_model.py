@@ -166,7 +166,10 @@ class FabricModel:
                               f"{cache.capacity} positions the design holds (max_context "
                               f"{self.limits.max_context}); shorten the prompt or --max-new-tokens")
 
-    def _run_chunk(self, ids: np.ndarray, cache: FabricCache, all_logits: bool, step: StepTiming) -> None:
+    def _run_chunk(self, ids: np.ndarray, cache: FabricCache, all_logits: bool, step: StepTiming,
+                   head: bool = True) -> None:
+        """Run one chunk of at most T tokens. Without `head` the list stops before the final norm and
+        the LM head (a prefill chunk whose logits nobody reads: CMD_COUNT is all it takes)."""
         t = int(ids.size)
         dev = self.dev
         token_reg = t == 1
@@ -176,6 +179,8 @@ class FabricModel:
             self._put("ids", 0, ids.astype("<i4"))
         dev.write32("RUN_POS", cache.length)
         base, count = self._list(t, token_reg, all_logits)
+        if not head:
+            count -= self.program.HEAD_COMMANDS
         stats = dev.run(base, count, self.timeout_s)
         cache.length += t
         step.device_wall_s += stats.wall_s
@@ -201,7 +206,7 @@ class FabricModel:
             for s in range(0, ids.size, T):
                 chunk = ids[s:s + T]
                 last = s + T >= ids.size
-                self._run_chunk(chunk, cache, all_logits, step)
+                self._run_chunk(chunk, cache, all_logits, step, head=all_logits or last)
                 if want_logits and (all_logits or last):
                     out.append(self._read_logits(chunk.size if all_logits else 1))
             result = (np.concatenate(out) if want_logits else self.dev.read32("RESULT_INDEX"))

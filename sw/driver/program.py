@@ -176,6 +176,8 @@ class FabricProgram:
           flags_argmax=True)
         return cmds
 
+    HEAD_COMMANDS = 3          # the list's tail: final RMSNORM, QUANT, LM head (a prefix without them is valid)
+
     @property
     def commands_per_token_list(self) -> int:
-        return 1 + 22 * self.cfg.num_hidden_layers + 3
+        return 1 + 22 * self.cfg.num_hidden_layers + self.HEAD_COMMANDS
