@@ -457,6 +457,10 @@ class CommandProcessor(CheckedComponent):
         # taken in any state (they come in command order); WAIT_DONE waits for the last ones.
         serial = self._ops_in_flight == 1
         issued = Signal()
+        argmax_hold = Signal()
+        if not serial:
+            with m.If(outstanding == 0):
+                m.d.sync += argmax_hold.eq(0)
         if serial:
             m.d.comb += issue_index.eq(index)
         else:
@@ -493,9 +497,13 @@ class CommandProcessor(CheckedComponent):
                 with m.Else():
                     m.d.sync += state.eq(Mux(is_fabric, _State.FABRIC_ISSUE, _State.ISSUE))
             with m.Case(_State.ISSUE):
-                m.d.comb += self.op.valid.eq(outstanding < self._ops_in_flight)
+                # Nothing follows an ARGMAX command before its answer (rtl/argmax_pass.py reads its
+                # output row back after the datapath is done with it).
+                m.d.comb += self.op.valid.eq((outstanding < self._ops_in_flight) & ~argmax_hold)
                 with m.If(self.op.valid & self.op.ready):
                     m.d.comb += issued.eq(1)
+                    if not serial and fabric:
+                        m.d.sync += argmax_hold.eq(p.argmax)
                     if serial:
                         m.d.sync += state.eq(_State.WAIT_DONE)
                     else:

@@ -204,6 +204,8 @@ class Datapath:
                 self.totals["BYTES_WRITTEN"] += events["bytes_written"]
                 if len(self._pending) >= self.in_flight:
                     assert not int(dut.op__valid.value), "more ops offered than may be in flight"
+                if any(op.get("argmax") for op, _ in self._pending):
+                    assert not int(dut.op__valid.value), "an op was offered before the ARGMAX op's answer"
                 if fabric:
                     if self._pending:
                         assert not int(dut.fop__valid.value), "a fabric op was offered while a LINEAR was unanswered"
