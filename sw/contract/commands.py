@@ -215,7 +215,8 @@ def _build_register_map() -> tuple[RegisterSpec, ...]:
           ("token", 24, "RW", "token id"))
     b.add("RESULT_INDEX", "The argmax of the last LINEAR with the ARGMAX flag: the next token under greedy decoding.",
           ("index", 24, "R", "first index of the largest output of the last token row (NaN counts as -inf)"))
-    b.add("RESULT_VALUE", "The fp32 bit pattern of the largest output RESULT_INDEX points at.",
+    b.add("RESULT_VALUE", "The fp32 bit pattern of the largest output RESULT_INDEX points at (-inf, 0xFF800000, "
+          "when every output is -inf or NaN).",
           ("value", 32, "R", "fp32 bits"))
     return tuple(b.regs)
 

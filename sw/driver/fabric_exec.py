@@ -52,6 +52,11 @@ class FabricPerf:
         return max(-(-passes * elements // self.vector_lanes), int(-(-nbytes // self.cap_bytes_per_cycle))) \
             + self.fixed_cycles
 
+    def argmax(self, n: int) -> int:
+        """The ARGMAX pass after a LINEAR (rtl/argmax_pass.py): its row read back on one port, 4 fp32
+        per cycle, plus the fixed cost."""
+        return -(-n // 4) + self.fixed_cycles
+
     def attend(self, spans: list[int], groups: int, rep: int, hd: int) -> int:
         total = 0
         for s in spans:
@@ -209,10 +214,11 @@ class _RunError(Exception):
 
 
 def argmax_row(y: np.ndarray) -> tuple[int, int]:
-    """(index, fp32 bits of the value) of fabric_ops.argmax_first over one row."""
+    """(RESULT_INDEX, RESULT_VALUE) of one row: fabric_ops.argmax_first and the fp32 bits of the
+    value there; a NaN winner (only when every value is -inf or NaN) reads as -inf, 0xFF800000."""
     y = np.asarray(y, F32)
     i = int(fo.argmax_first(y))
-    return i, int(y[i:i + 1].view("<u4")[0])
+    return i, (0xFF800000 if np.isnan(y[i]) else int(y[i:i + 1].view("<u4")[0]))
 
 
 __all__ = ["FabricOps", "FabricPerf", "BusFault", "argmax_row", "Opcode"]

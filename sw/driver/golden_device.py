@@ -272,10 +272,12 @@ class CommandExecutor:
             self.memory.view(cmd.out_addr, outl.total_bytes)[:] = out.view(np.uint8).reshape(-1)
         except BusError:
             return ErrorCode.WRITE_ERROR
-        if cmd.flags & Flags.ARGMAX:
-            res.result_index, res.result_value = argmax_row(y[t - 1])
         rd = layout.total_bytes + act.total_bytes + (bias_bytes(n, r) if cmd.has_bias else 0)
         cycles, stall = self.perf.command(cmd, layout, rd + DESCRIPTOR_BYTES, outl.total_bytes)
+        if cmd.flags & Flags.ARGMAX:
+            res.result_index, res.result_value = argmax_row(y[t - 1])
+            cycles += self.fabric.perf.argmax(n)          # the pass that reads the row back
+            rd += 4 * n
         res.cycles.append(cycles)
         res.bytes_read += rd
         res.bytes_written += outl.total_bytes
