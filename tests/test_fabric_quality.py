@@ -182,3 +182,30 @@ def test_long_context_1024(tmp_path):
     mf = compare_logits(fab[:-1], ref_logits[:-1], ids[1:])
     assert mf["kl_ref_test"] / mh["kl_ref_test"] < KL_RATIO_MAX, (mh, mf)
     assert compare_logits(fab, hyb, None)["kl_ref_test"] < KL_HYBRID_FABRIC_MAX
+
+
+FULL_TOKENS = 64
+
+
+@pytest.mark.slow
+def test_full_size_quality(tmp_path):
+    """The full-size synthetic qwen2.5-0.5b (seed 0), RTN INT4 g64 with an INT4 LM head, on 64 tokens
+    sampled from the float model: the fabric decoder's KL against the float reference within the
+    issue's 1.2 x the hybrid's. Numbers in docs/numerics.md ("The fabric ops")."""
+    write_synthetic_checkpoint(tmp_path / "q05", "qwen2.5-0.5b", seed=0)
+    ref = open_model(tmp_path / "q05", "reference", progress=False)
+    ids = sample_tokens(ref, FULL_TOKENS, seed=100)
+    ref_logits = sequence_logits(ref, ids, FULL_TOKENS)
+    del ref
+    ckpt = load_checkpoint(tmp_path / "q05")
+    qm = quantize_model(ckpt.config, ckpt.tensors, method="rtn", group_size=64, lm_head="int4", progress=False)
+    del ckpt
+    hybrid, fabric = Qwen2Runner(qm.config, qm.params, qm.linear_fn()), FabricRunner(qm)
+    hyb, fab = hybrid.forward(ids, hybrid.new_cache()), fabric.forward(ids, fabric.new_cache())
+    mh = compare_logits(hyb[:-1], ref_logits[:-1], ids[1:])
+    mf = compare_logits(fab[:-1], ref_logits[:-1], ids[1:])
+    mhf = compare_logits(fab, hyb, None)
+    print(f"full-size: hybrid {mh}\nfabric {mf}\nhybrid||fabric {mhf}")
+    assert mf["kl_ref_test"] / mh["kl_ref_test"] <= ACCEPT_KL_RATIO, (mh, mf)
+    assert mf["kl_ref_test"] / mh["kl_ref_test"] < KL_RATIO_MAX, (mh, mf)
+    assert mhf["top1_agreement"] > TOP1_HYBRID_FABRIC_MIN, mhf
