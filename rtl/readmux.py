@@ -25,7 +25,7 @@ from sw.contract.errors import ConfigError
 
 from .axi import axi4_read_signature
 
-__all__ = ["AxiReadArbiter", "round_robin"]
+__all__ = ["AxiReadArbiter", "AxiWriteSelect", "round_robin"]
 
 _AR_FIELDS = ("araddr", "arlen", "arsize", "arburst", "arid", "arlock", "arcache", "arprot", "arqos")
 
@@ -113,4 +113,50 @@ class AxiReadArbiter(wiring.Component):
             ]
             rready = rready | (mine & mg.rready)
         m.d.comb += bus.rready.eq(rready)
+        return m
+
+
+_W_OUT = ("awaddr", "awlen", "awsize", "awburst", "awid", "awlock", "awcache", "awprot", "awqos", "awvalid",
+          "wdata", "wstrb", "wlast", "wvalid", "bready")
+_W_IN = ("awready", "wready", "bresp", "bid", "bvalid")
+
+
+class AxiWriteSelect(wiring.Component):
+    """Several AXI4 write managers on one write port, one at a time: ``sel`` names the manager the
+    port belongs to; the others see no ready and no response.
+
+    For managers that never write at the same time (the accelerator's linear engine and the fabric
+    engines: the command processor starts a fabric op only after every earlier command's writes
+    were acknowledged, and the next command only after the fabric op's). ``sel`` may change only
+    while the port is quiet (no write in flight); the integrator holds it for the whole op.
+
+    Ports: ``m0 .. m<n-1>``: In(axi4_write_signature); ``bus``: Out(axi4_write_signature);
+    ``sel``: In(range(n)). Combinational, no latency.
+    """
+
+    def __init__(self, count: int, *, addr_width: int = DEFAULT_ADDR_BITS, data_width: int = 8 * BEAT_BYTES,
+                 id_width: int = HP_ID_BITS):
+        if not isinstance(count, int) or count < 1:
+            raise ConfigError(f"AxiWriteSelect needs at least one manager, got {count!r}")
+        self._count = count
+        from .axi import axi4_write_signature
+        sig = axi4_write_signature(addr_width, data_width, id_width)
+        members = {f"m{i}": In(sig) for i in range(count)}
+        members["bus"] = Out(sig)
+        members["sel"] = In(range(max(count, 2)))
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        bus = self.bus
+        with m.Switch(self.sel):
+            for i in range(self._count):
+                mg = getattr(self, f"m{i}")
+                with m.Case(i):
+                    m.d.comb += [getattr(bus, f).eq(getattr(mg, f)) for f in _W_OUT]
+        for i in range(self._count):
+            mg = getattr(self, f"m{i}")
+            mine = self.sel == i
+            m.d.comb += [mg.awready.eq(mine & bus.awready), mg.wready.eq(mine & bus.wready),
+                         mg.bvalid.eq(mine & bus.bvalid), mg.bresp.eq(bus.bresp), mg.bid.eq(bus.bid)]
         return m
