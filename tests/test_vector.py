@@ -330,7 +330,7 @@ def run_programs(unit, src, name, scenarios, tmp_path, seed):
 # (lanes, presets with their group size, full intermediate size)
 POINTS = [
     pytest.param(4, [("qwen2.5-0.5b", 64)], False, id="L4-0.5b"),
-    pytest.param(1, [("tiny", 128)], True, id="L1-tiny"),
+    pytest.param(1, [("tiny", 128)], True, id="L1-tiny", marks=pytest.mark.slow),
     pytest.param(8, [("tiny", 32)], False, id="L8-tiny", marks=pytest.mark.slow),
     pytest.param(8, [("qwen2.5-1.5b", 128), ("tiny", 64)], False, id="L8-1.5b-tiny", marks=pytest.mark.slow),
     pytest.param(4, [("tiny", 32), ("qwen2.5-1.5b", 32)], True, id="L4-tiny-1.5b-full", marks=pytest.mark.slow),
