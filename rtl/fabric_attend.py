@@ -30,6 +30,9 @@ rd0, rd1, rd2 : Out(axi4_read_signature(addr_width, 128, HP_ID_BITS)): rd0 reads
     them by ``read_ids``).
 wr : Out(axi4_write_signature(...)): the outputs.
 busy : Out(1): a command is being worked on (or answered).
+perf_unit_busy, perf_unit_wait : Out(32): of the last (or current) op, the cycles the
+    AttentionUnit worked on a command, and of those the cycles it waited on one of its input
+    streams or on the writer (cleared at each op's start, and by a flush).
 abort : In(1): a pulse that stops the current command without an answer: the datapath is
     held in reset while every master drains its bursts; ``busy`` falls when the buses are
     quiet. After that (busy low) a ResetInserter on the whole engine is safe; a reset while
@@ -110,6 +113,8 @@ class _AttendPipe(wiring.Component):
             "k_data": In(rdata), "v_data": In(rdata), "m_data": In(rdata),
             "w_data": Out(stream.Signature(write_data_layout(BEAT_BITS))),
             "unit_cmds": Out(32),            # unit commands completed (all outputs to the writer)
+            "unit_busy": Out(32),            # cycles the unit worked on a command (since start)
+            "unit_wait": Out(32),            # of those, cycles it waited on an input or on the writer
         })
 
     def elaborate(self, platform):
@@ -326,6 +331,15 @@ class _AttendPipe(wiring.Component):
         with m.If(self.start):
             m.d.sync += done_cmds.eq(0)
 
+        # ---- performance: the unit's busy cycles and its waits on the streams ---------------------
+        busy = ~unit.cmd.ready
+        wait = Cat(*[st.ready & ~st.valid for st in (unit.q, unit.k, unit.v, unit.k_scale, unit.v_scale)],
+                   unit.out.valid & ~unit.out.ready).any()
+        with m.If(self.start):
+            m.d.sync += [self.unit_busy.eq(0), self.unit_wait.eq(0)]
+        with m.Elif(busy):
+            m.d.sync += [self.unit_busy.eq(self.unit_busy + 1), self.unit_wait.eq(self.unit_wait + wait)]
+
         m.d.comb += self.finished.eq(issue_done & ~self.start & (done_cmds == issued)
                                      & ~Cat(*[f.r_rdy for f in fifos.values()]).any())
         return m
@@ -357,6 +371,8 @@ class FabricAttendEngine(CheckedComponent):
             "done": Out(stream.Signature(fabric_done_layout())),
             "busy": Out(1),
             "abort": In(1),
+            "perf_unit_busy": Out(32),
+            "perf_unit_wait": Out(32),
         }
         for i in range(READ_PORTS):
             members[f"rd{i}"] = Out(axi4_read_signature(addr_width, BEAT_BITS, HP_ID_BITS))
@@ -386,7 +402,7 @@ class FabricAttendEngine(CheckedComponent):
         connect(m, pipe.w_data, wr.data)
 
         op = Signal(fabric_op_layout(AW))
-        m.d.comb += pipe.op.eq(op)
+        m.d.comb += [pipe.op.eq(op), self.perf_unit_busy.eq(pipe.unit_busy), self.perf_unit_wait.eq(pipe.unit_wait)]
         code = Signal.like(self.done.payload.code)
         silent = Signal()
         masters = rds + [wr]

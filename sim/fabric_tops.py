@@ -39,6 +39,8 @@ class FabricAttendBench(wiring.Component):
             "abort": In(1),
             "soft_rst": In(1),
             "cycle": Out(64),
+            "unit_busy": Out(32),
+            "unit_wait": Out(32),
         })
 
     def elaborate(self, platform):
@@ -47,7 +49,8 @@ class FabricAttendBench(wiring.Component):
         m.submodules.engine = ResetInserter(self.soft_rst)(eng)
         wiring.connect(m, wiring.flipped(self.cmd), eng.cmd)
         wiring.connect(m, eng.done, wiring.flipped(self.done))
-        m.d.comb += [self.busy.eq(eng.busy), eng.abort.eq(self.abort)]
+        m.d.comb += [self.busy.eq(eng.busy), eng.abort.eq(self.abort), self.unit_busy.eq(eng.perf_unit_busy),
+                     self.unit_wait.eq(eng.perf_unit_wait)]
         m.d.sync += self.cycle.eq(self.cycle + 1)
 
         readers = [getattr(eng, f"rd{i}") for i in range(READ_PORTS)]

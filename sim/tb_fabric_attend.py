@@ -125,6 +125,8 @@ async def fabric_attend_ops(dut):
         await FallingEdge(dut.clk)
         dut.done__ready.value = 0
         assert not int(dut.busy.value), f"op {i}: busy after the answer"
+        res["unit_busy"] = int(dut.unit_busy.value)
+        res["unit_wait"] = int(dut.unit_wait.value)
         stats = ddr.stats()
         res["ddr"] = {k: stats[k] for k in ("bytes_read", "bytes_written", "read_beats_per_port",
                                             "write_beats_per_port", "protocol_errors", "error_responses")}
