@@ -2,13 +2,17 @@
 around one :class:`rtl.attention.AttentionUnit`.
 
 The spec is ``sw.driver.fabric_exec.FabricOps._attend``: for each token row t (position
-RUN_POS + t) and KV head g, the unit attends the G query heads g*G .. g*G+G-1 of row t over
-cache positions 0 .. RUN_POS + t (causal inside a prefill chunk) and the G x head_dim fp32
-outputs go to ``dst + t * dst_stride + 4 * g * G * head_dim``.
+RUN_POS + t) and KV head g, the unit attends the g_op query heads g*g_op .. g*g_op+g_op-1 of
+row t (g_op = heads / p1, the op's GQA ratio) over cache positions 0 .. RUN_POS + t (causal
+inside a prefill chunk) and the g_op x head_dim fp32 outputs go to
+``dst + t * dst_stride + 4 * g * g_op * head_dim``.
 
-Parameters: ``addr_width``; ``head_dim`` D (32, 64 or 128) and ``group`` G (query heads per
-KV head) are the unit's build-time shape; ``macs`` its multipliers; ``max_positions`` N the
-largest KV capacity (p0) it takes; ``max_tokens`` the largest T.
+Parameters: ``addr_width``; ``head_dim`` D (32, 64 or 128) and ``group`` G are the unit's
+build-time shape: D is the only head_dim the engine takes, G the largest GQA ratio (an op with
+g_op < G runs the unit with G - g_op phantom heads: zero query codes and scales, outputs
+dropped; it costs the unit's exp2 pass G cycles per position, and the MAC passes
+ceil(G / heads per step) steps, whatever g_op is); ``macs`` the unit's multipliers;
+``max_positions`` N the largest KV capacity (p0) it takes; ``max_tokens`` the largest T.
 
 Ports
 -----
@@ -17,7 +21,8 @@ cmd : In(stream of rtl.fabric_cmd.fabric_op_layout(addr_width)): a validated ATT
 done : Out(stream of fabric_done_layout()): one answer per command; ``code`` 0, or an
     sw.contract.commands.ErrorCode:
 
-    * BAD_FIELD (17): aux != D, heads / p1 != G (n != D * G * p1) or p0 > N; nothing is read;
+    * BAD_FIELD (17): aux != D, heads / p1 > G (n != D * g_op * p1 for every g_op in 1 .. G) or
+      p0 > N; nothing is read;
     * TOO_MANY_TOKENS (9): tokens > max_tokens (validation with this design's token count
       rejects it first); nothing is read;
     * CONTEXT_FULL (18): RUN_POS + tokens > p0; nothing is read;
@@ -45,10 +50,10 @@ stream into the masters' buffers while the unit computes):
 * rd0: K codes of KV head g, positions 0 .. n-1 (n = RUN_POS + t + 1), one contiguous read
   ``src1 + (g * p0) * D``, n * D / 16 beats;
 * rd1: V codes, the same at ``src1 + codes_bytes``;
-* rd2: the beats holding s_q of heads g*G .. g*G+G-1 (row t of the scales section of the
-  activation buffer, commands.activation_layout(n, D, T)), the G*D query codes (row t of the
-  codes section, at g*G*D), the beats holding the n K scales and the n V scales (their first
-  word is at any 4-byte offset: the leading words are skipped).
+* rd2: the beats holding s_q of heads g*g_op .. g*g_op+g_op-1 (row t of the scales section of
+  the activation buffer, commands.activation_layout(n, D, T)), the g_op*D query codes (row t of
+  the codes section, at g*g_op*D), the beats holding the n K scales and the n V scales (their
+  first word is at any 4-byte offset: the leading words are skipped).
 
 A feeder splits rd2's stream into the unit's ``cmd`` (n, s_q), ``q``, ``k_scale`` and
 ``v_scale`` streams; rd0 and rd1 feed ``k`` and ``v`` directly; ``out`` goes to the write
@@ -107,6 +112,7 @@ class _AttendPipe(wiring.Component):
         rdata = stream.Signature(read_data_layout(BEAT_BITS))
         super().__init__({
             "op": In(fabric_op_layout(addr_width)),
+            "group": In(range(group + 1)),   # the op's query heads per KV head, 1 .. group (held with op)
             "start": In(1),
             "finished": Out(1),
             "k_cmd": Out(tc), "v_cmd": Out(tc), "m_cmd": Out(tc), "w_cmd": Out(tc),
@@ -122,8 +128,14 @@ class _AttendPipe(wiring.Component):
         AW, D, G, N = self._aw, self._D, self._G, self._N
         op = self.op
         m.submodules.unit = unit = self.unit
-        q_beats = G * D // BEAT_BYTES
+        q_beats = G * D // BEAT_BYTES                # what the unit takes: the built group's heads
         out_beats = G * D // 4
+        grp = self.group                             # the op's heads: the others are phantoms
+        head_beats = D // BEAT_BYTES                 # query beats of one head
+        q_real = Signal(range(q_beats + 1))          # query beats read (grp heads)
+        out_real = Signal(range(out_beats + 1))      # output beats written (grp heads)
+        grp_bytes = Signal(range(G * D + 1))         # grp * D: one KV head's query codes
+        m.d.comb += [q_real.eq(grp * head_beats), out_real.eq(grp * (D // 4)), grp_bytes.eq(grp * D)]
         row_shift = _log2(D // BEAT_BYTES)          # K/V beats per position = 1 << row_shift
 
         # ---- transfer-command FIFOs (to the masters) ------------------------------------------
@@ -152,9 +164,7 @@ class _AttendPipe(wiring.Component):
         codes_stride = Signal(33)                   # activation codes row: align16(n) bytes
         meta_stride = Signal(W)                     # activation scales row: align16(4 * heads)
         m.d.comb += codes_stride.eq(_align(op.n, BEAT_BYTES))
-        heads_bytes = Signal(W)
-        m.d.comb += heads_bytes.eq(op.p1 * (4 * G))
-        m.d.comb += meta_stride.eq(_align(heads_bytes, BEAT_BYTES))
+        m.d.comb += meta_stride.eq(_align(op.n >> (_log2(D) - 2), BEAT_BYTES))     # n = heads * D
         cache_prod = mul_p[1]                       # p1 * p0: positions of all KV heads
         codes_bytes = Signal(AW)
         scales_bytes = Signal(AW)
@@ -229,12 +239,12 @@ class _AttendPipe(wiring.Component):
                             m.d.sync += sub.eq(2)
                     with m.Case(2):
                         m.d.comb += [push["m"].eq(fifos["m"].w_rdy), push_addr["m"].eq(beat_addr(sq_cur)),
-                                     push_beats["m"].eq(words_beats(sq_skip, G))]
+                                     push_beats["m"].eq(words_beats(sq_skip, grp))]
                         with m.If(fifos["m"].w_rdy):
                             m.d.sync += sub.eq(3)
                     with m.Case(3):
                         m.d.comb += [push["m"].eq(fifos["m"].w_rdy), push_addr["m"].eq(q_cur),
-                                     push_beats["m"].eq(q_beats)]
+                                     push_beats["m"].eq(q_real)]
                         with m.If(fifos["m"].w_rdy):
                             m.d.sync += sub.eq(4)
                     with m.Case(4):
@@ -246,7 +256,7 @@ class _AttendPipe(wiring.Component):
                         room = fifos["m"].w_rdy & fifos["w"].w_rdy & info.w_rdy
                         m.d.comb += [push["m"].eq(room), push_addr["m"].eq(beat_addr(vs_cur)),
                                      push_beats["m"].eq(words_beats(vs_skip, n_vis)),
-                                     push["w"].eq(room), push_addr["w"].eq(d_cur), push_beats["w"].eq(out_beats),
+                                     push["w"].eq(room), push_addr["w"].eq(d_cur), push_beats["w"].eq(out_real),
                                      info.w_en.eq(room)]
                         with m.If(room):
                             m.d.sync += [sub.eq(0), issued.eq(issued + 1)]
@@ -261,8 +271,8 @@ class _AttendPipe(wiring.Component):
                                     m.next = "IDLE"
                             with m.Else():
                                 m.d.sync += [g.eq(g + 1), k_cur.eq(k_cur + kv_step), ks_cur.eq(ks_cur + (op.p0 << 2)),
-                                             q_cur.eq(q_cur + G * D), sq_cur.eq(sq_cur + 4 * G),
-                                             d_cur.eq(d_cur + 4 * G * D)]
+                                             q_cur.eq(q_cur + grp_bytes), sq_cur.eq(sq_cur + (grp << 2)),
+                                             d_cur.eq(d_cur + (grp_bytes << 2))]
 
         # ---- the rd2 feeder: s_q -> unit cmd, q beats, K scales, V scales ------------------------
         cur = Signal(info_layout)
@@ -279,15 +289,15 @@ class _AttendPipe(wiring.Component):
         with m.If(unit.cmd.valid & unit.cmd.ready):
             m.d.sync += ucmd_valid.eq(0)
         m.d.comb += [unit.k_scale.payload.eq(word), unit.v_scale.payload.eq(word),
-                     unit.q.payload.eq(self.m_data.payload.data)]
+                     ]
         with m.FSM(name="feeder"):
             with m.State("INFO"):
                 with m.If(info.r_rdy & ~ucmd_valid):
                     m.d.comb += info.r_en.eq(1)
-                    m.d.sync += [cur.eq(info_r), widx.eq(info_r.sq_skip), cnt.eq(0)]
+                    m.d.sync += [cur.eq(info_r), widx.eq(info_r.sq_skip), cnt.eq(0), sq_regs.eq(0)]
                     m.next = "SQ"
             with m.State("SQ"):
-                last = cnt == G - 1
+                last = cnt == grp - 1
                 m.d.comb += self.m_data.ready.eq((widx == WORDS - 1) | last)
                 with m.If(self.m_data.valid):
                     m.d.sync += [widx.eq(widx + 1), cnt.eq(cnt + 1)]
@@ -297,9 +307,11 @@ class _AttendPipe(wiring.Component):
                     with m.If(last):
                         m.d.sync += [ucmd_valid.eq(1), qcnt.eq(0)]
                         m.next = "Q"
-            with m.State("Q"):
-                m.d.comb += [unit.q.valid.eq(self.m_data.valid), self.m_data.ready.eq(unit.q.ready)]
-                with m.If(self.m_data.valid & unit.q.ready):
+            with m.State("Q"):                     # grp heads from rd2, then zeros for the phantoms
+                real = qcnt < q_real
+                m.d.comb += [unit.q.valid.eq(~real | self.m_data.valid), self.m_data.ready.eq(real & unit.q.ready),
+                             unit.q.payload.eq(Mux(real, self.m_data.payload.data, 0))]
+                with m.If(unit.q.valid & unit.q.ready):
                     m.d.sync += qcnt.eq(qcnt + 1)
                     with m.If(qcnt == q_beats - 1):
                         m.d.sync += [widx.eq(cur.ks_skip), cnt.eq(0)]
@@ -322,8 +334,10 @@ class _AttendPipe(wiring.Component):
         for src, dst in ((self.k_data, unit.k), (self.v_data, unit.v)):
             m.d.comb += [dst.valid.eq(src.valid), dst.payload.eq(src.payload.data), src.ready.eq(dst.ready)]
         ocnt = Signal(range(out_beats))
-        m.d.comb += [self.w_data.valid.eq(unit.out.valid), self.w_data.payload.data.eq(unit.out.payload),
-                     self.w_data.payload.strb.eq(Const((1 << BEAT_BYTES) - 1, BEAT_BYTES)), unit.out.ready.eq(self.w_data.ready)]
+        keep = ocnt < out_real                      # the phantom heads' outputs are dropped
+        m.d.comb += [self.w_data.valid.eq(unit.out.valid & keep), self.w_data.payload.data.eq(unit.out.payload),
+                     self.w_data.payload.strb.eq(Const((1 << BEAT_BYTES) - 1, BEAT_BYTES)),
+                     unit.out.ready.eq(~keep | self.w_data.ready)]
         with m.If(unit.out.valid & unit.out.ready):
             m.d.sync += ocnt.eq(Mux(ocnt == out_beats - 1, 0, ocnt + 1))
             with m.If(ocnt == out_beats - 1):
@@ -414,6 +428,13 @@ class FabricAttendEngine(CheckedComponent):
 
         bad_field = Signal()
         too_many = Signal()
+        op_group = Signal(range(G + 1))
+        m.d.comb += pipe.group.eq(op_group)
+        # heads / p1 = k for one k in 1 .. G: n == k * p1 * D (n, p1 > 0 after validation)
+        kv_row = Signal(32 + _log2(D))
+        m.d.comb += kv_row.eq(op.p1 << _log2(D))
+        group_match = [Signal(name=f"group_is_{k}") for k in range(1, G + 1)]
+        m.d.comb += [match.eq(op.n == kv_row * k) for k, match in zip(range(1, G + 1), group_match)]
         context_full = Signal()
 
         def on_abort(drain: bool = False):
@@ -431,10 +452,14 @@ class FabricAttendEngine(CheckedComponent):
                     m.next = "CHECK"
             with m.State("CHECK"):          # registered checks (one cycle of comparisons)
                 m.d.sync += [
-                    bad_field.eq((op.aux != D) | (op.n != op.p1 * (D * G)) | (op.p0 > N)),
+                    bad_field.eq((op.aux != D) | ~Cat(*group_match).any() | (op.p0 > N)),
+                    op_group.eq(0),
                     too_many.eq(op.tokens > self.max_tokens),
                     context_full.eq(op.run_pos + op.tokens > op.p0),
                 ]
+                for k, match in zip(range(1, G + 1), group_match):
+                    with m.If(match):
+                        m.d.sync += op_group.eq(k)
                 m.next = "DECIDE"
                 on_abort()
             with m.State("DECIDE"):

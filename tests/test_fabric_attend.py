@@ -61,8 +61,8 @@ def expected_code(cmd: FabricCommand, pos: int, shape: dict, hw: HardwareLimits,
     code = validate_fabric_command(cmd, hw)
     if code != ErrorCode.NONE:
         return code
-    D, G = shape["head_dim"], shape["group"]
-    if cmd.aux != D or cmd.n != D * G * cmd.p1 or cmd.p0 > shape["max_positions"]:
+    D, G = shape["head_dim"], shape["group"]       # G: the largest GQA ratio the build takes
+    if cmd.aux != D or cmd.n // D // cmd.p1 > G or cmd.p0 > shape["max_positions"]:
         return ErrorCode.BAD_FIELD
     return ops.execute(cmd, pos, 0)[0]
 
@@ -137,8 +137,8 @@ class Scenario:
         self.caches[name] = (make_cache(self.mem, self.alloc, self.rng, kv_heads, D, capacity), kv_heads, capacity)
 
     def op(self, cache: str, tokens: int, pos: int, *, pad_rows: int = 0, aux=None, p1=None, p0=None,
-           query_tokens=None, **extra) -> Op:
-        D, G = self.shape["head_dim"], self.shape["group"]
+           query_tokens=None, group=None, **extra) -> Op:
+        D, G = self.shape["head_dim"], group or self.shape["group"]
         addr, kv, cap = self.caches[cache]
         heads = kv * G
         n = heads * D
@@ -278,7 +278,9 @@ def functional_scenario(shape: dict, seed: int) -> Scenario:
     sc.op("A", 2, capA - 1)                             # CONTEXT_FULL
     sc.op("A", 1, 30)
     sc.op("A", 1, 3, aux=D * 2 if D < 128 else D // 2)  # BAD_FIELD: another head_dim
-    sc.op("A", 1, 3, p1=1)                              # BAD_FIELD: heads / p1 != group
+    sc.op("A", 1, 3, p1=1)                              # BAD_FIELD: heads / p1 above group
+    sc.op("A", 3, 9, group=1)                           # a smaller GQA ratio (a phantom head)
+    sc.op("C", 1, 30, group=1)
     sc.op("B", 1, 3, p0=N + 1)                          # BAD_FIELD: capacity above max_positions
     sc.op("A", TM + 1, 3, query_tokens=TM + 1)          # TOO_MANY_TOKENS
     sc.op("C", 2, 7)
@@ -401,6 +403,8 @@ def perf_scenario(shape: dict, seed: int, spans: list[int]) -> Scenario:
     lo = sc.k_row(o, 1, 3)
     o.ddr, o.windows = {"slverr_window": [lo, lo + 16]}, [(lo, lo + 16)]
     sc.op("A", 1, 200)
+    sc.op("A", 2, 300, group=shape["group"] - 2)   # a smaller GQA ratio: phantom heads
+    sc.op("A", 1, 64, group=1, ddr={"gap_rate": 0.0}, perf="decode n=64, group 1")
     sc.op("A", 1, N)                        # CONTEXT_FULL
     return sc
 
