@@ -52,6 +52,7 @@ class Case:
     ddr: dict = field(default_factory=dict)
     expect: list | None = None                            # codes, when not FabricOps' (bus errors)
     check_memory: bool = True
+    image_cache: np.ndarray | None = None
 
     def alloc(self, nbytes: int, data=None) -> int:
         """A 64-byte aligned buffer after a random guard gap of 64..192 bytes."""
@@ -303,7 +304,7 @@ def run_cases(cases: list[Case], tmp_path: Path, seed: int = 1, cmd_gap: int = 2
     spec = {"seed": seed, "results": str(tmp_path / "results.json"), "cases": []}
     expected = []
     for k, case in enumerate(cases):
-        img = case.image()
+        img = case.image_cache = case.image()
         gold, codes = case.golden(img)
         if case.expect is not None:
             codes = case.expect
@@ -329,7 +330,11 @@ def run_cases(cases: list[Case], tmp_path: Path, seed: int = 1, cmd_gap: int = 2
         assert res["codes"] == codes, f"{case.name}: codes {res['codes']} expected {codes} for " \
                                       f"{[c.op.name for c, _, _ in case.cmds]}"
         assert res["stats"]["protocol_errors"] == 0, f"{case.name}: AXI protocol errors {res['stats']}"
+        print(f"{case.name}: codes {res['codes']} cycles {res['cycles']}")
         if case.check_memory:
+            changed = int(np.count_nonzero(gold != case.image_cache))
+            assert changed > 0 or not any(c == 0 for c in codes), f"{case.name}: the ops change nothing"
+            print(f"{case.name}: {changed} bytes changed by FabricOps, all {gold.size} compared")
             got = np.frombuffer((tmp_path / f"case{k}.bin").read_bytes(), np.uint8)
             bad = np.flatnonzero(got != gold)
             assert not len(bad), f"{case.name}: {len(bad)} bytes differ, first at " \
