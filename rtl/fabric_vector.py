@@ -45,6 +45,10 @@ EMBED    table row id_t (8 bf16 per beat, two a   ids (once, unless TOKEN_REG)  
   reset, every master is cleared and drained, then ``done`` answers. Memory written before the
   error is not restored (FabricOps writes nothing on an error; a streaming engine cannot).
 * The op completes (``done`` code 0) only after every write's B response: the next op may read it.
+* Reset: the masters are inside, so a reset (an integrating top's ResetInserter) is safe whenever
+  the engine is idle, which it is after every ``done``, errors included (it drains before it
+  answers); a reset in the middle of an op would lose outstanding AXI bursts.
+* Lanes: 4 (one 128-bit beat is one operand beat); other lane counts are not supported.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `FabricVectorBench`: the engine with ``rd0`` on DDR port 0, ``rd1`` on port 1 and ``wr`` on port
 2 (the unused halves tied off); top ports ``cmd`` / ``done`` (the engine's streams), ``busy``,
-``cycle`` and the latched cycles of the last command handshake (``t_cmd``) and of the first cycle
+``soft_reset`` (a ResetInserter around the engine, as the integrating top has), ``cycle`` and the latched cycles of the last command handshake (``t_cmd``) and of the first cycle
 its ``done`` was valid (``t_done``), so the testbench measures an op without Python per cycle.
 The DDR model instance is ``ddr`` (sim/ddr.py's DdrModelHandle drives it).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, ResetSignal, Signal
+from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, ResetInserter, ResetSignal, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -35,6 +35,7 @@ class FabricVectorBench(wiring.Component):
             "cmd": In(stream.Signature(fabric_op_layout(ddr.addr_width))),
             "done": Out(stream.Signature(fabric_done_layout())),
             "busy": Out(1),
+            "soft_reset": In(1),
             "cycle": Out(64),
             "t_cmd": Out(64),
             "t_done": Out(64),
@@ -43,7 +44,8 @@ class FabricVectorBench(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         ddr = self._ddr
-        m.submodules.engine = eng = self.engine
+        eng = self.engine
+        m.submodules.engine = ResetInserter(self.soft_reset)(eng)     # as an integrating top resets it
         wiring.connect(m, wiring.flipped(self.cmd), eng.cmd)
         wiring.connect(m, eng.done, wiring.flipped(self.done))
         m.d.comb += self.busy.eq(eng.busy)

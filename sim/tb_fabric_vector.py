@@ -48,6 +48,7 @@ async def fabric_vector_cases(dut):
     ddr = DdrModelHandle(dut.ddr, FVEC_DDR)
     dut.cmd__valid.value = 0
     dut.done__ready.value = 0
+    dut.soft_reset.value = 0
     dut.rst.value = 1
     await _cycles(5)
     await FallingEdge(dut.clk)
@@ -58,6 +59,12 @@ async def fabric_vector_cases(dut):
         await FallingEdge(dut.clk)
         if case.get("image"):
             await ddr.load(Path(case["image"]))
+        if case.get("soft_reset"):           # the top's reset of an idle engine after an error
+            assert not int(dut.busy.value)
+            dut.soft_reset.value = 1
+            await _cycles(3)
+            await FallingEdge(dut.clk)
+            dut.soft_reset.value = 0
         out = {"name": case["name"], "codes": [], "cycles": []}
         for payload in case["cmds"]:
             await _cycles(rng.randrange(case.get("cmd_gap", 0) + 1))

@@ -52,6 +52,7 @@ class Case:
     ddr: dict = field(default_factory=dict)
     expect: list | None = None                            # codes, when not FabricOps' (bus errors)
     check_memory: bool = True
+    soft_reset: bool = False                              # reset the (idle) engine before the case
     image_cache: np.ndarray | None = None
 
     def alloc(self, nbytes: int, data=None) -> int:
@@ -263,7 +264,7 @@ def tiny_cases(seed: int) -> list[Case]:
              "slverr_window": [r.dst + r.dst_stride, r.dst + r.dst_stride + 16]}
     c.expect = [int(ErrorCode.WRITE_ERROR)] * 2
     cases.append(c)
-    c = Case("tiny_after_errors", rng, ddr={"gap_rate": 0.3, "seed": 11})
+    c = Case("tiny_after_errors", rng, ddr={"gap_rate": 0.3, "seed": 11}, soft_reset=True)
     op_quant(c, 128, 2, 32)
     op_add(c, 128, 2)
     rt = rope_table(c, 32, 8)
@@ -313,6 +314,7 @@ def run_cases(cases: list[Case], tmp_path: Path, seed: int = 1, cmd_gap: int = 2
         work = max(c.tokens * c.n for c, _, _ in case.cmds)
         spec["cases"].append({
             "name": case.name, "image": str(path), "ddr": case.ddr, "cmd_gap": cmd_gap, "done_hold": 0.3,
+            "soft_reset": case.soft_reset,
             "cmds": [hex(op_payload(layout, c, pos, tok)) for c, pos, tok in case.cmds],
             "timeout": 10 * work + 20000,
             "dumps": [[BASE, img.size, str(tmp_path / f"case{k}.bin")]] if case.check_memory else [],
