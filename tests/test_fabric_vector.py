@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -389,7 +390,7 @@ def test_fabric_vector_tiny(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset, group", [("qwen2.5-0.5b", 64), ("qwen2.5-1.5b", 128)])
 def test_fabric_vector_models(preset, group, tmp_path):
-    rng = np.random.default_rng(hash(preset) & 0xFFFF)
+    rng = np.random.default_rng(zlib.crc32(preset.encode()))
     c1 = Case(f"{preset}_T1", rng, ddr={"gap_rate": 0.15, "seed": 5})
     model_ops(c1, preset, 1, 40, group)
     c8 = Case(f"{preset}_T8", rng, ddr={"gap_rate": 0.1, "seed": 9})
