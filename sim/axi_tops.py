@@ -136,6 +136,29 @@ def checksum(words, data_width: int = 128) -> int:
     return s
 
 
+def ddr_model(m: Module, ddr: DdrModelConfig, member) -> None:
+    """Instantiate hp_ddr_model as ``m.submodules.ddr``: ``member(name, port)`` gives the manager
+    signal of AXI member `name` (araddr, rvalid, ...) on HP port `port`, or None for a channel no
+    manager drives (parked: nothing valid, R and B always taken)."""
+    conns = {}
+    for name, (direction, width) in model_port_widths(ddr).items():
+        per_port = [member(name, p) for p in range(ddr.ports)]
+        if direction == "input":                     # model input = manager output
+            conns[f"i_s_axi_{name}"] = Cat(*[Const(1 if name in ("rready", "bready") else 0, width)
+                                             if sig is None else sig for sig in per_port])
+        else:
+            vec = Signal(width * ddr.ports, name=f"ddr_{name}")
+            conns[f"o_s_axi_{name}"] = vec
+            for p, sig in enumerate(per_port):
+                if sig is not None:
+                    m.d.comb += sig.eq(vec[p * width:(p + 1) * width])
+    params = {f"p_{k}": (Const(v, 64) if k == "MEM_BASE" else v) for k, v in ddr.verilog_parameters().items()}
+    m.submodules.ddr = Instance(
+        "hp_ddr_model", i_clk=ClockSignal("sync"), i_rst=ResetSignal("sync"), **params, **conns,
+        o_stat_bytes_read=Signal(64), o_stat_bytes_written=Signal(64), o_stat_cycles=Signal(64),
+        o_stat_protocol_errors=Signal(32))
+
+
 class DdrReadBench(wiring.Component):
     """`ports` read masters + a write master (port 0) on `hp_ddr_model`, hardware sinks."""
 
@@ -196,36 +219,11 @@ class DdrReadBench(wiring.Component):
                      self.wr_busy.eq(wr.busy), self.wr_error.eq(wr.error),
                      self.wr_error_resp.eq(wr.error_resp), self.wr_error_addr.eq(wr.error_addr)]
 
-        # Gather each AXI member over the ports into the model's vectors.
-        widths = model_port_widths(ddr)
-        conns = {}
-        for name, (direction, width) in widths.items():
-            per_port = []
-            for p, rd in enumerate(self.readers):
-                if name.startswith(("ar", "r")):
-                    per_port.append(getattr(rd.bus, name))
-                elif p == 0:
-                    per_port.append(getattr(wr.bus, name))
-                else:
-                    per_port.append(None)
-            if direction == "input":                     # model input = master output
-                parts = []
-                for sig in per_port:
-                    if sig is None:                      # idle write channels: nothing valid, B taken
-                        sig = Const(1 if name == "bready" else 0, width)
-                    parts.append(sig)
-                conns[f"i_s_axi_{name}"] = Cat(*parts)
-            else:
-                vec = Signal(width * ddr.ports, name=f"ddr_{name}")
-                conns[f"o_s_axi_{name}"] = vec
-                for p, sig in enumerate(per_port):
-                    if sig is not None:
-                        m.d.comb += sig.eq(vec[p * width:(p + 1) * width])
-        params = {f"p_{k}": (Const(v, 64) if k == "MEM_BASE" else v) for k, v in ddr.verilog_parameters().items()}
-        m.submodules.ddr = Instance(
-            "hp_ddr_model", i_clk=ClockSignal("sync"), i_rst=ResetSignal("sync"), **params, **conns,
-            o_stat_bytes_read=Signal(64), o_stat_bytes_written=Signal(64), o_stat_cycles=Signal(64),
-            o_stat_protocol_errors=Signal(32))
+        def member(name, p):
+            if name.startswith(("ar", "r")):
+                return getattr(self.readers[p].bus, name)
+            return getattr(wr.bus, name) if p == 0 else None
+        ddr_model(m, ddr, member)
         return m
 
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, ResetInserter, ResetSignal, Signal
+from amaranth.hdl import Module, ResetInserter
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from rtl.fabric_attend import READ_PORTS, FabricAttendEngine
 from rtl.fabric_cmd import fabric_done_layout, fabric_op_layout
 
-from .ddr import MODEL_SOURCE, DdrModelConfig, model_port_widths
+from .axi_tops import ddr_model
+from .ddr import MODEL_SOURCE, DdrModelConfig
 
 __all__ = ["FabricAttendBench", "fabric_attend_sources", "ATTEND_DDR"]
 
@@ -54,28 +55,12 @@ class FabricAttendBench(wiring.Component):
         m.d.sync += self.cycle.eq(self.cycle + 1)
 
         readers = [getattr(eng, f"rd{i}") for i in range(READ_PORTS)]
-        conns = {}
-        for name, (direction, width) in model_port_widths(ddr).items():
-            per_port = []
-            for p in range(ddr.ports):
-                if name.startswith(("ar", "r")):
-                    per_port.append(getattr(readers[p], name) if p < len(readers) else None)
-                else:
-                    per_port.append(getattr(eng.wr, name) if p == ddr.ports - 1 else None)
-            if direction == "input":
-                conns[f"i_s_axi_{name}"] = Cat(*[Const(1 if name in ("rready", "bready") else 0, width)
-                                                 if sig is None else sig for sig in per_port])
-            else:
-                vec = Signal(width * ddr.ports, name=f"ddr_{name}")
-                conns[f"o_s_axi_{name}"] = vec
-                for p, sig in enumerate(per_port):
-                    if sig is not None:
-                        m.d.comb += sig.eq(vec[p * width:(p + 1) * width])
-        params = {f"p_{k}": (Const(v, 64) if k == "MEM_BASE" else v) for k, v in ddr.verilog_parameters().items()}
-        m.submodules.ddr = Instance(
-            "hp_ddr_model", i_clk=ClockSignal("sync"), i_rst=ResetSignal("sync"), **params, **conns,
-            o_stat_bytes_read=Signal(64), o_stat_bytes_written=Signal(64), o_stat_cycles=Signal(64),
-            o_stat_protocol_errors=Signal(32))
+
+        def member(name, p):      # reader i on port i, the writer on the last port
+            if name.startswith(("ar", "r")):
+                return getattr(readers[p], name) if p < len(readers) else None
+            return getattr(eng.wr, name) if p == ddr.ports - 1 else None
+        ddr_model(m, ddr, member)
         return m
 
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, ResetInserter, ResetSignal, Signal
+from amaranth.hdl import Module, ResetInserter, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from rtl.fabric_cmd import fabric_done_layout, fabric_op_layout
 from rtl.fabric_vector import FabricVectorEngine
 
-from .ddr import MODEL_SOURCE, DdrModelConfig, model_port_widths
+from .axi_tops import ddr_model
+from .ddr import MODEL_SOURCE, DdrModelConfig
 
 TOP_NAME = "fvec_bench"
 # Three ports (rd0, rd1, wr), 16 MiB at 0, 32-bit addresses: every test of the engine uses this build.
@@ -58,27 +59,11 @@ class FabricVectorBench(wiring.Component):
             m.d.sync += self.t_done.eq(self.cycle)
 
         buses = [eng.rd0, eng.rd1, eng.wr]
-        conns = {}
-        for name, (direction, width) in model_port_widths(ddr).items():
-            per_port = []
-            for p, bus in enumerate(buses):
-                is_read = name.startswith(("ar", "r"))
-                per_port.append(getattr(bus, name) if (p < 2) == is_read else None)
-            if direction == "input":
-                conns[f"i_s_axi_{name}"] = Cat(*[sig if sig is not None else
-                                                 Const(1 if name in ("rready", "bready") else 0, width)
-                                                 for sig in per_port])
-            else:
-                vec = Signal(width * ddr.ports, name=f"ddr_{name}")
-                conns[f"o_s_axi_{name}"] = vec
-                for p, sig in enumerate(per_port):
-                    if sig is not None:
-                        m.d.comb += sig.eq(vec[p * width:(p + 1) * width])
-        params = {f"p_{k}": (Const(v, 64) if k == "MEM_BASE" else v) for k, v in ddr.verilog_parameters().items()}
-        m.submodules.ddr = Instance(
-            "hp_ddr_model", i_clk=ClockSignal("sync"), i_rst=ResetSignal("sync"), **params, **conns,
-            o_stat_bytes_read=Signal(64), o_stat_bytes_written=Signal(64), o_stat_cycles=Signal(64),
-            o_stat_protocol_errors=Signal(32))
+
+        def member(name, p):      # rd0, rd1 on ports 0 and 1, the writer on port 2
+            is_read = name.startswith(("ar", "r"))
+            return getattr(buses[p], name) if p < len(buses) and (p < 2) == is_read else None
+        ddr_model(m, ddr, member)
         return m
 
 
