@@ -21,33 +21,10 @@ import cocotb
 from cocotb.clock import Clock
 from cocotb.triggers import FallingEdge, ReadOnly
 
-
-class Stream:
-    """One input stream: a queue of beats offered with a random valid pattern."""
-
-    def __init__(self, dut, name: str, beats: list[int], width: int, p_valid: float, rng: random.Random):
-        self.valid = getattr(dut, f"{name}__valid")
-        self.ready = getattr(dut, f"{name}__ready")
-        self.payload = getattr(dut, f"{name}__payload")
-        self.name, self.beats, self.width, self.p_valid, self.rng = name, beats, width, p_valid, rng
-        self.sent = 0
-        self.offered = False
-        self.handshakes: list[int] = []
-
-    def drive(self):
-        if not self.offered and self.sent < len(self.beats) and self.rng.random() < self.p_valid:
-            self.offered = True
-            self.valid.value = 1
-            self.payload.value = self.beats[self.sent]
-        elif not self.offered:
-            self.valid.value = 0
-            self.payload.value = self.rng.getrandbits(self.width)   # junk must be ignored
-
-    def sample(self, cycle: int):
-        if self.offered and int(self.ready.value):
-            self.handshakes.append(cycle)
-            self.sent += 1
-            self.offered = False
+try:                    # inside the simulator, sim/ is the test directory
+    from stream_driver import Stream
+except ImportError:     # imported as sim.<module>
+    from sim.stream_driver import Stream
 
 
 def _beats128(codes: np.ndarray) -> list[int]:
