@@ -137,6 +137,7 @@ SLOW_POINTS = [
 
 
 @pytest.mark.sim
+@pytest.mark.slow     # the default run has this unit at tiny's shape inside tests/test_fabric_attend.py
 @pytest.mark.parametrize("point, ns", POINTS, ids=lambda p: str(p))
 def test_attention_unit_bit_exact(point, ns, tmp_path):
     rng = np.random.default_rng(point["head_dim"] * 100 + point["macs"])
@@ -158,7 +159,7 @@ def test_attention_unit_bit_exact_slow(point, ns, tmp_path):
 @pytest.mark.sim
 @pytest.mark.parametrize("point, per_position, overhead", [
     # tiny: P = ceil(2/1) * 2 chunks = 4 steps, 2 max(4, 32/16) + 2 = 10
-    (dict(head_dim=32, group=2, macs=16, max_positions=64), 10, None),
+    pytest.param(dict(head_dim=32, group=2, macs=16, max_positions=64), 10, None, marks=pytest.mark.slow),
     # qwen2.5-0.5b: P = ceil(7/2) = 4, 2 max(4, 64/16) + 7 = 15; 1,740 cycles measured at n = 100
     pytest.param(dict(head_dim=64, group=7, macs=128, max_positions=512), 15, 260, marks=pytest.mark.slow),
 ], ids=["tiny", "0.5b"])

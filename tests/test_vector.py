@@ -329,7 +329,9 @@ def run_programs(unit, src, name, scenarios, tmp_path, seed):
 
 # (lanes, presets with their group size, full intermediate size)
 POINTS = [
-    pytest.param(4, [("qwen2.5-0.5b", 64)], False, id="L4-0.5b"),
+    # under slow: the default run has the unit at 4 lanes inside the vector engine's test
+    # (tests/test_fabric_vector.py: every op bit-exact through DDR, random stalls)
+    pytest.param(4, [("qwen2.5-0.5b", 64)], False, id="L4-0.5b", marks=pytest.mark.slow),
     pytest.param(1, [("tiny", 128)], True, id="L1-tiny", marks=pytest.mark.slow),
     pytest.param(8, [("tiny", 32)], False, id="L8-tiny", marks=pytest.mark.slow),
     pytest.param(8, [("qwen2.5-1.5b", 128), ("tiny", 64)], False, id="L8-1.5b-tiny", marks=pytest.mark.slow),
@@ -355,6 +357,7 @@ def test_vector_unit_verilator(lanes, presets, full, tmp_path):
 
 
 @pytest.mark.sim
+@pytest.mark.slow     # the L4 build is slow-tier (see POINTS); the engine's cycles are in test_fabric_vector
 def test_vector_unit_cycles(tmp_path):
     """Stall-free cycle counts per op at L = 4 (0.5b shapes): throughput and latency."""
     lanes = 4
