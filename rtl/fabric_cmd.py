@@ -137,6 +137,14 @@ class FabricDescriptorChecker(wiring.Component):
                                d.aux == 0)))
         row = d.n * 4
         overlap = (d.tokens > 1) & Cat(*(u & (s < row) for s, u in strides)).any()
+        # _built_for: the shapes of this design's engines (HW_PARAMS4; 0 = not constrained)
+        built = Const(1)
+        if lim.max_row:
+            built = built & (d.n <= lim.max_row)
+        if lim.head_dim:
+            built = built & ~(headed & (d.aux != lim.head_dim))
+        if lim.kv_group:
+            built = built & ~(is_[Opcode.ATTEND] & (heads > d.p1[:hb] * lim.kv_group))
 
         checks = [
             (d.version != DESCRIPTOR_VERSION, ErrorCode.BAD_VERSION),
@@ -145,7 +153,7 @@ class FabricDescriptorChecker(wiring.Component):
             (d.tokens > lim.tokens, ErrorCode.TOO_MANY_TOKENS),
             (misaligned, ErrorCode.MISALIGNED_ADDRESS),
             (out_of_range, ErrorCode.ADDRESS_RANGE),
-            ((d.n > FABRIC_MAX_N) | ~shape_ok | overlap, ErrorCode.BAD_FIELD),
+            ((d.n > FABRIC_MAX_N) | ~shape_ok | ~built | overlap, ErrorCode.BAD_FIELD),
         ]
         for cond, code in reversed(checks):
             with m.If(cond):

@@ -14,6 +14,9 @@ from sw.contract.commands import ErrorCode, HardwareLimits, Opcode
 from sw.contract.errors import ConfigError
 
 HW = HardwareLimits(tile_rows=32, tokens=8, group_size=64, addr_bits=40, max_context=4096)
+# a design whose engines were built for qwen2.5-0.5b's shapes (HW_PARAMS4)
+HW_BUILT = HardwareLimits(tile_rows=32, tokens=8, group_size=64, addr_bits=40, max_context=4096, head_dim=64,
+                          kv_group=7, max_row=4864)
 OPS = list(fc.FABRIC_OPCODES)
 
 
@@ -31,16 +34,17 @@ def test_layouts_are_the_descriptor_table():
     assert "version" not in {name for name, _ in op}
 
 
-def _random(rng: random.Random) -> fc.FabricCommand:
+def _random(rng: random.Random, hw: HardwareLimits = HW) -> fc.FabricCommand:
     """A plausible descriptor of a random op, then 0..2 random mutations of its fields."""
     op = rng.choice(OPS)
-    aux = {Opcode.QUANT: rng.choice(fc.QUANT_GROUPS)}.get(op, rng.choice(fc.HEAD_DIMS))
+    heads_dims = [hw.head_dim] * 3 + list(fc.HEAD_DIMS) if hw.head_dim else fc.HEAD_DIMS
+    aux = {Opcode.QUANT: rng.choice(fc.QUANT_GROUPS)}.get(op, rng.choice(heads_dims))
     heads = rng.randint(1, 16)
     n = aux * heads
-    a = lambda: rng.randrange(0, 1 << HW.addr_bits, 64)   # noqa: E731
+    a = lambda: rng.randrange(0, 1 << hw.addr_bits, 64)   # noqa: E731
     row = -(-4 * n // 64) * 64
-    kw = dict(opcode=op, n=n, tokens=rng.randint(1, HW.tokens), src0=a(), src1=a(), dst=a(),
-              src_stride=row, dst_stride=row, aux=aux, p0=rng.randint(1, HW.max_context),
+    kw = dict(opcode=op, n=n, tokens=rng.randint(1, hw.tokens), src0=a(), src1=a(), dst=a(),
+              src_stride=row, dst_stride=row, aux=aux, p0=rng.randint(1, hw.max_context),
               p1=rng.choice([d for d in range(1, heads + 1) if heads % d == 0]), tag=rng.randrange(1 << 32))
     if op == Opcode.EMBED:
         kw.update(aux=0, n=8 * rng.randint(1, 200), src_stride=0, p1=0, p0=rng.randint(1, 1 << 20))
@@ -82,10 +86,11 @@ def _random(rng: random.Random) -> fc.FabricCommand:
     return cmd
 
 
-def test_checker_matches_the_contract_on_random_descriptors():
+@pytest.mark.parametrize("hw", [HW, HW_BUILT], ids=["any-shape", "built-for-0.5b"])
+def test_checker_matches_the_contract_on_random_descriptors(hw):
     rng = random.Random(20261203)
-    cmds = [_random(rng) for _ in range(3000)]
-    want = [int(fc.validate_fabric_command(c, HW)) for c in cmds]
+    cmds = [_random(rng, hw) for _ in range(3000)]
+    want = [int(fc.validate_fabric_command(c, hw)) for c in cmds]
     outcomes = {ErrorCode(w) for w in want}
     assert outcomes >= {ErrorCode.NONE, ErrorCode.BAD_VERSION, ErrorCode.RESERVED_NONZERO, ErrorCode.ZERO_SHAPE,
                         ErrorCode.TOO_MANY_TOKENS, ErrorCode.MISALIGNED_ADDRESS, ErrorCode.ADDRESS_RANGE,
@@ -93,7 +98,7 @@ def test_checker_matches_the_contract_on_random_descriptors():
     for op in OPS:    # every op both accepted and refused
         codes = {w for c, w in zip(cmds, want) if c.opcode == op}
         assert 0 in codes and len(codes) > 1, (op, codes)
-    dut = FabricDescriptorChecker(HW)
+    dut = FabricDescriptorChecker(hw)
     got = []
 
     async def tb(ctx):

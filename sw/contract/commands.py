@@ -162,6 +162,11 @@ def _build_register_map() -> tuple[RegisterSpec, ...]:
     b.add("HW_PARAMS3", "The fabric decoder (issue 11): 0 in a design that runs the linear layers only.",
           ("max_context", 24, "R", "KV-cache positions the attention unit holds (0: no fabric decoder; the "
            "EMBED..SILU_MUL opcodes and the ARGMAX flag are then invalid)"))
+    b.add("HW_PARAMS4", "The fabric decoder's shapes (issue 11): what the attention and vector engines were "
+          "built for; 0 in a design without it.",
+          ("head_dim", 9, "R", "the attention unit's head dimension: ROPE, KV_STORE and ATTEND take aux = head_dim"),
+          ("kv_group", 6, "R", "the most query heads per KV head ATTEND takes (an op's ratio heads / p1 may be smaller)"),
+          ("max_row", 17, "R", "the most elements per token row (n) a fabric op takes"))
     for i in range(8):
         doc = ("The sha256 of the ArrayConfig's canonical JSON (ArrayConfig.config_hash), bytes 0..3 as a "
                "little-endian word; CONFIG_HASH1..7 hold bytes 4..31 in order. The driver refuses a model "
@@ -473,6 +478,9 @@ class HardwareLimits:
     weight_kinds: int = WEIGHT_KIND_INT4
     addr_bits: int = DEFAULT_ADDR_BITS
     max_context: int = 0          # HW_PARAMS3: 0 = no fabric decoder (linears only)
+    head_dim: int = 0             # HW_PARAMS4: the fabric shapes (0: not constrained)
+    kv_group: int = 0
+    max_row: int = 0
 
     @property
     def fabric_ops(self) -> bool:
@@ -484,17 +492,21 @@ class HardwareLimits:
         """From an sw.contract.config.ArrayConfig (duck-typed, so no import of rtl here)."""
         kinds = WEIGHT_KIND_INT8 if getattr(cfg, "weight_bits", 4) == 8 else WEIGHT_KIND_INT4
         return cls(tile_rows=cfg.rows, tokens=cfg.tokens, group_size=cfg.group_size, weight_kinds=kinds,
-                   addr_bits=addr_bits, max_context=getattr(cfg, "max_context", 0))
+                   addr_bits=addr_bits, max_context=getattr(cfg, "max_context", 0),
+                   head_dim=getattr(cfg, "attn_head_dim", 0), kv_group=getattr(cfg, "attn_group", 0),
+                   max_row=getattr(cfg, "fabric_max_n", 0))
 
     @classmethod
     def from_registers(cls, hw_params0: int, hw_params1: int, hw_params2: int,
-                       hw_params3: int = 0) -> "HardwareLimits":
+                       hw_params3: int = 0, hw_params4: int = 0) -> "HardwareLimits":
         p0 = register("HW_PARAMS0").unpack(hw_params0)
         p1 = register("HW_PARAMS1").unpack(hw_params1)
         p2 = register("HW_PARAMS2").unpack(hw_params2)
         p3 = register("HW_PARAMS3").unpack(hw_params3)
+        p4 = register("HW_PARAMS4").unpack(hw_params4)
         return cls(tile_rows=p0["rows"], tokens=p0["tokens"], group_size=p0["group_size"],
-                   weight_kinds=p1["weight_kinds"], addr_bits=p2["addr_bits"], max_context=p3["max_context"])
+                   weight_kinds=p1["weight_kinds"], addr_bits=p2["addr_bits"], max_context=p3["max_context"],
+                   head_dim=p4["head_dim"], kv_group=p4["kv_group"], max_row=p4["max_row"])
 
 
 def validate_command(cmd: LinearCommand, hw: HardwareLimits) -> ErrorCode:

@@ -27,6 +27,9 @@ SCHEMA = "kriallm.array-config/1"
 K26_CAPACITY = {"LUT": 117_120, "FF": 234_240, "DSP": 1_248, "BRAM36": 144, "URAM": 64}
 
 # DSP48E2 multiplier ports: 27-bit signed A (pre-adder output), 18-bit signed B.
+_FABRIC_FIELDS = ("attn_head_dim", "attn_group", "attn_macs", "fabric_max_n")
+FABRIC_HEAD_DIMS = (32, 64, 128)      # sw.contract.fabric_commands.HEAD_DIMS (not imported: no cycle)
+FABRIC_MAX_ROW = 1 << 16              # sw.contract.fabric_commands.FABRIC_MAX_N
 MAX_CONTEXT_LIMIT = 1 << 20        # HW_PARAMS3.max_context has 24 bits; 1 Mi positions is far beyond any KV260 use
 DSP_A_BITS = 27
 DSP_B_BITS = 18
@@ -63,6 +66,12 @@ class ArrayConfig:
     dequant_lanes: int = 1        # fp32 dequant pipelines per engine
     acc_bits: int = 0             # accumulator width override; 0 derives the exact minimum
     max_context: int = 0          # fabric decoder: KV-cache positions (0: linears only, the paper's split)
+    # The fabric decoder's engines (all 0 when max_context is 0): the attention unit's head dimension,
+    # its most query heads per KV head and its multipliers; the longest token row a fabric op takes.
+    attn_head_dim: int = 0
+    attn_group: int = 0
+    attn_macs: int = 0
+    fabric_max_n: int = 0
 
     # ---- derived facts -------------------------------------------------
     @property
@@ -227,6 +236,26 @@ class ArrayConfig:
                 or mc % 64:
             raise ConfigError(f"array config: max_context must be 0 (no fabric decoder) or a multiple of 64 from "
                               f"64 to {MAX_CONTEXT_LIMIT}, got {mc!r}")
+        fabric = {k: getattr(self, k) for k in _FABRIC_FIELDS}
+        for k, v in fabric.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"array config: {k} must be a non-negative integer, got {v!r}")
+        if not mc and any(fabric.values()):
+            raise ConfigError(f"array config: {', '.join(k for k, v in fabric.items() if v)} describe the fabric "
+                              f"decoder, which max_context 0 leaves out; set max_context or drop them")
+        if mc:
+            hd, g, macs, n = (fabric[k] for k in _FABRIC_FIELDS)
+            if hd not in FABRIC_HEAD_DIMS:
+                raise ConfigError(f"array config: attn_head_dim must be one of "
+                                  f"{', '.join(map(str, FABRIC_HEAD_DIMS))}, got {hd}")
+            if not 1 <= g <= 32:
+                raise ConfigError(f"array config: attn_group must be 1..32 query heads per KV head, got {g}")
+            if macs < 16 or macs & (macs - 1) or macs > hd * (1 << (g - 1).bit_length()):
+                raise ConfigError(f"array config: attn_macs must be a power of two from 16 to head_dim x the "
+                                  f"group rounded up to a power of two ({hd * (1 << (g - 1).bit_length())}), got {macs}")
+            if not hd <= n <= FABRIC_MAX_ROW or n % 8:
+                raise ConfigError(f"array config: fabric_max_n must be a multiple of 8 from attn_head_dim to "
+                                  f"{FABRIC_MAX_ROW}, got {n}")
         if not isinstance(self.dsp_packing, bool):
             raise ConfigError(f"array config: dsp_packing must be true or false, got {self.dsp_packing!r}")
         if self.weight_bits not in (4, 8):
@@ -274,7 +303,8 @@ class ArrayConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if not d["max_context"]:        # a linears-only design: its JSON and config hash as before issue 11
-            del d["max_context"]
+            for k in ("max_context",) + _FABRIC_FIELDS:
+                del d[k]
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -349,7 +379,12 @@ PRESETS: dict[str, ArrayConfig] = {
     # The design issue 11 specifies: kv260 plus the fabric decoder with a 4096-position KV cache (the
     # bench's deepest point, 2048, plus room). The golden device models it; the RTL top does not
     # contain the fabric units yet, so it cannot be elaborated (rtl.cmdproc.rtl_limits says so).
-    "kv260-fabric": dataclasses.replace(_KV260, max_context=4096),
+    "kv260-fabric": dataclasses.replace(_KV260, max_context=4096, attn_head_dim=64, attn_group=7, attn_macs=128,
+                                        fabric_max_n=4864),
+    # The same linears with the fabric engines built for the `tiny` model (head_dim 32, 2 query heads per
+    # KV head, rows up to 384): what the default simulation runs; its attention unit builds in a minute.
+    "kv260-fabric-tiny": dataclasses.replace(_KV260, max_context=256, attn_head_dim=32, attn_group=2, attn_macs=16,
+                                             fabric_max_n=384),
     # Small points for CI: rows x cols, odd token counts and every pipeline depth class.
     "test-4x4-g32": ArrayConfig(rows=4, cols=4, tokens=2, group_size=32, port_bits=128,
                                 dsp_packing=True, pipeline=2, dequant_lanes=1),

@@ -259,6 +259,17 @@ def _shape_ok(cmd: FabricCommand, hw: HardwareLimits) -> bool:
     return aux == 0
 
 
+def _built_for(cmd: FabricCommand, hw: HardwareLimits) -> bool:
+    """The shapes the design's engines were built for (HW_PARAMS4; 0 = not constrained)."""
+    if hw.max_row and cmd.n > hw.max_row:
+        return False
+    if hw.head_dim and cmd.op in (Opcode.ROPE, Opcode.KV_STORE, Opcode.ATTEND) and cmd.aux != hw.head_dim:
+        return False
+    if hw.kv_group and cmd.op == Opcode.ATTEND and (cmd.n // cmd.aux) // cmd.p1 > hw.kv_group:
+        return False
+    return True
+
+
 def _fields_used(cmd: FabricCommand) -> tuple[list[int], list[int], list[str]]:
     """(addresses, strides, unused parameter fields that must be 0) of an op."""
     op = cmd.op
@@ -312,7 +323,7 @@ def validate_fabric_command(cmd: FabricCommand, hw: HardwareLimits) -> ErrorCode
         return ErrorCode.MISALIGNED_ADDRESS
     if any(a >> hw.addr_bits for a in addrs):
         return ErrorCode.ADDRESS_RANGE
-    if cmd.n > FABRIC_MAX_N or not _shape_ok(cmd, hw):
+    if cmd.n > FABRIC_MAX_N or not _shape_ok(cmd, hw) or not _built_for(cmd, hw):
         return ErrorCode.BAD_FIELD
     row = 4 * cmd.n
     if cmd.tokens > 1 and any(s < row for s in strides):
