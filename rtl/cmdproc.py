@@ -318,6 +318,9 @@ class CommandProcessor(CheckedComponent):
             regs.HW_PARAMS2.f.addr_bits.r_data.eq(self._addr_width),
             regs.HW_PARAMS2.f.clock_mhz.r_data.eq(cfg.clock_mhz),
             regs.HW_PARAMS3.f.max_context.r_data.eq(lim.max_context),
+            regs.HW_PARAMS4.f.head_dim.r_data.eq(lim.head_dim),
+            regs.HW_PARAMS4.f.kv_group.r_data.eq(lim.kv_group),
+            regs.HW_PARAMS4.f.max_row.r_data.eq(lim.max_row),
         ]
         for i, word in enumerate(self._hash_words):
             m.d.comb += getattr(regs, f"CONFIG_HASH{i}").f.hash.r_data.eq(word)

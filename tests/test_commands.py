@@ -137,13 +137,17 @@ def test_hardware_limits_from_config_and_registers():
     kv = preset("kv260-fabric")
     hw = HardwareLimits.from_config(kv)
     assert hw == HardwareLimits(tile_rows=32, tokens=8, group_size=64, weight_kinds=C.WEIGHT_KIND_INT4,
-                                addr_bits=C.DEFAULT_ADDR_BITS, max_context=4096)
+                                addr_bits=C.DEFAULT_ADDR_BITS, max_context=4096, head_dim=64, kv_group=7,
+                                max_row=4864)
     assert hw.fabric_ops
     p0 = C.register("HW_PARAMS0").pack(rows=32, cols=1, tokens=8, group_size=64)
     p1 = C.register("HW_PARAMS1").pack(engines=4, weight_kinds=1, cmd_log_depth=32, beat_bytes=16)
     p2 = C.register("HW_PARAMS2").pack(addr_bits=40, clock_mhz=250)
     p3 = C.register("HW_PARAMS3").pack(max_context=4096)
-    assert HardwareLimits.from_registers(p0, p1, p2, p3) == hw
+    # HW_PARAMS4 at 0x18: head_dim bits 0..8, kv_group 9..14, max_row 15..31 (docs/registers.md)
+    p4 = 64 | 7 << 9 | 4864 << 15
+    assert C.register("HW_PARAMS4").offset == 0x18
+    assert HardwareLimits.from_registers(p0, p1, p2, p3, p4) == hw
     # a design without HW_PARAMS3 (linears only) reads 0 there: no fabric decoder
     assert not HardwareLimits.from_registers(p0, p1, p2).fabric_ops
 

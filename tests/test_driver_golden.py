@@ -188,7 +188,7 @@ def test_registers_identity_counters_and_reset():
     dev.write_fields("CTRL", soft_reset=1)
     assert dev.read32("STATUS") == 0 and dev.read32("IRQ_STATUS") == 0 and dev.read_counter("BUSY_CYCLES") == 0
     with pytest.raises(DeviceError, match="unmapped register"):
-        dev.read32(0x18)
+        dev.read32(0x1C)
 
 
 def test_mismatches_are_one_clear_error(models, tmp_path):
@@ -240,7 +240,7 @@ def test_sim_device_missing_or_unloadable_is_one_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("split", ["hybrid", "fabric"])
 def test_bench_report(models, split):
-    model = open_accelerated(models["int4"], "golden", types.SimpleNamespace(split=split, hw_config="kv260-fabric"))
+    model = open_accelerated(models["int4"], "golden", types.SimpleNamespace(split=split, hw_config="kv260-fabric-tiny"))
     rep = bench_report(model, PROMPT, 4)
     json.dumps(rep)
     assert rep["new_tokens"] == 4 and rep["prompt_tokens"] == len(PROMPT) and rep["split"] == split
@@ -253,6 +253,6 @@ def test_bench_report(models, split):
     else:
         assert pt["register_accesses"] >= 9 * 6
     assert rep["decode_tok_s"] == pytest.approx(1 / (pt["host_s"] + pt["accelerator_s"]))
-    assert rep["time_to_first_token_s"] > 0 and rep["hardware"]["config_hash"] == preset("kv260-fabric").config_hash
+    assert rep["time_to_first_token_s"] > 0 and rep["hardware"]["config_hash"] == preset("kv260-fabric-tiny").config_hash
     assert rep["assumptions"]["accelerator_time"]["kind"].startswith("analytical")
     assert len(rep["steps"]) == 4 and rep["steps"][0]["tokens"] == len(PROMPT)

@@ -9,6 +9,8 @@ from docs/registers.md, and every validation code is provoked.
 
 from __future__ import annotations
 
+import dataclasses
+
 import struct
 
 import numpy as np
@@ -24,7 +26,7 @@ from sw.fabric import FabricRunner
 from sw.kq import load_kq
 
 U32 = np.uint32
-FABRIC = preset("kv260-fabric")      # kv260 + the fabric decoder (golden only until the RTL has it)
+FABRIC = preset("kv260-fabric-tiny")   # kv260 + the fabric engines built for tiny (golden only until the RTL has it)
 PROMPT = [5, 17, 3, 99, 250, 7, 7, 42, 1, 0, 511, 64]      # 12 tokens: chunks of 8 + 4 on kv260
 
 
@@ -145,7 +147,7 @@ def test_descriptor_bytes_follow_the_documented_offsets():
     assert type(linear).__name__ == "LinearCommand"
 
 
-HW = HardwareLimits.from_config(FABRIC)
+HW = HardwareLimits.from_config(preset("kv260-fabric"))     # engines built for qwen2.5-0.5b's shapes
 
 
 def _good(op=Opcode.QUANT, **kw):
@@ -167,11 +169,15 @@ def _good(op=Opcode.QUANT, **kw):
     (_good(dst=1 << 40), ErrorCode.ADDRESS_RANGE),
     (_good(aux=48, n=96 * 4), ErrorCode.BAD_FIELD),       # not a quantization group the unit has
     (_good(n=900), ErrorCode.BAD_FIELD),                    # not a multiple of the group
-    (_good(n=(1 << 16) + 64, src_stride=(1 << 18) + 256), ErrorCode.BAD_FIELD),   # above FABRIC_MAX_N
-    (_good(n=1 << 16, src_stride=1 << 18), ErrorCode.NONE),
     (_good(src_stride=1024), ErrorCode.BAD_FIELD),         # rows of 3584 bytes would overlap
     (_good(Opcode.ROPE, src1=0x4000, dst_stride=3584, p0=4097), ErrorCode.BAD_FIELD),   # > max_context
     (_good(Opcode.ROPE, src1=0x4000, dst_stride=3584, p0=4096), ErrorCode.NONE),
+    # what the engines were built for (HW_PARAMS4: head_dim 64, 7 query heads per KV head, rows <= 4864)
+    (_good(Opcode.ROPE, src1=0x4000, dst_stride=3584, p0=4096, aux=32), ErrorCode.BAD_FIELD),
+    (_good(Opcode.ATTEND, src1=0x4000, src_stride=0, dst_stride=3584, p0=4096, p1=2), ErrorCode.NONE),
+    (_good(Opcode.ATTEND, n=1024, src1=0x4000, src_stride=0, dst_stride=4096, p0=4096, p1=2), ErrorCode.BAD_FIELD),
+    (_good(n=4864 + 64, src_stride=19712), ErrorCode.BAD_FIELD),
+    (_good(n=4864, src_stride=19456), ErrorCode.NONE),
     (_good(Opcode.ATTEND, src1=0x4000, src_stride=0, dst_stride=3584, p0=4096, p1=3), ErrorCode.BAD_FIELD),
     (_good(Opcode.EMBED, tokens=2, src0=0, src1=0x4000, src_stride=0, dst_stride=3584, aux=0, p0=512, flags=1),
      ErrorCode.BAD_FIELD),                                 # RUN_TOKEN feeds one row only
@@ -180,6 +186,13 @@ def _good(op=Opcode.QUANT, **kw):
 ])
 def test_fabric_validation_codes(cmd, code):
     assert fc.validate_fabric_command(cmd, HW) == code
+
+
+def test_the_contract_bounds_rows_whatever_the_design():
+    any_shape = dataclasses.replace(HW, head_dim=0, kv_group=0, max_row=0)
+    assert fc.validate_fabric_command(_good(n=1 << 16, src_stride=1 << 18), any_shape) == ErrorCode.NONE
+    assert fc.validate_fabric_command(_good(n=(1 << 16) + 64, src_stride=(1 << 18) + 256), any_shape) \
+        == ErrorCode.BAD_FIELD                                                          # above FABRIC_MAX_N
 
 
 def test_linears_only_design_rejects_fabric_opcodes_and_the_argmax_flag():
@@ -205,7 +218,7 @@ def test_kv_cache_layout_sections():
 def test_cli_generate_on_the_fabric_split_and_its_errors(tiny, capsys):
     from sw.cli import main
     path, ref = tiny
-    assert main(["generate", str(path), "--device", "golden", "--hw-config", "kv260-fabric", "--prompt-ids", "5 17 3",
+    assert main(["generate", str(path), "--device", "golden", "--hw-config", "kv260-fabric-tiny", "--prompt-ids", "5 17 3",
                  "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     rcache = ref.new_cache()
@@ -213,7 +226,7 @@ def test_cli_generate_on_the_fabric_split_and_its_errors(tiny, capsys):
     for _ in range(3):
         want.append(ref.next_token(ref.forward([want[-1]], rcache)))
     assert f"new ids    : {want}" in out
-    assert main(["generate", str(path), "--device", "golden", "--hw-config", "kv260-fabric", "--context", "4",
+    assert main(["generate", str(path), "--device", "golden", "--hw-config", "kv260-fabric-tiny", "--context", "4",
                  "--prompt-ids", "5 17 3",
                  "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -224,6 +237,26 @@ def test_cli_generate_on_the_fabric_split_and_its_errors(tiny, capsys):
     assert main(["generate", str(path), "--device", "golden", "--prompt-ids", "5 17 3",
                  "--max-new-tokens", "2"]) == 0       # kv260, auto: the hybrid split
     assert main(["generate", str(path), "--device", "golden", "--context", "0", "--prompt-ids", "1"]) == 2
+    capsys.readouterr()
+    # tiny (head_dim 32) on a design whose attention unit is built for qwen2.5-0.5b (head_dim 64)
+    assert main(["generate", str(path), "--device", "golden", "--hw-config", "kv260-fabric", "--prompt-ids", "1",
+                 "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "built for head_dim 64" in err[0] and "head_dim 32" in err[0], err
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(attn_head_dim=64), "max_context 0 leaves out"),
+    (dict(max_context=256, attn_head_dim=48, attn_group=2, attn_macs=16, fabric_max_n=384), "attn_head_dim must be"),
+    (dict(max_context=256, attn_head_dim=32, attn_group=0, attn_macs=16, fabric_max_n=384), "attn_group must be"),
+    (dict(max_context=256, attn_head_dim=32, attn_group=2, attn_macs=24, fabric_max_n=384), "attn_macs must be"),
+    (dict(max_context=256, attn_head_dim=32, attn_group=2, attn_macs=128, fabric_max_n=384), "attn_macs must be"),
+    (dict(max_context=256, attn_head_dim=32, attn_group=2, attn_macs=16, fabric_max_n=20), "fabric_max_n must be"),
+])
+def test_fabric_engine_shapes_are_validated(changes, match):
+    from sw.contract.errors import ConfigError
+    with pytest.raises(ConfigError, match=match):
+        dataclasses.replace(preset("kv260"), **changes).validate()
 
 
 def test_config_hash_of_a_linears_only_design_is_unchanged_by_the_new_field():

@@ -385,7 +385,8 @@ class Device(abc.ABC):
             v = register("VERSION").unpack(self.read32("VERSION"))
             self._identity = Identity(
                 magic=self.read32("ID"), version=(v["major"], v["minor"]),
-                limits=HardwareLimits.from_registers(p0, p1, p2, self.read32("HW_PARAMS3")), cols=f0["cols"], engines=f1["engines"],
+                limits=HardwareLimits.from_registers(p0, p1, p2, self.read32("HW_PARAMS3"),
+                                                     self.read32("HW_PARAMS4")), cols=f0["cols"], engines=f1["engines"],
                 beat_bytes=f1["beat_bytes"], clock_mhz=f2["clock_mhz"],
                 config_hash=config_hash_from_words(self.read32(f"CONFIG_HASH{i}") for i in range(8)))
         return self._identity

@@ -306,6 +306,8 @@ def identity_words(limits: HardwareLimits, *, cols: int, engines: int, beat_byte
                                                   cmd_log_depth=CMD_LOG_DEPTH, beat_bytes=beat_bytes),
         "HW_PARAMS2": register("HW_PARAMS2").pack(addr_bits=limits.addr_bits, clock_mhz=clock_mhz),
         "HW_PARAMS3": register("HW_PARAMS3").pack(max_context=limits.max_context),
+        "HW_PARAMS4": register("HW_PARAMS4").pack(head_dim=limits.head_dim, kv_group=limits.kv_group,
+                                                  max_row=limits.max_row),
     }
     for i, w in enumerate(config_hash_words(config_hash)):
         words[f"CONFIG_HASH{i}"] = w

@@ -57,6 +57,17 @@ class FabricProgram:
             raise ConfigError(f"head_dim {hd} is not one the attention unit takes ({', '.join(map(str, HEAD_DIMS))})")
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        rep_ = cfg.num_attention_heads // cfg.num_key_value_heads
+        longest = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim)
+        if limits.head_dim and hd != limits.head_dim:
+            raise ConfigError(f"the design's attention unit is built for head_dim {limits.head_dim} (HW_PARAMS4); "
+                              f"this model has head_dim {hd}")
+        if limits.kv_group and rep_ > limits.kv_group:
+            raise ConfigError(f"the design's attention unit takes at most {limits.kv_group} query heads per KV head "
+                              f"(HW_PARAMS4); this model has {rep_}")
+        if limits.max_row and longest > limits.max_row:
+            raise ConfigError(f"the design's fabric ops take rows of at most {limits.max_row} elements (HW_PARAMS4); "
+                              f"this model needs {longest}")
         cap = limits.max_context if capacity is None else capacity
         if not 0 < cap <= limits.max_context:
             raise ConfigError(f"KV cache capacity {cap} must be 1..{limits.max_context} (the design's max_context)")
