@@ -5,8 +5,9 @@ The unit's outputs for every command must equal
 (the golden decoder's path, sw/fabric.py) as uint32 patterns. Commands mix realistic
 scales with extreme ones (scores 2^±60 apart, so exp2 flushes; subnormal w and outputs;
 all-zero rows with scale 0; equal scores; n = 1 and n across the 32 fixed_sum partials),
-at head_dim 32/64/128 with their GQA ratios (2, 7, 6) and several MAC counts, with random
-gaps on every input stream and random back-pressure on the output.
+at head_dim 32/64/128 with their GQA ratios (2, 7, 6), several MAC counts and 1 or 2 exp lanes
+(pass 2 on exp_lanes heads per cycle), with random gaps on every input stream and random
+back-pressure on the output.
 """
 
 from __future__ import annotations
