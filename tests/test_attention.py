@@ -177,7 +177,10 @@ def test_attention_unit_bit_exact_slow(point, ns, tmp_path):
     # qwen2.5-0.5b with exp_lanes = 2: 2 max(4, 64/16) + ceil(7/2) = 12
     pytest.param(dict(head_dim=64, group=7, macs=128, max_positions=512, exp_lanes=2), [100, 300, 100], 12, 260,
                  marks=pytest.mark.slow),
-], ids=["tiny", "0.5b", "d32g2m64e2", "0.5b-e2"])
+    # qwen2.5-0.5b at 256 MACs (4 heads per step), exp_lanes = 4: 2 max(2, 64/16) + ceil(7/4) = 10
+    pytest.param(dict(head_dim=64, group=7, macs=256, max_positions=512, exp_lanes=4), [100, 300, 100], 10, 260,
+                 marks=pytest.mark.slow),
+], ids=["tiny", "0.5b", "d32g2m64e2", "0.5b-e2", "0.5b-m256-e4"])
 def test_attention_unit_cycles_per_position(point, ns, per_position, overhead, tmp_path):
     """Without stalls the command time grows by cycles_per_position per visible position (ns:
     long enough that pass 3 covers fixed_sum's tree and the reciprocals)."""
