@@ -61,7 +61,9 @@ with cycles_per_position = 2 max(P, D/16) + ceil(G/E); fixed_sum's tree and the 
 (about 31 ceil(G/E) + 35 + G + 50 cycles) run beside pass 3 and add only what pass 3 does not
 cover (small n). At D = 64, G = 7: M = 64 gives P = 7, 21 cycles per position; M = 128 gives
 P = 4, 15 cycles per position (measured without stalls: 1,740 cycles for n = 100, 4,740 for
-n = 300), and with E = 2 (H = 2) 12 cycles per position.
+n = 300), and with E = 2 (H = 2) 12 (1,440 cycles for n = 100); M = 256 (H = 4), E = 4: 10.
+The second exp lane costs about 4,500 LUT, 1,900 FF, 10 DSP and a RAMB18 pair at D = 64, G = 7,
+M = 128 (Yosys, docs/rtl.md).
 
 The score buffer reuses one word per (head block, position): the score, then w.
 """
@@ -629,7 +631,8 @@ class AttentionUnit(CheckedComponent):
                     with m.Else():
                         m.next = "TREE"
             with m.State("RECIP"):
-                m.d.comb += [recip_issue.eq(1), tree_rd.eq(1), rd_a_addr.eq(Cat(Const(0, 5), t_head // E if E > 1 else t_head))]
+                m.d.comb += [recip_issue.eq(1), tree_rd.eq(1),
+                             rd_a_addr.eq(Cat(Const(0, 5), t_head // E if E > 1 else t_head))]
                 m.d.sync += t_head.eq(t_head + 1)
                 with m.If(t_head == G - 1):
                     m.next = "IDLE"
