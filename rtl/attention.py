@@ -3,7 +3,8 @@
 
 Parameters: ``head_dim`` D (a power of two, 16..256), ``group`` G (query heads per KV head,
 1..32), ``macs`` M (a power of two >= 16 that divides D or that D divides, at most G*D rounded
-up), ``max_positions`` N (1..2^20).
+up), ``max_positions`` N (1..2^20), ``exp_lanes`` E (default 1: heads per cycle in pass 2; a
+divisor of H below, so 1 .. H).
 
 Geometry: the M multipliers are M lanes. ``heads_per_step`` H = max(1, M/D) heads are worked
 on at once, ``lanes_per_head`` L = min(M, D) dims of each, ``chunks`` K = max(1, D/M) steps per
@@ -39,10 +40,15 @@ Passes of one command ("position" = one of the n visible positions):
    per head, then ``score = fp32(acc) * fp32(fp32(s_q*C) * s_k)`` (C = score_scale(D)) into
    the score buffer (G x N fp32, BRAM) and the running max per head. max(P, D/16) cycles per
    position (D/16: the 128-bit K beats).
-2. softmax: one exp2 per cycle: ``e = exp2(score - m)``, ``w = e * s_v`` written over the
-   score, ``B = max(exponent(w), 1)`` per head, ``e`` summed into fixed_sum's 32 partials per
-   head (a read-modify-write memory). G cycles per position. Then fixed_sum's tree and one
-   reciprocal per head, beside pass 3.
+2. softmax: E exp2 per cycle (E lanes, each with its own subtract, Exp2, multiply and partial
+   adder): issue i of a position reads the score word of head block (i*E) / H and works on
+   heads i*E .. i*E + E-1 of it (lanes on heads >= G compute and are dropped):
+   ``e = exp2(score - m)``, ``w = e * s_v`` written over the score, ``B = max(exponent(w), 1)``
+   per head, ``e`` summed into fixed_sum's 32 partials per head (read-modify-write; E banks,
+   bank k holding heads h = k mod E at row h // E, so each lane updates its own bank).
+   ceil(G/E) cycles per position. Then fixed_sum's tree (the E banks side by side, one bank row
+   of E heads at a time, each head in the contract's pair order) and one reciprocal per head
+   (in head order), beside pass 3.
 3. P.V: each V row is read once; per step the H weights W = RNE(M(w) >> (B - x(w))) (24 bits)
    multiply L V codes each in the same M multipliers (25 x 8 bits) into exact accumulators
    (44 bits at N = 4096) kept in a ring of P registers per lane (shift registers).
@@ -51,10 +57,13 @@ Passes of one command ("position" = one of the n visible positions):
    ``out = y * r``: 4 per cycle, G*D/4 cycles.
 
 Cycles per command ~ n * cycles_per_position + about 240 (q load, pipeline drains, the outputs),
-with cycles_per_position = 2 max(P, D/16) + G; fixed_sum's tree and the reciprocals (about
-31 G + 35 + G + 50 cycles) run beside pass 3 and add only what pass 3 does not cover (small n).
-At D = 64, G = 7: M = 64 gives P = 7, 21 cycles per position; M = 128 gives P = 4, 15 cycles per
-position (measured without stalls: 1,740 cycles for n = 100, 4,740 for n = 300).
+with cycles_per_position = 2 max(P, D/16) + ceil(G/E); fixed_sum's tree and the reciprocals
+(about 31 ceil(G/E) + 35 + G + 50 cycles) run beside pass 3 and add only what pass 3 does not
+cover (small n). At D = 64, G = 7: M = 64 gives P = 7, 21 cycles per position; M = 128 gives
+P = 4, 15 cycles per position (measured without stalls: 1,740 cycles for n = 100, 4,740 for
+n = 300), and with E = 2 (H = 2) 12 (1,440 cycles for n = 100); M = 256 (H = 4), E = 4: 10.
+The second exp lane costs about 4,500 LUT, 1,900 FF, 10 DSP and a RAMB18 pair at D = 64, G = 7,
+M = 128 (Yosys, docs/rtl.md).
 
 The score buffer reuses one word per (head block, position): the score, then w.
 """
@@ -185,24 +194,28 @@ def _fp32_key(x: Value) -> Value:
 class AttentionGeometry:
     """The unit's derived sizes (module docstring) and its steady-state cycles per position."""
 
-    def __init__(self, head_dim: int, group: int, macs: int, max_positions: int):
-        AttentionUnit.check(head_dim, group, macs, max_positions)
+    def __init__(self, head_dim: int, group: int, macs: int, max_positions: int, exp_lanes: int = 1):
+        AttentionUnit.check(head_dim, group, macs, max_positions, exp_lanes)
         self.head_dim, self.group, self.macs, self.max_positions = head_dim, group, macs, max_positions
+        self.exp_lanes = exp_lanes
         self.heads_per_step = max(1, macs // head_dim)
         self.lanes_per_head = min(macs, head_dim)
         self.chunks = max(1, head_dim // macs)
         self.head_blocks = -(-group // self.heads_per_step)
         self.steps = self.head_blocks * self.chunks
         self.acc_bits = accumulator_bits(max_positions)
+        # pass-2 issues per position (exp_lanes heads of one head block each) and the partial
+        # banks' rows (bank k holds the heads h with h mod exp_lanes = k, row h // exp_lanes)
+        self.exp_issues = -(-group // exp_lanes)
         # both MAC passes (a K or V row is head_dim / 16 beats) and the exp2 pass
-        self.cycles_per_position = 2 * max(self.steps, head_dim // BEAT_BYTES) + group
+        self.cycles_per_position = 2 * max(self.steps, head_dim // BEAT_BYTES) + self.exp_issues
 
 
 class AttentionUnit(CheckedComponent):
     """See the module docstring; ``geometry`` (an :class:`AttentionGeometry`) gives the sizes."""
 
     @classmethod
-    def check(cls, head_dim: int, group: int, macs: int, max_positions: int) -> None:
+    def check(cls, head_dim: int, group: int, macs: int, max_positions: int, exp_lanes: int = 1) -> None:
         _check_pow2("head_dim", head_dim, 16, 256)
         _check_pow2("macs", macs, 16, 4096)
         if not isinstance(group, int) or isinstance(group, bool) or not 1 <= group <= 32:
@@ -213,9 +226,14 @@ class AttentionUnit(CheckedComponent):
         if not isinstance(max_positions, int) or not 1 <= max_positions <= fo.PV_MAX_POSITIONS:
             raise ConfigError(f"AttentionUnit: max_positions must be an integer from 1 to "
                               f"{fo.PV_MAX_POSITIONS}, got {max_positions!r}")
+        heads_per_step = max(1, macs // head_dim)
+        if (not isinstance(exp_lanes, int) or isinstance(exp_lanes, bool) or exp_lanes < 1
+                or heads_per_step % exp_lanes):
+            raise ConfigError(f"AttentionUnit: exp_lanes must divide the {heads_per_step} heads per step "
+                              f"(macs / head_dim, at least 1), got {exp_lanes!r}")
 
-    def __init__(self, head_dim: int, group: int, macs: int, max_positions: int):
-        self.geometry = geo = AttentionGeometry(head_dim, group, macs, max_positions)
+    def __init__(self, head_dim: int, group: int, macs: int, max_positions: int, exp_lanes: int = 1):
+        self.geometry = geo = AttentionGeometry(head_dim, group, macs, max_positions, exp_lanes)
         for k, v in vars(geo).items():
             setattr(self, k, v)
         self.cmd_layout = data.StructLayout({"n": unsigned(max_positions.bit_length()),
@@ -238,15 +256,23 @@ class AttentionUnit(CheckedComponent):
         A = self.acc_bits
         row_beats = D // BEAT_BYTES
         jbits = max(1, (N - 1).bit_length())          # position index bits of a buffer address
-        hbits = max(1, (G - 1).bit_length())
+        E, EI = self.exp_lanes, self.exp_issues
+        rbits = max(1, (EI - 1).bit_length())         # a partial bank's rows (heads h // E)
         C = _f32_bits(fo.score_scale(D))
 
         # ---- units --------------------------------------------------------------------------
         m.submodules.mul_a = mul_a = Fp32Multiply()                      # a_h = s_q[h] * C
-        m.submodules.exp2 = exp2 = Exp2()
-        m.submodules.sub_m = sub_m = Fp32Add()                           # d = score - m
-        m.submodules.mul_w = mul_w = Fp32Multiply()                      # w = e * s_v
-        m.submodules.add_p = add_p = Fp32Add()                           # fixed_sum partials and tree
+
+        def lane_units(name, cls):                       # one per exp lane (lane 0 without suffix)
+            units = [cls() for _ in range(E)]
+            for k, u in enumerate(units):
+                m.submodules[name if k == 0 else f"{name}{k}"] = u
+            return units
+
+        exp2 = lane_units("exp2", Exp2)
+        sub_m = lane_units("sub_m", Fp32Add)                             # d = score - m
+        mul_w = lane_units("mul_w", Fp32Multiply)                        # w = e * s_v
+        add_p = lane_units("add_p", Fp32Add)                             # fixed_sum partials and tree
         m.submodules.recip = recip = Reciprocal()
         i2f = [IntToFp32(24, latency=4) for _ in range(H)]               # fp32(acc) (exact)
         mul_b = [Fp32Multiply() for _ in range(H)]                       # b = a_h * s_k
@@ -274,16 +300,20 @@ class AttentionUnit(CheckedComponent):
         m.submodules.scores = scores = Memory(shape=unsigned(32 * H), depth=HB << jbits, init=[])
         sc_rd = scores.read_port()
         sc_wr = scores.write_port()
-        m.submodules.partials = partials = Memory(shape=unsigned(32), depth=(1 << hbits) * 32, init=[])
-        pa_rd = partials.read_port()
-        pb_rd = partials.read_port()
-        p_wr = partials.write_port()
+        # fixed_sum's partials: bank k (one per exp lane) holds heads h = row * E + k, 32 words each
+        pa_rd, pb_rd, p_wr = [], [], []
+        for k in range(E):
+            bank = Memory(shape=unsigned(32), depth=(1 << rbits) * 32, init=[])
+            m.submodules["partials" if k == 0 else f"partials{k}"] = bank
+            pa_rd.append(bank.read_port())
+            pb_rd.append(bank.read_port())
+            p_wr.append(bank.write_port())
 
         # ---- command, phases ---------------------------------------------------------------------
         n = Signal(range(N + 1))
         j = Signal(range(N + 1))          # position being issued
         step = Signal(range(P))
-        head = Signal(range(G))
+        e_idx = Signal(range(EI))          # pass 2: the issue within a position (heads e_idx * E + k)
         phase_q, phase_k, phase_e, phase_v, phase_tree, phase_out = (Signal(name=f"in_{x}") for x in
                                                                     ("q", "k", "e", "v", "tree", "out"))
 
@@ -451,81 +481,96 @@ class AttentionUnit(CheckedComponent):
         pass1_lat = 4 + tree_regs + 1 + sc_lat + 1       # issue to the last write
 
         # ---- pass 2: e = exp2(score - m), w = e * s_v, B, fixed_sum partials ------------------
-        e_hb = head // H if H > 1 else head
-        e_slot = head % H if H > 1 else Const(0, 1)
+        # E lanes: issue i of a position works on heads i*E .. i*E + E-1 (one head block's slots)
+        e_hb = e_idx // (H // E) if H > E else e_idx
+        e_gib = e_idx % (H // E) if H > E else Const(0, 1)     # the lane group within the block
         sv_reg = Signal(32, reset_less=True)
-        issue_e = phase_e & (j < n) & ((head != 0) | self.v_scale.valid)
-        m.d.comb += self.v_scale.ready.eq(phase_e & (j < n) & (head == 0))
-        sv = Mux(head == 0, self.v_scale.payload, sv_reg)
+        issue_e = phase_e & (j < n) & ((e_idx != 0) | self.v_scale.valid)
+        m.d.comb += self.v_scale.ready.eq(phase_e & (j < n) & (e_idx == 0))
+        sv = Mux(e_idx == 0, self.v_scale.payload, sv_reg)
         with m.If(issue_e):
             m.d.sync += sv_reg.eq(sv)
-            with m.If(head == G - 1):
-                m.d.sync += [head.eq(0), j.eq(j + 1)]
+            with m.If(e_idx == EI - 1):
+                m.d.sync += [e_idx.eq(0), j.eq(j + 1)]
             with m.Else():
-                m.d.sync += head.eq(head + 1)
-        e1 = _delay_fields(m, dict(valid=issue_e, head=head, slot=e_slot, hb=e_hb, j=j, sv=sv), 1, "e1")
-        score = sc_rd.data.word_select(e1.slot, 32) if H > 1 else sc_rd.data
-        m.d.comb += [sub_m.i_valid.eq(e1.valid), sub_m.a.eq(score), sub_m.b.eq(m_arr[e1.head] ^ _SIGN),
-                     exp2.i_valid.eq(sub_m.o_valid), exp2.a.eq(sub_m.o)]
-        e_lat = sub_m.latency + exp2.latency
+                m.d.sync += e_idx.eq(e_idx + 1)
+        e1 = _delay_fields(m, dict(valid=issue_e, idx=e_idx, gib=e_gib, hb=e_hb, j=j, sv=sv), 1, "e1")
+        for k in range(E):
+            if H == E:
+                score = sc_rd.data[32 * k:32 * k + 32]
+            else:
+                score = sc_rd.data.word_select(e1.gib * E + k if E > 1 else e1.gib, 32)
+            m.d.comb += [sub_m[k].i_valid.eq(e1.valid), sub_m[k].a.eq(score),
+                         sub_m[k].b.eq(m_arr[e1.idx * E + k if E > 1 else e1.idx] ^ _SIGN),
+                         exp2[k].i_valid.eq(sub_m[k].o_valid), exp2[k].a.eq(sub_m[k].o)]
+        e_lat = sub_m[0].latency + exp2[0].latency
         ee = _delay_fields(m, {k: v for k, v in vars(e1).items() if k != "valid"}, e_lat, "ee")
-        m.d.comb += [mul_w.i_valid.eq(exp2.o_valid), mul_w.a.eq(exp2.o), mul_w.b.eq(ee.sv)]
-        ww = _delay_fields(m, vars(ee), mul_w.latency, "ww")
+        for k in range(E):
+            m.d.comb += [mul_w[k].i_valid.eq(exp2[k].o_valid), mul_w[k].a.eq(exp2[k].o), mul_w[k].b.eq(ee.sv)]
+        ww = _delay_fields(m, vars(ee), mul_w[0].latency, "ww")
+        w_valid = mul_w[0].o_valid
         w_word_reg = Signal(32 * H, reset_less=True)
-        w_new = Cat(*[Mux(ww.slot == k, mul_w.o, w_word_reg[32 * k:32 * k + 32]) for k in range(H)]) \
-            if H > 1 else mul_w.o
-        w_last = (ww.slot == H - 1) | (ww.head == G - 1)
-        with m.If(mul_w.o_valid):
+        w_new = Cat(*[Mux(ww.gib == k // E, mul_w[k % E].o, w_word_reg[32 * k:32 * k + 32]) for k in range(H)]) \
+            if H > E else Cat(*[u.o for u in mul_w])
+        w_last = (ww.gib == H // E - 1) | (ww.idx == EI - 1)
+        with m.If(w_valid):
             m.d.sync += w_word_reg.eq(w_new)
-        w_field = mul_w.o[23:31]
-        w_x = Mux(w_field == 0, 1, w_field)
-        for h in range(G):
-            with m.If(mul_w.o_valid & (ww.head == h) & (w_x > b_regs[h])):
-                m.d.sync += b_regs[h].eq(w_x)
-        pass2_lat = 1 + e_lat + mul_w.latency + 1
+        for k in range(E):
+            w_field = mul_w[k].o[23:31]
+            w_x = Mux(w_field == 0, 1, w_field)
+            for h in range(k, G, E):                    # lane k works on the heads h = k mod E
+                with m.If(w_valid & (ww.idx == h // E) & (w_x > b_regs[h])):
+                    m.d.sync += b_regs[h].eq(w_x)
+        pass2_lat = 1 + e_lat + mul_w[0].latency + 1
 
         # score buffer ports: pass 1 writes scores, pass 2 reads them and writes w, pass 3 reads w
         with m.If(phase_k):
             m.d.comb += [sc_wr.en.eq(score_valid), sc_wr.addr.eq(Cat(o_j[0:jbits], o_hb)),
                          sc_wr.data.eq(Cat(*[mul_s[k].o for k in range(H)]))]
         with m.Else():
-            m.d.comb += [sc_wr.en.eq(mul_w.o_valid & w_last), sc_wr.addr.eq(Cat(ww.j[0:jbits], ww.hb)),
+            m.d.comb += [sc_wr.en.eq(w_valid & w_last), sc_wr.addr.eq(Cat(ww.j[0:jbits], ww.hb)),
                          sc_wr.data.eq(w_new)]
         m.d.comb += sc_addr_rd.eq(Mux(phase_e, Cat(j[0:jbits], e_hb), Cat(j[0:jbits], hb)))
 
-        # fixed_sum partials: partial (h, j mod 32), read-modify-write through add_p
-        ep = _delay_fields(m, dict(valid=exp2.o_valid, e=exp2.o, addr=Cat(_bits_of(ee.j, 5), ee.head),
-                                   first=ee.j < 32), 1, "ep")
-        tree_a = Signal(32)
-        tree_b = Signal(32)
+        # fixed_sum partials: partial (h, j mod 32) in bank h mod E, row h // E, read-modify-write
+        # through the bank's add_p
+        ep = _delay_fields(m, dict(valid=exp2[0].o_valid, e=Cat(*[u.o for u in exp2]),
+                                   addr=Cat(_bits_of(ee.j, 5), ee.idx), first=ee.j < 32), 1, "ep")
+        tree_a = [Signal(32, name=f"tree_a{k}") for k in range(E)]
+        tree_b = [Signal(32, name=f"tree_b{k}") for k in range(E)]
         tree_valid = Signal()
-        tree_waddr = Signal(len(p_wr.addr))
-        m.d.comb += [add_p.i_valid.eq(Mux(phase_tree, tree_valid, ep.valid)),
-                     add_p.a.eq(Mux(phase_tree, tree_a, Mux(ep.first, 0, pa_rd.data))),
-                     add_p.b.eq(Mux(phase_tree, tree_b, ep.e))]
-        p_waddr = _delay(m, Mux(phase_tree, tree_waddr, ep.addr), add_p.latency, "p_waddr")
-        m.d.comb += [p_wr.en.eq(add_p.o_valid), p_wr.addr.eq(p_waddr), p_wr.data.eq(add_p.o)]
+        tree_waddr = Signal(len(p_wr[0].addr))
+        p_waddr = _delay(m, Mux(phase_tree, tree_waddr, ep.addr), add_p[0].latency, "p_waddr")
+        for k in range(E):
+            m.d.comb += [add_p[k].i_valid.eq(Mux(phase_tree, tree_valid, ep.valid)),
+                         add_p[k].a.eq(Mux(phase_tree, tree_a[k], Mux(ep.first, 0, pa_rd[k].data))),
+                         add_p[k].b.eq(Mux(phase_tree, tree_b[k], ep.e[32 * k:32 * k + 32])),
+                         p_wr[k].en.eq(add_p[k].o_valid), p_wr[k].addr.eq(p_waddr), p_wr[k].data.eq(add_p[k].o)]
 
         # ---- the tree of fixed_sum (in place: q[k] = p[2k] + p[2k+1]) and the reciprocals -------
+        # the E banks run the tree side by side, one bank row (E heads) at a time
         lvl = Signal(range(6))
         pair = Signal(range(16))
-        t_head = Signal(range(G + 1))
-        t_wait = Signal(range(add_p.latency + 4))
+        t_head = Signal(range(G + 1))     # the tree: a bank row; the reciprocals: a head
+        t_wait = Signal(range(add_p[0].latency + 4))
         t_issue = Signal()
-        rd_a_addr = Signal(len(pa_rd.addr))
+        rd_a_addr = Signal(len(pa_rd[0].addr))
         tree_rd = Signal()            # the tree and the reciprocals read the partials
-        m.d.comb += [pa_rd.addr.eq(Mux(tree_rd, rd_a_addr, Cat(_bits_of(ee.j, 5), ee.head))),
-                     pb_rd.addr.eq(rd_a_addr + 1)]
+        for k in range(E):
+            m.d.comb += [pa_rd[k].addr.eq(Mux(tree_rd, rd_a_addr, Cat(_bits_of(ee.j, 5), ee.idx))),
+                         pb_rd[k].addr.eq(rd_a_addr + 1)]
         # in the tree phase: a read at t gives the operands at t+1
         t1 = _delay_fields(m, dict(lvl=lvl, pair=pair, head=t_head), 1, "t1")
         lvl1, idx1, head1 = t1.lvl, t1.pair, t1.head
         m.d.comb += [tree_valid.eq(_delay(m, t_issue, 1, "t_issue1", reset_less=False)),
-                     tree_a.eq(Mux((lvl1 == 0) & (Cat(Const(0, 1), idx1) >= n), 0, pa_rd.data)),
-                     tree_b.eq(Mux((lvl1 == 0) & (Cat(Const(1, 1), idx1) >= n), 0, pb_rd.data)),
                      tree_waddr.eq(Cat(_bits_of(idx1, 5), head1))]
+        for k in range(E):
+            m.d.comb += [tree_a[k].eq(Mux((lvl1 == 0) & (Cat(Const(0, 1), idx1) >= n), 0, pa_rd[k].data)),
+                         tree_b[k].eq(Mux((lvl1 == 0) & (Cat(Const(1, 1), idx1) >= n), 0, pb_rd[k].data))]
         recip_issue = Signal()
+        recip_bank = _delay(m, t_head % E, 1, "recip_bank") if E > 1 else 0
         m.d.comb += [recip.i_valid.eq(_delay(m, recip_issue, 1, "recip_issue1", reset_less=False)),
-                     recip.a.eq(pa_rd.data)]
+                     recip.a.eq(Array([r.data for r in pa_rd])[recip_bank] if E > 1 else pa_rd[0].data)]
         recip_head = Signal(range(G + 1))                 # results come back in order
         with m.If(recip.o_valid):
             m.d.sync += [Array(r_regs)[recip_head].eq(recip.o), recip_head.eq(recip_head + 1)]
@@ -556,7 +601,7 @@ class AttentionUnit(CheckedComponent):
                      fifo.r_en.eq(self.out.ready)]
 
         # ---- the sequencer ---------------------------------------------------------------------
-        drain = Signal(range(max(pass1_lat, pass2_lat + add_p.latency + 2, 8) + 1))
+        drain = Signal(range(max(pass1_lat, pass2_lat + add_p[0].latency + 2, 8) + 1))
         tail_start = Signal()
         with m.FSM(name="tail"):
             with m.State("IDLE"):
@@ -568,8 +613,8 @@ class AttentionUnit(CheckedComponent):
                              rd_a_addr.eq(Cat(Const(0, 1), _bits_of(pair, 4), t_head))]
                 with m.If(pair == (Const(15, 4) >> lvl)):          # 16 >> lvl sums per head
                     m.d.sync += pair.eq(0)
-                    with m.If(t_head == G - 1):
-                        m.d.sync += [t_head.eq(0), t_wait.eq(add_p.latency + 2)]
+                    with m.If(t_head == EI - 1):
+                        m.d.sync += [t_head.eq(0), t_wait.eq(add_p[0].latency + 2)]
                         m.next = "TREE_WAIT"
                     with m.Else():
                         m.d.sync += t_head.eq(t_head + 1)
@@ -586,7 +631,8 @@ class AttentionUnit(CheckedComponent):
                     with m.Else():
                         m.next = "TREE"
             with m.State("RECIP"):
-                m.d.comb += [recip_issue.eq(1), tree_rd.eq(1), rd_a_addr.eq(Cat(Const(0, 5), t_head))]
+                m.d.comb += [recip_issue.eq(1), tree_rd.eq(1),
+                             rd_a_addr.eq(Cat(Const(0, 5), t_head // E if E > 1 else t_head))]
                 m.d.sync += t_head.eq(t_head + 1)
                 with m.If(t_head == G - 1):
                     m.next = "IDLE"
@@ -596,7 +642,7 @@ class AttentionUnit(CheckedComponent):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
                     m.d.sync += [n.eq(self.cmd.payload.n), s_q.eq(self.cmd.payload.s_q), q_cnt.eq(0),
-                                 a_cnt.eq(0), a_head.eq(0), recip_head.eq(0), j.eq(0), step.eq(0), head.eq(0)]
+                                 a_cnt.eq(0), a_head.eq(0), recip_head.eq(0), j.eq(0), step.eq(0), e_idx.eq(0)]
                     m.d.sync += [r.eq(_NEG_INF) for r in m_regs] + [r.eq(1) for r in b_regs]
                     m.next = "LOAD_Q"
             with m.State("LOAD_Q"):
@@ -614,12 +660,12 @@ class AttentionUnit(CheckedComponent):
                 m.d.comb += phase_k.eq(1)       # the last scores still arrive
                 m.d.sync += drain.eq(drain - 1)
                 with m.If(drain == 0):
-                    m.d.sync += [j.eq(0), head.eq(0)]
+                    m.d.sync += [j.eq(0), e_idx.eq(0)]
                     m.next = "PASS_E"
             with m.State("PASS_E"):
                 m.d.comb += phase_e.eq(1)
                 with m.If(j == n):
-                    m.d.sync += drain.eq(pass2_lat + add_p.latency + 2)
+                    m.d.sync += drain.eq(pass2_lat + add_p[0].latency + 2)
                     m.next = "DRAIN_E"
             with m.State("DRAIN_E"):
                 m.d.comb += phase_e.eq(1)

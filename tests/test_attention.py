@@ -5,8 +5,9 @@ The unit's outputs for every command must equal
 (the golden decoder's path, sw/fabric.py) as uint32 patterns. Commands mix realistic
 scales with extreme ones (scores 2^±60 apart, so exp2 flushes; subnormal w and outputs;
 all-zero rows with scale 0; equal scores; n = 1 and n across the 32 fixed_sum partials),
-at head_dim 32/64/128 with their GQA ratios (2, 7, 6) and several MAC counts, with random
-gaps on every input stream and random back-pressure on the output.
+at head_dim 32/64/128 with their GQA ratios (2, 7, 6), several MAC counts and 1 or 2 exp lanes
+(pass 2 on exp_lanes heads per cycle), with random gaps on every input stream and random
+back-pressure on the output.
 """
 
 from __future__ import annotations
@@ -100,11 +101,15 @@ def run_unit(point: dict, cmds: list[dict], tmp_path: Path, seed: int, p_valid=0
 
     unit = AttentionUnit(**point)
     name = "attn_d{head_dim}_g{group}_m{macs}_n{max_positions}".format(**point)
+    if point.get("exp_lanes", 1) != 1:
+        name += f"_e{point['exp_lanes']}"
     src = write_verilog(verilog.convert(unit, name=name), name)
     spec, res = tmp_path / "spec.npz", tmp_path / "res.npz"
     np.savez(spec, **_spec(unit, cmds, seed, p_valid, p_ready))
-    run_cocotb(sources=[src], toplevel=name, test_module="tb_attention", build_name=name, test_dir=SIM_DIR,
-               extra_env={"ATTN_SPEC": str(spec), "ATTN_RESULTS": str(res)})
+    # the build is keyed by the Verilog's hash (checkouts with different RTL share the cache);
+    # -O0: the design is wide and the runs are short
+    run_cocotb(sources=[src], toplevel=name, test_module="tb_attention", build_name=src.parent.name,
+               test_dir=SIM_DIR, fast_compile=True, extra_env={"ATTN_SPEC": str(spec), "ATTN_RESULTS": str(res)})
     return unit, np.load(res)
 
 
@@ -123,9 +128,11 @@ def _mix(rng, head_dim, group, ns, kinds):
 
 KINDS = ["realistic", "extreme", "subnormal", "equal"]
 # (point, positions of the commands). Default: tiny's shape (2 chunks per head, a short build);
+# exp_lanes = 2 at head_dim 32 / group 2 / 64 MACs (2 heads per step: one pass-2 issue per position).
 # slow: qwen2.5-0.5b's shape (2 heads per step, one phantom), 1.5b's, other MAC counts, long contexts.
 POINTS = [
     (dict(head_dim=32, group=2, macs=16, max_positions=64), [1, 2, 33, 64, 31, 32, 5, 17]),
+    (dict(head_dim=32, group=2, macs=64, max_positions=128, exp_lanes=2), [1, 2, 33, 128, 31, 32, 5, 17]),
 ]
 SLOW_POINTS = [
     (dict(head_dim=64, group=7, macs=128, max_positions=512), [1, 40, 300, 33, 2, 64]),
@@ -133,6 +140,8 @@ SLOW_POINTS = [
     (dict(head_dim=32, group=2, macs=64, max_positions=128), [1, 128, 77, 2, 33, 100]),
     (dict(head_dim=64, group=7, macs=64, max_positions=4096), [1, 700, 2048, 65]),
     (dict(head_dim=128, group=6, macs=128, max_positions=1024), [1, 1024, 500, 32]),
+    (dict(head_dim=64, group=7, macs=128, max_positions=512, exp_lanes=2), [1, 40, 300, 33, 2, 64]),
+    (dict(head_dim=128, group=6, macs=256, max_positions=256, exp_lanes=2), [3, 200, 1, 64, 256]),
 ]
 
 
@@ -157,22 +166,35 @@ def test_attention_unit_bit_exact_slow(point, ns, tmp_path):
 
 
 @pytest.mark.sim
-@pytest.mark.parametrize("point, per_position, overhead", [
+@pytest.mark.parametrize("point, ns, per_position, overhead", [
     # tiny: P = ceil(2/1) * 2 chunks = 4 steps, 2 max(4, 32/16) + 2 = 10
-    pytest.param(dict(head_dim=32, group=2, macs=16, max_positions=64), 10, None, marks=pytest.mark.slow),
+    pytest.param(dict(head_dim=32, group=2, macs=16, max_positions=64), [40, 64, 40], 10, None,
+                 marks=pytest.mark.slow),
     # qwen2.5-0.5b: P = ceil(7/2) = 4, 2 max(4, 64/16) + 7 = 15; 1,740 cycles measured at n = 100
-    pytest.param(dict(head_dim=64, group=7, macs=128, max_positions=512), 15, 260, marks=pytest.mark.slow),
-], ids=["tiny", "0.5b"])
-def test_attention_unit_cycles_per_position(point, per_position, overhead, tmp_path):
-    """Without stalls the command time grows by cycles_per_position per visible position."""
+    pytest.param(dict(head_dim=64, group=7, macs=128, max_positions=512), [100, 300, 100], 15, 260,
+                 marks=pytest.mark.slow),
+    # exp_lanes = 2: 2 max(1, 32/16) + ceil(2/2) = 5 (pass 3, 2 cycles per position, covers the
+    # tail from n = 80 on)
+    (dict(head_dim=32, group=2, macs=64, max_positions=128, exp_lanes=2), [80, 128, 80], 5, None),
+    # qwen2.5-0.5b with exp_lanes = 2: 2 max(4, 64/16) + ceil(7/2) = 12
+    pytest.param(dict(head_dim=64, group=7, macs=128, max_positions=512, exp_lanes=2), [100, 300, 100], 12, 260,
+                 marks=pytest.mark.slow),
+    # qwen2.5-0.5b at 256 MACs (4 heads per step), exp_lanes = 4: 2 max(2, 64/16) + ceil(7/4) = 10
+    pytest.param(dict(head_dim=64, group=7, macs=256, max_positions=512, exp_lanes=4), [100, 300, 100], 10, 260,
+                 marks=pytest.mark.slow),
+], ids=["tiny", "0.5b", "d32g2m64e2", "0.5b-e2", "0.5b-m256-e4"])
+def test_attention_unit_cycles_per_position(point, ns, per_position, overhead, tmp_path):
+    """Without stalls the command time grows by cycles_per_position per visible position (ns:
+    long enough that pass 3 covers fixed_sum's tree and the reciprocals)."""
     hd, g = point["head_dim"], point["group"]
     rng = np.random.default_rng(5)
-    ns = [40, 64, 40] if point["max_positions"] < 300 else [100, 300, 100]   # pass 3 covers the tree
     cmds = _mix(rng, hd, g, ns, ["realistic"])
     unit, res = run_unit(point, cmds, tmp_path, seed=3, p_valid=1.0, p_ready=1.0)
     check_outputs(cmds, res, hd)
     took = res["done_cycles"] - res["cmd_cycles"]
     slope = (took[1] - took[0]) / (ns[1] - ns[0])
+    print(f"cycles per command {took} at n = {ns}: {slope} per position, "
+          f"overhead {took[0] - ns[0] * unit.cycles_per_position}")
     assert slope == unit.cycles_per_position == per_position, (took, slope)
     assert took[0] == took[2]
     if overhead is not None:
@@ -190,6 +212,11 @@ def test_geometry_and_refusals():
     assert (u.heads_per_step, u.steps, u.cycles_per_position) == (2, 4, 15)
     u = AttentionGeometry(32, 2, 16, 64)
     assert (u.heads_per_step, u.chunks, u.steps, u.cycles_per_position) == (1, 2, 4, 10)
+    u = AttentionGeometry(64, 7, 128, 4096, exp_lanes=2)
+    assert (u.exp_lanes, u.exp_issues, u.cycles_per_position) == (2, 4, 12)
+    u = AttentionGeometry(128, 6, 256, 4096, exp_lanes=2)
+    assert (u.heads_per_step, u.steps, u.exp_issues, u.cycles_per_position) == (2, 3, 3, 2 * 8 + 3)
+    assert AttentionGeometry(16, 5, 64, 64, exp_lanes=4).cycles_per_position == 2 * 2 + 2
     assert AttentionGeometry(128, 6, 64, 32768).acc_bits == 47 == accumulator_bits(32768)
     assert accumulator_bits(fo.PV_MAX_POSITIONS) == 52
     for bad in [dict(head_dim=48, group=2, macs=16, max_positions=8),
@@ -197,7 +224,11 @@ def test_geometry_and_refusals():
                 dict(head_dim=64, group=2, macs=24, max_positions=8),
                 dict(head_dim=64, group=2, macs=256, max_positions=8),
                 dict(head_dim=64, group=2, macs=64, max_positions=0),
-                dict(head_dim=64, group=2, macs=64, max_positions=fo.PV_MAX_POSITIONS + 1)]:
+                dict(head_dim=64, group=2, macs=64, max_positions=fo.PV_MAX_POSITIONS + 1),
+                dict(head_dim=64, group=2, macs=64, max_positions=8, exp_lanes=2),     # H = 1
+                dict(head_dim=64, group=7, macs=128, max_positions=8, exp_lanes=4),    # H = 2
+                dict(head_dim=16, group=7, macs=64, max_positions=8, exp_lanes=3),     # not a divisor
+                dict(head_dim=64, group=2, macs=64, max_positions=8, exp_lanes=0)]:
         with pytest.raises(ConfigError):
             AttentionUnit(**bad)
     with pytest.raises(ConfigError):
@@ -301,7 +332,11 @@ def run_pysim(point: dict, cmds: list[dict], vcd: str | None = None) -> np.ndarr
 @pytest.mark.parametrize("point, ns", [
     (dict(head_dim=32, group=2, macs=16, max_positions=40), [1, 35, 6, 32]),   # tiny's shape, 2 chunks per head
     (dict(head_dim=16, group=3, macs=32, max_positions=40), [1, 35, 6, 33]),   # 2 heads per step, a phantom
-], ids=["d32g2m16", "d16g3m32"])
+    # 2 exp lanes: a phantom lane in the last issue
+    (dict(head_dim=16, group=3, macs=32, max_positions=40, exp_lanes=2), [1, 35, 6, 33]),
+    # 4 heads per step, 2 exp lanes (2 issues per head block), 2 partial rows per bank
+    (dict(head_dim=16, group=7, macs=64, max_positions=40, exp_lanes=2), [1, 35, 6, 33]),
+], ids=["d32g2m16", "d16g3m32", "d16g3m32e2", "d16g7m64e2"])
 def test_attention_unit_pysim(point, ns):
     """Small units in Amaranth's simulator (no Verilator): every command kind, n across the
     32 fixed_sum partials, fixed input gaps and output back-pressure."""
