@@ -90,6 +90,20 @@ def test_geometry_refusals():
     assert _unused(Accelerator(FULL)).ops_in_flight == 2
 
 
+
+def test_a_fabric_config_is_refused_before_anything_is_built(recwarn):
+    """The fabric units are not in the top yet: the refusal is one ConfigError from the constructor,
+    with no half-built Amaranth module left behind (no UnusedElaboratable warning on stderr)."""
+    import gc
+
+    from rtl.top import build_top
+    from sw.contract.errors import ConfigError
+    with pytest.raises(ConfigError, match="max_context 4096 asks for the fabric decoder"):
+        build_top(preset("kv260-fabric"))
+    gc.collect()
+    assert not [w for w in recwarn if "UnusedElaboratable" in type(w.message).__name__], list(recwarn)
+
+
 def test_read_arbiter_routes_by_id():
     """Three managers with distinct ARIDs share one port: every AR gets through once (round
     robin, never two in a cycle), every R beat reaches only the manager of its RID."""
