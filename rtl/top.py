@@ -63,7 +63,7 @@ from sw.contract.errors import ConfigError
 from .axi import (AxiReadMaster, AxiWriteMaster, axi4_signature, connect_read_channels,
                   connect_write_channels)
 from .axilite import AxiLiteSignature
-from .cmdproc import CommandProcessor
+from .cmdproc import CommandProcessor, rtl_limits
 from .engine import SLOTS, ActivationBuffer, Engine, Geometry
 from .readmux import AxiReadArbiter
 from .sequencer import CommandSetup, CommandSlots, ErrorDrain, TileAllocator
@@ -97,6 +97,7 @@ class Accelerator(wiring.Component):
             raise ConfigError(f"Accelerator: ops_in_flight must be 1..{SLOTS}, got {ops_in_flight!r}")
         self._ops_in_flight = ops_in_flight
         self._config = config.validate()
+        rtl_limits(self._config, addr_width)     # refuse what the RTL cannot execute before anything is built
         self._geom = Geometry(config, max_k=max_k, addr_width=addr_width)
         self._hash = config.config_hash if config_hash is None else config_hash
         members = {

@@ -90,6 +90,31 @@ def test_geometry_refusals():
     assert _unused(Accelerator(FULL)).ops_in_flight == 2
 
 
+
+def test_a_fabric_config_is_refused_before_anything_is_built():
+    """The fabric units are not in the top yet: the refusal is one ConfigError from the constructor,
+    with no half-built Amaranth module left behind (no UnusedElaboratable warning on stderr).
+    Run in a fresh interpreter so that no other test's objects can be collected beside it."""
+    import subprocess
+    import sys
+    script = (
+        "import gc, warnings\n"
+        "warnings.simplefilter('always')\n"
+        "from rtl.top import build_top\n"
+        "from sw.contract.config import preset\n"
+        "from sw.contract.errors import ConfigError\n"
+        "try:\n"
+        "    build_top(preset('kv260-fabric'))\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n"
+        "gc.collect()\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "max_context 4096 asks for the fabric decoder" in done.stdout
+    assert "UnusedElaboratable" not in done.stderr, done.stderr
+
+
 def test_read_arbiter_routes_by_id():
     """Three managers with distinct ARIDs share one port: every AR gets through once (round
     robin, never two in a cycle), every R beat reaches only the manager of its RID."""
