@@ -105,14 +105,10 @@ def op_done_layout() -> data.StructLayout:
 
 
 def rtl_limits(config, addr_width: int) -> HardwareLimits:
-    """What this RTL executes: the config's limits. The fabric decoder's units (issue 11) are not in
-    the top yet, so a config that asks for them (max_context > 0) is refused here; the golden
-    device models such a design (the kv260-fabric preset)."""
-    if getattr(config, "max_context", 0):
-        raise ConfigError(f"array config: max_context {config.max_context} asks for the fabric decoder, whose "
-                          f"units are not in the RTL top yet; elaborate a linears-only config (max_context 0) "
-                          f"and model this one on the golden device")
+    """What this RTL executes: the config's limits (HW_PARAMS0..4). A config with max_context > 0
+    has the fabric decoder's engines (rtl/top.py) and executes the fabric opcodes."""
     return HardwareLimits.from_config(config, addr_bits=addr_width)
+
 
 class PerfEventSignature(wiring.Signature):
     """Per-cycle performance events, driven by the datapath (Out = datapath to processor)."""

@@ -210,11 +210,13 @@ class _BlockBuffer:
 class FabricVectorEngine(CheckedComponent):
     """See the module docstring. Parameters: ``addr_width``; ``max_n`` (the longest row);
     ``max_tokens`` (token rows per command); ``head_dims`` / ``groups`` (ROPE/KV_STORE head dims,
-    QUANT groups); ``read_outstanding`` (bursts per read master)."""
+    QUANT groups); ``read_outstanding`` (bursts per read master); ``read_ids`` (rd0's and rd1's
+    ARID: an integrating top that shares a port arbitrates by them) and ``write_id`` (wr's AWID)."""
 
     @classmethod
     def check(cls, *, addr_width: int = DEFAULT_ADDR_BITS, max_n: int = 4864, max_tokens: int = 8,
-              head_dims=HEAD_DIMS, groups=QUANT_GROUPS, read_outstanding: int = 8) -> None:
+              head_dims=HEAD_DIMS, groups=QUANT_GROUPS, read_outstanding: int = 8, read_ids=(0, 0),
+              write_id: int = 0) -> None:
         if not isinstance(max_n, int) or max_n < 8:
             raise ConfigError(f"FabricVectorEngine: max_n must be an integer >= 8, got {max_n!r}")
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 64:
@@ -225,10 +227,16 @@ class FabricVectorEngine(CheckedComponent):
                 raise ConfigError(f"FabricVectorEngine: {what} must be among 32, 64, 128, got {vals!r}")
         if not 13 <= addr_width <= 64:
             raise ConfigError(f"FabricVectorEngine: addr_width must be 13..64, got {addr_width!r}")
+        ids = tuple(read_ids) + (write_id,)
+        if len(ids) != 3 or any(not isinstance(i, int) or not 0 <= i < 1 << HP_ID_BITS for i in ids):
+            raise ConfigError(f"FabricVectorEngine: read_ids needs 2 ARIDs and write_id one AWID, each "
+                              f"0..{(1 << HP_ID_BITS) - 1}, got {tuple(read_ids)!r} and {write_id!r}")
 
     def __init__(self, *, addr_width: int = DEFAULT_ADDR_BITS, max_n: int = 4864, max_tokens: int = 8,
-                 head_dims=HEAD_DIMS, groups=QUANT_GROUPS, read_outstanding: int = 8):
+                 head_dims=HEAD_DIMS, groups=QUANT_GROUPS, read_outstanding: int = 8, read_ids=(0, 0),
+                 write_id: int = 0):
         self._aw = addr_width
+        self._read_ids, self._write_id = tuple(read_ids), write_id
         self._max_n = max_n
         self._max_tokens = max_tokens
         self._head_dims = tuple(sorted(head_dims))
@@ -256,9 +264,11 @@ class FabricVectorEngine(CheckedComponent):
 
         # ---- masters (outside the datapath reset: they drain by themselves after `clear`) -------------
         master = dict(addr_width=aw, data_width=BEAT_BITS, id_width=HP_ID_BITS)
-        rd0 = m.submodules.rd0m = AxiReadMaster(**master, max_outstanding=self._read_outstanding)
-        rd1 = m.submodules.rd1m = AxiReadMaster(**master, max_outstanding=self._read_outstanding)
-        wrm = m.submodules.wrm = AxiWriteMaster(**master, max_outstanding=8, buffer_beats=32)
+        rd0 = m.submodules.rd0m = AxiReadMaster(**master, max_outstanding=self._read_outstanding,
+                                                arid=self._read_ids[0])
+        rd1 = m.submodules.rd1m = AxiReadMaster(**master, max_outstanding=self._read_outstanding,
+                                                arid=self._read_ids[1])
+        wrm = m.submodules.wrm = AxiWriteMaster(**master, max_outstanding=8, buffer_beats=32, awid=self._write_id)
         wiring.connect(m, rd0.bus, wiring.flipped(self.rd0))
         wiring.connect(m, rd1.bus, wiring.flipped(self.rd1))
         wiring.connect(m, wrm.bus, wiring.flipped(self.wr))

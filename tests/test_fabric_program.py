@@ -271,9 +271,8 @@ def test_config_hash_of_a_linears_only_design_is_unchanged_by_the_new_field():
     assert preset("kv260-fabric").config_hash != kv.config_hash
 
 
-def test_the_rtl_refuses_a_config_with_the_fabric_decoder():
+def test_the_rtl_executes_what_the_config_asks_for():
     from rtl.cmdproc import rtl_limits
-    from sw.contract.errors import ConfigError
-    with pytest.raises(ConfigError, match="not in the RTL top yet"):
-        rtl_limits(FABRIC, 40)
+    lim = rtl_limits(FABRIC, 40)
+    assert lim.fabric_ops and (lim.max_context, lim.head_dim, lim.kv_group, lim.max_row) == (256, 32, 2, 384)
     assert not rtl_limits(preset("kv260"), 40).fabric_ops

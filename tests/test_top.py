@@ -91,9 +91,9 @@ def test_geometry_refusals():
 
 
 
-def test_a_fabric_config_is_refused_before_anything_is_built():
-    """The fabric units are not in the top yet: the refusal is one ConfigError from the constructor,
-    with no half-built Amaranth module left behind (no UnusedElaboratable warning on stderr).
+def test_a_bad_top_is_refused_before_anything_is_built():
+    """A top the RTL cannot build is refused with one ConfigError from the constructor, with no
+    half-built Amaranth module left behind (no UnusedElaboratable warning on stderr).
     Run in a fresh interpreter so that no other test's objects can be collected beside it."""
     import subprocess
     import sys
@@ -104,14 +104,14 @@ def test_a_fabric_config_is_refused_before_anything_is_built():
         "from sw.contract.config import preset\n"
         "from sw.contract.errors import ConfigError\n"
         "try:\n"
-        "    build_top(preset('kv260-fabric'))\n"
+        "    build_top(preset('kv260-fabric'), ops_in_flight=3)\n"
         "except ConfigError as e:\n"
         "    print(e)\n"
         "gc.collect()\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "max_context 4096 asks for the fabric decoder" in done.stdout
+    assert "ops_in_flight must be 1..2, got 3" in done.stdout
     assert "UnusedElaboratable" not in done.stderr, done.stderr
 
 

@@ -377,8 +377,8 @@ PRESETS: dict[str, ArrayConfig] = {
     "kv260": _KV260,
     "kv260-nopack": dataclasses.replace(_KV260, dsp_packing=False),
     # The design issue 11 specifies: kv260 plus the fabric decoder with a 4096-position KV cache (the
-    # bench's deepest point, 2048, plus room). The golden device models it; the RTL top does not
-    # contain the fabric units yet, so it cannot be elaborated (rtl.cmdproc.rtl_limits says so).
+    # bench's deepest point, 2048, plus room). The RTL top (rtl/top.py) adds the fabric engines to
+    # the kv260 linears; its attention unit is built for head_dim 64 and 7 query heads per KV head.
     "kv260-fabric": dataclasses.replace(_KV260, max_context=4096, attn_head_dim=64, attn_group=7, attn_macs=128,
                                         fabric_max_n=4864),
     # The same linears with the fabric engines built for the `tiny` model (head_dim 32, 2 query heads per
