@@ -101,8 +101,38 @@ def main() -> int:
           f"of {ddr['read_latency_cycles']} cycles is assumed.\n"
           f"   The host's share per token (attention, norms, sampling on the A53) is not in this number; "
           f"`kriallm bench MODEL.kq --device sim` reports it as measured on this machine.")
+    fabric_demo(kq)
     print("\ndemo finished; outputs are in", OUT)
     return 0
+
+
+def fabric_demo(kq: Path) -> None:
+    """Step 8: the whole decoder on the fabric (kv260-fabric-tiny: the kv260 linears plus the fabric
+    engines built for `tiny`): a 12-token prompt (prefill chunks of 8 + 4) and 8 new tokens on the RTL,
+    bit for bit against golden; then the bench of both splits on the RTL (modeled accelerator time
+    from RTL cycles, host time measured here, register accesses per token)."""
+    import numpy as np
+    hw = ["--hw-config", "kv260-fabric-tiny"]
+    prompt = "3,14,15,92,65,35,89,79,32,38,46,26"
+    sim_logits, gold_logits = OUT / "logits_fabric_sim.npy", OUT / "logits_fabric_golden.npy"
+    sim = step("8a. the whole decoder on the fabric: generate on the kv260-fabric-tiny RTL (Verilator + DDR model), "
+               "one start per token", ["generate", str(kq), "--device", "sim", *hw, "--prompt-ids", prompt,
+                                       "--max-new-tokens", "8", "--json", "--dump-logits", str(sim_logits)], True)
+    gold = step("8b. the same on the golden device model", ["generate", str(kq), "--device", "golden", *hw,
+                                                            "--prompt-ids", prompt, "--max-new-tokens", "8", "--json",
+                                                            "--dump-logits", str(gold_logits)], True)
+    a, b = np.load(sim_logits), np.load(gold_logits)
+    same_logits = a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    same_tokens = sim["new_ids"] == gold["new_ids"]
+    print(f"   sim tokens   : {sim['new_ids']}\n   golden tokens: {gold['new_ids']}")
+    print(f"   check: tokens {'identical' if same_tokens else 'DIFFER'}, logits "
+          f"{'bit-identical' if same_logits else 'DIFFER'} ({a.shape[0]} steps x {a.shape[1]} logits)")
+    if not (same_tokens and same_logits):
+        sys.exit("demo check failed: the fabric decoder on --device sim and --device golden disagree")
+    step("8c. bench both splits on the RTL: tok/s, host vs accelerator time, register accesses per token",
+         ["bench", str(kq), "--device", "sim", *hw, "--prompt-len", "12", "--max-new-tokens", "4",
+          "--depths", "64,192", "--depth-tokens", "1", "--plot", str(OUT / "tps_by_depth.png")])
+    print(f"   plot of tok/s against context depth: {OUT / 'tps_by_depth.png'}")
 
 
 if __name__ == "__main__":

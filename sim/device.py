@@ -209,17 +209,28 @@ MIN_MEM_BYTES = 64 << 20
 MAX_MEM_BYTES = 1 << 30          # the DDR model's ceiling (sim/ddr.py)
 
 
-def memory_for_model(path) -> int:
-    """DDR-model memory for a .kq: its device tensors (linears, LM head, biases) plus 10 % and 16 MiB
-    for activations, outputs and command lists, rounded up to a power of two (at least 64 MiB).
-    The full-size Qwen2.5-0.5B (266 MB of INT4 weights) gets 512 MiB, tiny 64 MiB."""
+def memory_for_model(path, config=None) -> int:
+    """DDR-model memory for a .kq: its device tensors plus 10 % and 16 MiB for activations, outputs
+    and command lists, rounded up to a power of two (at least 64 MiB). The hybrid split keeps the
+    linears (and LM head) on the device; a design with the fabric decoder (``config.max_context``
+    > 0) also the embedding table and norms, and a KV cache and RoPE table of max_context
+    positions. The full-size Qwen2.5-0.5B (266 MB of INT4 weights) gets 512 MiB on kv260 and
+    1 GiB on kv260-fabric (its bf16 embedding table is another 272 MB); tiny 64 MiB."""
     from sw.contract.errors import KriaError
+    from sw.contract.fabric_commands import kv_cache_layout
     from sw.kq import KqFile
     need = 0
+    fabric = getattr(config, "max_context", 0)
     if path is not None and Path(path).is_file():
         try:
-            need = sum(t["nbytes"] for t in KqFile(path, verify=False).header["tensors"] if t["role"] == "linear")
-        except KriaError:
+            header = KqFile(path, verify=False).header
+            need = sum(t["nbytes"] for t in header["tensors"] if fabric or t["role"] == "linear")
+            if fabric:
+                mc = header["model"]
+                hd = mc["hidden_size"] // mc["num_attention_heads"]
+                need += mc["num_hidden_layers"] * kv_cache_layout(mc["num_key_value_heads"], hd, fabric).total_bytes
+                need += fabric * 4 * hd
+        except (KriaError, KeyError, TypeError, ZeroDivisionError):
             need = 0                  # the driver opens the file next and reports what is wrong with it
     need = int(need * 1.1) + (16 << 20)
     size = MIN_MEM_BYTES
@@ -236,8 +247,9 @@ def open_sim_device(args=None) -> SimDevice:
     The DDR model's memory is sized for args.model (a .kq) when there is one."""
     from .top_tb import SIM_DDR
     spec = getattr(args, "hw_config", None) if args is not None else None
-    mem = memory_for_model(getattr(args, "model", None) if args is not None else None)
-    return SimDevice(spec or "kv260", ddr=SIM_DDR.replace(mem_bytes=mem))
+    config = hardware_config(spec or "kv260")
+    mem = memory_for_model(getattr(args, "model", None) if args is not None else None, config)
+    return SimDevice(config, ddr=SIM_DDR.replace(mem_bytes=mem))
 
 
 # ---------------------------------------------------------------------------

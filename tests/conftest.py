@@ -89,6 +89,23 @@ def make_tiny_kq(tiny_checkpoint, tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def full_kq(tmp_path_factory) -> Path:
+    """The full-size synthetic Qwen2.5-0.5B (seed 0), RTN INT4 g64 with an INT4 LM head, for the slow
+    simulations: made here (a few minutes) unless KRIALLM_FULL_KQ names one."""
+    import os
+    given = os.environ.get("KRIALLM_FULL_KQ")
+    if given:
+        return Path(given)
+    from sw.cli import main
+    d = tmp_path_factory.mktemp("full")
+    assert main(["synth-model", "--model-preset", "qwen2.5-0.5b", "--seed", "0", "--out", str(d / "ckpt")]) == 0
+    kq = d / "q05.kq"
+    assert main(["quantize", str(d / "ckpt"), "--method", "rtn", "--group-size", "64", "--lm-head", "int4",
+                 "--quiet", "--out", str(kq)]) == 0
+    return kq
+
+
 # ---------------------------------------------------------------------------
 # Amaranth
 # ---------------------------------------------------------------------------

@@ -14,7 +14,6 @@ tests/test_top.py::test_sim_device_runs_the_driver_bit_identical.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -49,19 +48,6 @@ def test_tiny_sim_vs_golden_8_tokens_cli(tmp_path, capsys):
     assert len(sim["new_ids"]) == 8
     assert sim["new_ids"] == gold["new_ids"]
     assert _same_bits(tmp_path / "sim.npy", tmp_path / "gold.npy")
-
-
-@pytest.fixture(scope="module")
-def full_kq(tmp_path_factory):
-    given = os.environ.get("KRIALLM_FULL_KQ")
-    if given:
-        return Path(given)
-    d = tmp_path_factory.mktemp("full")
-    assert cli(["synth-model", "--model-preset", "qwen2.5-0.5b", "--seed", "0", "--out", str(d / "ckpt")]) == 0
-    kq = d / "q05.kq"
-    assert cli(["quantize", str(d / "ckpt"), "--method", "rtn", "--group-size", "64", "--lm-head", "int4",
-                "--quiet", "--out", str(kq)]) == 0
-    return kq
 
 
 def test_full_size_sim_vs_golden_1_token(full_kq, tmp_path, capsys):

@@ -2,7 +2,7 @@
 FabricModel through the `sim` device (Verilator, the DDR model), against the golden device.
 
 FABRIC_LITE is kv260-fabric-tiny with 2 engines (ports) and 2 token lanes, so the Verilator build
-stays short: a prefill of 5 tokens runs as chunks of 2 + 2 + 1 (causal attention inside a chunk),
+stays short: a 12-token prompt runs as 6 chunks of 2 tokens (causal attention inside a chunk),
 and with 2 ports every port carries both a linear engine and fabric masters (the read arbiters,
 the write selects). The golden device runs the same command lists with FabricOps
 (sw/driver/fabric_exec.py): the logits must be bit-identical, the tokens the same, one start per
@@ -11,7 +11,6 @@ step. The full-size check (Qwen2.5-0.5B shapes on kv260-fabric) is slow.
 
 from __future__ import annotations
 
-import types
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from sw.contract.config import preset
 pytestmark = [pytest.mark.sim]
 
 FABRIC_LITE = preset("kv260-fabric-tiny").replace(engines=2, tokens=2)
-PROMPT = [7, 3, 11, 100, 42]
+PROMPT = [5, 17, 3, 99, 250, 7, 7, 42, 1, 0, 511, 64]      # 12 tokens
 
 
 def _bits(a):
@@ -37,6 +36,8 @@ def fabric_sim(tmp_path_factory):
 
 
 def test_fabric_decoder_on_the_rtl_is_bit_identical_to_golden(fabric_sim, make_tiny_kq):
+    """A 12-token prompt (prefill chunks of 2 tokens), then 8 new tokens with their logits, then 3 greedy
+    steps that read only the device's argmax: the same tokens and bit-identical logits as golden."""
     from sw.driver.fabric_model import FabricModel
     from sw.driver.golden_device import GoldenDevice
     path = make_tiny_kq("int4")
@@ -44,23 +45,25 @@ def test_fabric_decoder_on_the_rtl_is_bit_identical_to_golden(fabric_sim, make_t
     gold = FabricModel(path, GoldenDevice(FABRIC_LITE))
     cs, cg = sim.new_cache(), gold.new_cache()
     a, b = sim.forward(PROMPT, cs), gold.forward(PROMPT, cg)
-    assert a.shape == (5, 512)
+    assert a.shape == (12, 512)
     assert np.array_equal(_bits(a), _bits(b))
-    assert [t.runs for t in sim.timings] == [3]              # chunks of 2 + 2 + 1 tokens, one start each
-    tok = int(np.argmax(b[-1]))
-    for _ in range(2):                                        # decode with logits
-        a, b = sim.forward([tok], cs), gold.forward([tok], cg)
+    assert [t.runs for t in sim.timings] == [6]              # chunks of 2 tokens, one start each
+    new = [int(np.argmax(b[-1]))]
+    for _ in range(7):                                        # new tokens 2..8, with their logits
+        a, b = sim.forward([new[-1]], cs), gold.forward([new[-1]], cg)
         assert np.array_equal(_bits(a), _bits(b))
-        tok = int(np.argmax(b[-1]))
-    got, want = [], []
+        new.append(int(np.argmax(b[-1])))
+    assert len(set(new)) > 1                                  # not a stuck sequence
+    got, want = [new[-1]], [new[-1]]
     for _ in range(3):                                        # greedy: the device's ARGMAX, one register
-        got.append(sim.forward_greedy([tok if not got else got[-1]], cs))
-        want.append(gold.forward_greedy([tok if not want else want[-1]], cg))
+        got.append(sim.forward_greedy([got[-1]], cs))
+        want.append(gold.forward_greedy([want[-1]], cg))
     assert got == want
-    assert cs.length == cg.length == 5 + 2 + 3
-    steps = sim.timings[-3:]
-    assert all(s.runs == 1 for s in steps)                    # token in, token out: one start per step
+    assert cs.length == cg.length == 12 + 7 + 3
+    steps = sim.timings[1:]
+    assert len(steps) == 10 and all(s.runs == 1 for s in steps)   # token in, token out: one start per step
     assert all(s.accel_s > 0 for s in steps)
+    assert all(s.register_accesses <= 16 for s in sim.timings[-2:])
 
 
 def test_fabric_errors_on_the_rtl_stop_the_run_and_the_next_run_works(fabric_sim, make_tiny_kq):
@@ -84,3 +87,37 @@ def test_fabric_errors_on_the_rtl_stop_the_run_and_the_next_run_works(fabric_sim
     gold = FabricModel(path, GoldenDevice(FABRIC_LITE), capacity=64)
     cs, cg = model.new_cache(), gold.new_cache()
     assert model.forward_greedy([9, 8], cs) == gold.forward_greedy([9, 8], cg)
+
+
+@pytest.mark.slow
+def test_full_size_fabric_decoder_on_the_rtl(full_kq, tmp_path):
+    """Qwen2.5-0.5B shapes on kv260-fabric (4 ports, 8 token lanes, the attention engine built for
+    head_dim 64, 7 query heads per KV head, 4096 positions): a 3-token prompt, a decode step with
+    logits and a greedy step on the RTL: bit-identical logits (2 new tokens) and the same greedy token
+    as the golden device; the accelerator time per step is modeled from RTL cycles."""
+    from sim.device import SimDevice, memory_for_model
+    from sim.top_tb import SIM_DDR
+    from sw.driver.fabric_model import FabricModel
+    from sw.driver.golden_device import GoldenDevice
+    config = preset("kv260-fabric")
+    mem = memory_for_model(full_kq, config)
+    assert mem == 1 << 30                        # INT4 linears, the bf16 embedding table, the KV cache
+    dev = SimDevice(config, ddr=SIM_DDR.replace(mem_bytes=mem), workdir=tmp_path / "sim")
+    try:
+        sim = FabricModel(full_kq, dev, timeout_s=3600.0, capacity=256)
+        gold = FabricModel(full_kq, GoldenDevice(config), capacity=256)
+        cs, cg = sim.new_cache(), gold.new_cache()
+        a, b = sim.forward([3, 14, 15], cs), gold.forward([3, 14, 15], cg)
+        assert a.shape == (3, 151936)
+        assert np.array_equal(_bits(a), _bits(b))
+        tok = int(np.argmax(b[-1]))                          # new token 1
+        a, b = sim.forward([tok], cs), gold.forward([tok], cg)
+        assert np.array_equal(_bits(a), _bits(b))             # new token 2's logits
+        tok = int(np.argmax(b[-1]))
+        assert sim.forward_greedy([tok], cs) == gold.forward_greedy([tok], cg)   # the device's argmax
+        step = sim.timings[-1]
+        assert step.runs == 1 and step.accel_s > 0
+        print(f"\nfull-size decode step on the RTL at position 3: {step.accel_s * 1e3:.2f} ms modeled accelerator "
+              f"time (RTL cycles at {config.clock_mhz} MHz; {dev.ddr.describe_text()})")
+    finally:
+        dev.close()
