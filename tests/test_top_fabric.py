@@ -11,6 +11,7 @@ step. The full-size check (Qwen2.5-0.5B shapes on kv260-fabric) is slow.
 
 from __future__ import annotations
 
+import re
 
 import numpy as np
 import pytest
@@ -68,7 +69,9 @@ def test_fabric_decoder_on_the_rtl_is_bit_identical_to_golden(fabric_sim, make_t
 
 def test_fabric_errors_on_the_rtl_stop_the_run_and_the_next_run_works(fabric_sim, make_tiny_kq):
     """CONTEXT_FULL and BAD_TOKEN come from the engines (RUN_POS, RUN_TOKEN checked at run time):
-    the run stops with the code, and the next run on the same device is exact again."""
+    the run stops with the code, and the next run on the same device is exact again. Then decode
+    steps cut short by a timeout (the driver's soft reset) at 10 %, 40 % and 70 % of their cycles,
+    inside different ops: the step run again afterwards is exact."""
     from sw.contract.errors import DeviceError
     from sw.driver.fabric_model import FabricModel
     from sw.driver.golden_device import GoldenDevice
@@ -87,6 +90,23 @@ def test_fabric_errors_on_the_rtl_stop_the_run_and_the_next_run_works(fabric_sim
     gold = FabricModel(path, GoldenDevice(FABRIC_LITE), capacity=64)
     cs, cg = model.new_cache(), gold.new_cache()
     assert model.forward_greedy([9, 8], cs) == gold.forward_greedy([9, 8], cg)
+    tok = model.forward_greedy([4], cs)
+    assert tok == gold.forward_greedy([4], cg)
+    clock_hz = FABRIC_LITE.clock_mhz * 1e6
+    step_cycles = model.timings[-1].accel_s * clock_hz
+    assert step_cycles > 4000
+    cut_at = []
+    for frac in (0.1, 0.4, 0.7):
+        dev.write32("RUN_POS", cs.length)
+        dev.write32("RUN_TOKEN", tok)
+        # the sim device's timeout is modeled time: the budget is the timeout's cycles + 1000
+        with pytest.raises(DeviceError, match="did not finish") as e:
+            dev.run(base, count, max(0.0, frac * step_cycles - 1000) / clock_hz)
+        cut_at.append(int(re.search(r"at command (\d+)", str(e.value)).group(1)))
+        nxt = model.forward_greedy([tok], cs)                 # the same step again, whole
+        tok = gold.forward_greedy([tok], cg)
+        assert nxt == tok
+    assert cut_at == sorted(set(cut_at)) and cut_at[0] > 0, cut_at     # three different places in the list
 
 
 @pytest.mark.slow
