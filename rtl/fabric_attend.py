@@ -12,7 +12,8 @@ build-time shape: D is the only head_dim the engine takes, G the largest GQA rat
 g_op < G runs the unit with G - g_op phantom heads: zero query codes and scales, outputs
 dropped; it costs the unit's exp2 pass G cycles per position, and the MAC passes
 ceil(G / heads per step) steps, whatever g_op is); ``macs`` the unit's multipliers;
-``max_positions`` N the largest KV capacity (p0) it takes; ``max_tokens`` the largest T.
+``max_positions`` N the largest KV capacity (p0) it takes; ``max_tokens`` the largest T;
+``exp_lanes`` the unit's heads per cycle in its exp pass (rtl/attention.py).
 
 Ports
 -----
@@ -105,9 +106,9 @@ class _AttendPipe(wiring.Component):
     held) begins; ``finished`` rises when every output beat went to the write master and every
     transfer command left its FIFO."""
 
-    def __init__(self, *, addr_width, head_dim, group, macs, max_positions, max_tokens):
+    def __init__(self, *, addr_width, head_dim, group, macs, max_positions, max_tokens, exp_lanes=1):
         self._aw, self._D, self._G, self._N, self._T = addr_width, head_dim, group, max_positions, max_tokens
-        self.unit = AttentionUnit(head_dim, group, macs, max_positions)
+        self.unit = AttentionUnit(head_dim, group, macs, max_positions, exp_lanes)
         tc = stream.Signature(transfer_command_layout(addr_width, BEATS_WIDTH))
         rdata = stream.Signature(read_data_layout(BEAT_BITS))
         super().__init__({
@@ -364,10 +365,11 @@ class FabricAttendEngine(CheckedComponent):
 
     @classmethod
     def check(cls, addr_width: int = DEFAULT_ADDR_BITS, head_dim: int = 64, group: int = 7, macs: int = 128,
-              max_positions: int = 4096, max_tokens: int = 16, *, read_ids=(0, 0, 0), write_id: int = 0) -> None:
+              max_positions: int = 4096, max_tokens: int = 16, *, read_ids=(0, 0, 0), write_id: int = 0,
+              exp_lanes: int = 1) -> None:
         if head_dim not in HEAD_DIMS:
             raise ConfigError(f"FabricAttendEngine: head_dim must be one of {HEAD_DIMS}, got {head_dim!r}")
-        AttentionUnit.check(head_dim, group, macs, max_positions)
+        AttentionUnit.check(head_dim, group, macs, max_positions, exp_lanes)
         if not isinstance(max_tokens, int) or not 1 <= max_tokens < 1 << 16:
             raise ConfigError(f"FabricAttendEngine: max_tokens must be 1..65535, got {max_tokens!r}")
         if not 13 <= addr_width <= 64:
@@ -376,8 +378,10 @@ class FabricAttendEngine(CheckedComponent):
             raise ConfigError(f"FabricAttendEngine: read_ids needs {READ_PORTS} ARIDs, got {read_ids!r}")
 
     def __init__(self, addr_width: int = DEFAULT_ADDR_BITS, head_dim: int = 64, group: int = 7, macs: int = 128,
-                 max_positions: int = 4096, max_tokens: int = 16, *, read_ids=(0, 0, 0), write_id: int = 0):
+                 max_positions: int = 4096, max_tokens: int = 16, *, read_ids=(0, 0, 0), write_id: int = 0,
+                 exp_lanes: int = 1):
         self.addr_width, self.head_dim, self.group, self.macs = addr_width, head_dim, group, macs
+        self.exp_lanes = exp_lanes
         self.max_positions, self.max_tokens = max_positions, max_tokens
         self._read_ids, self._write_id = tuple(read_ids), write_id
         members = {
@@ -407,7 +411,7 @@ class FabricAttendEngine(CheckedComponent):
 
         flush = Signal()
         pipe = _AttendPipe(addr_width=AW, head_dim=D, group=G, macs=self.macs, max_positions=N,
-                           max_tokens=self.max_tokens)
+                           max_tokens=self.max_tokens, exp_lanes=self.exp_lanes)
         m.submodules.pipe = ResetInserter(flush)(pipe)
         for name, rd in zip(("k", "v", "m"), rds):
             connect(m, getattr(pipe, f"{name}_cmd"), rd.cmd)

@@ -128,7 +128,8 @@ class Accelerator(wiring.Component):
             FabricVectorEngine.check(addr_width=addr_width, max_n=cfg.fabric_max_n, max_tokens=cfg.tokens,
                                      head_dims=(cfg.attn_head_dim,))
             FabricAttendEngine.check(addr_width, cfg.attn_head_dim, cfg.attn_group, cfg.attn_macs,
-                                     max_positions=cfg.max_context, max_tokens=cfg.tokens)
+                                     max_positions=cfg.max_context, max_tokens=cfg.tokens,
+                                     exp_lanes=cfg.attn_exp_lanes)
         self._geom = Geometry(config, max_k=max_k, addr_width=addr_width)
         self._hash = config.config_hash if config_hash is None else config_hash
         members = {
@@ -181,7 +182,8 @@ class Accelerator(wiring.Component):
             read_ids=(FABRIC_ARIDS["vector_rd0"], FABRIC_ARIDS["vector_rd1"]))
         att = m.submodules.fabric_attend = FabricAttendEngine(
             aw, cfg.attn_head_dim, cfg.attn_group, cfg.attn_macs, max_positions=cfg.max_context,
-            max_tokens=cfg.tokens, read_ids=tuple(FABRIC_ARIDS[f"attend_rd{i}"] for i in range(3)))
+            max_tokens=cfg.tokens, read_ids=tuple(FABRIC_ARIDS[f"attend_rd{i}"] for i in range(3)),
+            exp_lanes=cfg.attn_exp_lanes)
 
         fop, fop_done = cp.fop, cp.fop_done
         to_att = fop.payload.opcode == int(Opcode.ATTEND)

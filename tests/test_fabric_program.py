@@ -252,6 +252,10 @@ def test_cli_generate_on_the_fabric_split_and_its_errors(tiny, capsys):
     (dict(max_context=256, attn_head_dim=32, attn_group=2, attn_macs=24, fabric_max_n=384), "attn_macs must be"),
     (dict(max_context=256, attn_head_dim=32, attn_group=2, attn_macs=128, fabric_max_n=384), "attn_macs must be"),
     (dict(max_context=256, attn_head_dim=32, attn_group=2, attn_macs=16, fabric_max_n=20), "fabric_max_n must be"),
+    (dict(max_context=256, attn_head_dim=32, attn_group=2, attn_macs=16, fabric_max_n=384, attn_exp_lanes=0),
+     "attn_exp_lanes must divide the 1 query head"),
+    (dict(max_context=4096, attn_head_dim=64, attn_group=7, attn_macs=128, fabric_max_n=4864, attn_exp_lanes=4),
+     "attn_exp_lanes must divide the 2 query head"),
 ])
 def test_fabric_engine_shapes_are_validated(changes, match):
     from sw.contract.errors import ConfigError
@@ -276,3 +280,20 @@ def test_the_rtl_executes_what_the_config_asks_for():
     lim = rtl_limits(FABRIC, 40)
     assert lim.fabric_ops and (lim.max_context, lim.head_dim, lim.kv_group, lim.max_row) == (256, 32, 2, 384)
     assert not rtl_limits(preset("kv260"), 40).fabric_ops
+
+@pytest.mark.parametrize("name", ["kv260-fabric", "kv260-fabric-tiny"])
+def test_golden_attention_timing_follows_the_unit_the_config_builds(name):
+    """The golden device's ATTEND cycles per position are the attention unit's of the config (its MACs,
+    exp lanes and built group: rtl/attention.py's geometry, whose slope tests/test_attention.py
+    measures in Verilator: 12 at kv260-fabric's shape, 10 at the tiny one)."""
+    from rtl.attention import AttentionGeometry
+    from sw.driver.fabric_exec import FabricPerf
+    cfg = preset(name)
+    perf = GoldenDevice(cfg).executor.fabric.perf
+    assert perf == FabricPerf.from_config(cfg, cap_bytes_per_cycle=perf.cap_bytes_per_cycle)
+    unit = AttentionGeometry(cfg.attn_head_dim, cfg.attn_group, cfg.attn_macs, cfg.max_context,
+                             exp_lanes=cfg.attn_exp_lanes)
+    assert perf.attn_cycles_per_position(cfg.attn_group, cfg.attn_head_dim) == unit.cycles_per_position
+    assert unit.cycles_per_position == {"kv260-fabric": 12, "kv260-fabric-tiny": 10}[name]
+    # an op with fewer query heads per KV head runs the built group's phantom heads
+    assert perf.attn_cycles_per_position(1, cfg.attn_head_dim) == unit.cycles_per_position

@@ -27,7 +27,7 @@ SCHEMA = "kriallm.array-config/1"
 K26_CAPACITY = {"LUT": 117_120, "FF": 234_240, "DSP": 1_248, "BRAM36": 144, "URAM": 64}
 
 # DSP48E2 multiplier ports: 27-bit signed A (pre-adder output), 18-bit signed B.
-_FABRIC_FIELDS = ("attn_head_dim", "attn_group", "attn_macs", "fabric_max_n")
+_FABRIC_FIELDS = ("attn_head_dim", "attn_group", "attn_macs", "fabric_max_n", "attn_exp_lanes")
 FABRIC_HEAD_DIMS = (32, 64, 128)      # sw.contract.fabric_commands.HEAD_DIMS (not imported: no cycle)
 FABRIC_MAX_ROW = 1 << 16              # sw.contract.fabric_commands.FABRIC_MAX_N
 MAX_CONTEXT_LIMIT = 1 << 20        # HW_PARAMS3.max_context has 24 bits; 1 Mi positions is far beyond any KV260 use
@@ -72,6 +72,7 @@ class ArrayConfig:
     attn_group: int = 0
     attn_macs: int = 0
     fabric_max_n: int = 0
+    attn_exp_lanes: int = 0       # heads per cycle of the attention unit's exp pass (divides attn_macs / head_dim)
 
     # ---- derived facts -------------------------------------------------
     @property
@@ -244,7 +245,7 @@ class ArrayConfig:
             raise ConfigError(f"array config: {', '.join(k for k, v in fabric.items() if v)} describe the fabric "
                               f"decoder, which max_context 0 leaves out; set max_context or drop them")
         if mc:
-            hd, g, macs, n = (fabric[k] for k in _FABRIC_FIELDS)
+            hd, g, macs, n, lanes = (fabric[k] for k in _FABRIC_FIELDS)
             if hd not in FABRIC_HEAD_DIMS:
                 raise ConfigError(f"array config: attn_head_dim must be one of "
                                   f"{', '.join(map(str, FABRIC_HEAD_DIMS))}, got {hd}")
@@ -256,6 +257,10 @@ class ArrayConfig:
             if not hd <= n <= FABRIC_MAX_ROW or n % 8:
                 raise ConfigError(f"array config: fabric_max_n must be a multiple of 8 from attn_head_dim to "
                                   f"{FABRIC_MAX_ROW}, got {n}")
+            per_step = max(1, macs // hd)
+            if lanes < 1 or per_step % lanes:
+                raise ConfigError(f"array config: attn_exp_lanes must divide the {per_step} query head(s) the "
+                                  f"attention unit takes per step (attn_macs / attn_head_dim, at least 1), got {lanes}")
         if not isinstance(self.dsp_packing, bool):
             raise ConfigError(f"array config: dsp_packing must be true or false, got {self.dsp_packing!r}")
         if self.weight_bits not in (4, 8):
@@ -380,11 +385,11 @@ PRESETS: dict[str, ArrayConfig] = {
     # bench's deepest point, 2048, plus room). The RTL top (rtl/top.py) adds the fabric engines to
     # the kv260 linears; its attention unit is built for head_dim 64 and 7 query heads per KV head.
     "kv260-fabric": dataclasses.replace(_KV260, max_context=4096, attn_head_dim=64, attn_group=7, attn_macs=128,
-                                        fabric_max_n=4864),
+                                        fabric_max_n=4864, attn_exp_lanes=2),
     # The same linears with the fabric engines built for the `tiny` model (head_dim 32, 2 query heads per
     # KV head, rows up to 384): what the default simulation runs; its attention unit builds in a minute.
     "kv260-fabric-tiny": dataclasses.replace(_KV260, max_context=256, attn_head_dim=32, attn_group=2, attn_macs=16,
-                                             fabric_max_n=384),
+                                             fabric_max_n=384, attn_exp_lanes=1),
     # Small points for CI: rows x cols, odd token counts and every pipeline depth class.
     "test-4x4-g32": ArrayConfig(rows=4, cols=4, tokens=2, group_size=32, port_bits=128,
                                 dsp_packing=True, pipeline=2, dequant_lanes=1),

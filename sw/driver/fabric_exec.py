@@ -36,28 +36,41 @@ class FabricPerf:
     vector ops: max(bytes / cap, passes x elements / vector_lanes) + fixed;
     ATTEND: per query row and KV group, the attention unit's measured rule (rtl/attention.py,
     tests/test_attention.py): positions x cycles_per_position + attn_command_cycles, with
-    cycles_per_position = 2 max(steps, head_dim / 16) + group, steps = ceil(group / H) x K,
-    H = max(1, attn_macs / head_dim) heads per step, K = max(1, head_dim / attn_macs) chunks.
+    cycles_per_position = 2 max(steps, head_dim / 16) + ceil(G / exp_lanes), steps = ceil(G / H) x K,
+    H = max(1, attn_macs / head_dim) heads per step, K = max(1, head_dim / attn_macs) chunks;
+    G is the unit's built group (``attn_group``: an op with fewer query heads per KV head runs
+    phantom heads), or the op's when ``attn_group`` is 0.
     """
     cap_bytes_per_cycle: float = 64.0
     vector_lanes: int = 4
     attn_macs: int = 128
     attn_command_cycles: int = 240
     fixed_cycles: int = 64
+    exp_lanes: int = 1
+    attn_group: int = 0
+
+    @classmethod
+    def from_config(cls, config, **kw) -> "FabricPerf":
+        """The attention unit's shape of an ArrayConfig with the fabric decoder (max_context > 0)."""
+        if getattr(config, "max_context", 0):
+            kw = {"attn_macs": config.attn_macs, "exp_lanes": config.attn_exp_lanes,
+                  "attn_group": config.attn_group, **kw}
+        return cls(**kw)
 
     def assumptions(self) -> dict:
         return {"fabric_ops": "analytical: max(bytes / cap, elements / vector_lanes) per vector op; attention "
                               "per (row, KV group) positions x (2 max(steps, head_dim/16) + group) + "
                               "attn_command_cycles (the attention unit's measured rule)",
-                "vector_lanes": self.vector_lanes, "attn_macs": self.attn_macs,
+                "vector_lanes": self.vector_lanes, "attn_macs": self.attn_macs, "attn_exp_lanes": self.exp_lanes,
                 "attn_command_cycles": self.attn_command_cycles,
                 "fixed_cycles_per_fabric_op": self.fixed_cycles}
 
     def attn_cycles_per_position(self, group: int, hd: int) -> int:
+        group = max(group, self.attn_group)
         heads_per_step = max(1, self.attn_macs // hd)
         chunks = max(1, hd // self.attn_macs)
         steps = -(-group // heads_per_step) * chunks
-        return 2 * max(steps, hd // 16) + group
+        return 2 * max(steps, hd // 16) + -(-group // self.exp_lanes)
 
     def vector(self, elements: int, passes: int, nbytes: int) -> int:
         return max(-(-passes * elements // self.vector_lanes), int(-(-nbytes // self.cap_bytes_per_cycle))) \

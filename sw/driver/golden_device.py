@@ -469,7 +469,9 @@ class GoldenDevice(Device):
         self.config = config
         self.limits = HardwareLimits.from_config(config)
         self.memory = PhysMemory()
-        self.executor = CommandExecutor(self.memory, self.limits, perf or PerfModel.from_config(config))
+        perf = perf or PerfModel.from_config(config)
+        self.executor = CommandExecutor(self.memory, self.limits, perf,
+                                        FabricPerf.from_config(config, cap_bytes_per_cycle=perf.cap_bytes_per_cycle))
         self.regs = RegisterModel(self.executor, identity_words(
             self.limits, cols=config.cols, engines=config.engines, beat_bytes=config.port_bits // 8,
             clock_mhz=config.clock_mhz, config_hash=config.config_hash))
