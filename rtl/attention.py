@@ -24,48 +24,52 @@ Streams (``amaranth.lib.stream``, valid/ready; a beat moves when both are high):
 * ``k`` (In): 128-bit beats, n*D/16 per command: K codes of positions 0..n-1, row-major
   [position][D] (one KV head's slice of FabricKVCache.keys: codes[kv, 0:n, :], contiguous).
 * ``k_scale`` (In): 32-bit fp32, n per command: key_scales[kv, 0:n].
-* ``v_scale`` (In): 32-bit fp32, n per command: value_scales[kv, 0:n] (read in pass 2,
-  before any V code).
+* ``v_scale`` (In): 32-bit fp32, n per command: value_scales[kv, 0:n] (read in pass 1, beside
+  the K rows and their scales, at up to one per cycle).
 * ``v`` (In): 128-bit beats, n*D/16 per command: V codes, like ``k``.
 * ``out`` (Out): 128-bit beats of 4 fp32, G*D/4 per command: the outputs in row-major [G][D]
   order (word i of a beat in bits 32i..32i+31).
 
-The unit takes ``cmd`` and the G*D/16 ``q`` beats first, then K rows with their scales, then
-the n V scales, then the V rows; a source may present them all at once (each stream is read
-only in its phase). Every stream may stall at any beat.
+The unit takes ``cmd`` and the G*D/16 ``q`` beats first, then K rows with their scales and the
+n V scales (side by side), then the V rows; a source may present them all at once (each stream
+is read only in its phase). Every stream may stall at any beat.
 
 Passes of one command ("position" = one of the n visible positions):
 
 1. q.k: each K row is read once for all G heads; M int8 x int8 MACs per cycle, an adder tree
    per head, then ``score = fp32(acc) * fp32(fp32(s_q*C) * s_k)`` (C = score_scale(D)) into
    the score buffer (G x N fp32, BRAM) and the running max per head. max(P, D/16) cycles per
-   position (D/16: the 128-bit K beats).
-2. softmax: E exp2 per cycle (E lanes, each with its own subtract, Exp2, multiply and partial
-   adder): issue i of a position reads the score word of head block (i*E) / H and works on
-   heads i*E .. i*E + E-1 of it (lanes on heads >= G compute and are dropped):
-   ``e = exp2(score - m)``, ``w = e * s_v`` written over the score, ``B = max(exponent(w), 1)``
-   per head, ``e`` summed into fixed_sum's 32 partials per head (read-modify-write; E banks,
-   bank k holding heads h = k mod E at row h // E, so each lane updates its own bank).
-   ceil(G/E) cycles per position. Then fixed_sum's tree (the E banks side by side, one bank row
-   of E heads at a time, each head in the contract's pair order) and one reciprocal per head
-   (in head order), beside pass 3.
-3. P.V: each V row is read once; per step the H weights W = RNE(M(w) >> (B - x(w))) (24 bits)
-   multiply L V codes each in the same M multipliers (25 x 8 bits) into exact accumulators
-   (44 bits at N = 4096) kept in a ring of P registers per lane (shift registers).
-   max(P, D/16) cycles per position.
+   position (D/16: the 128-bit K beats). Beside it the V scales go into a buffer (N fp32) and
+   the P.V block exponent ``B = max(1, exponent fields of s_v)`` is formed
+   (``fabric_ops.pv_block_exponent``: every w = e * s_v <= s_v, so B is known before any exp).
+2. exp2 and P.V, one pass: the E exp lanes (each with its own subtract, Exp2, multiply and
+   partial adder) run ahead of the MACs: issue i of a position reads the score word of head
+   block (i*E) / H and works on heads i*E .. i*E + E-1 of it (lanes on heads >= G compute and are
+   dropped): ``e = exp2(score - m)``, ``w = e * s_v`` (s_v from the buffer), ``e`` summed into
+   fixed_sum's 32 partials per head (read-modify-write; E banks, bank k holding heads
+   h = k mod E at row h // E, so each lane updates its own bank). ceil(G/E) issues per position.
+   The w words (one per head block and position) wait in a small FIFO; a position's issues
+   start only when it has room for the position's words. Each V row is read once; per step the
+   H weights W = RNE(M(w) >> (B - x(w))) (24 bits) multiply L V codes each in the same M
+   multipliers (25 x 8 bits) into exact accumulators (44 bits at N = 4096) kept in a ring of P
+   registers per lane (shift registers). max(P, D/16, ceil(G/E)) cycles per position.
+3. fixed_sum's tree (the E banks side by side, one bank row of E heads at a time, each head in
+   the contract's pair order) and one reciprocal per head (in head order): about
+   31 ceil(G/E) + 35 + G + 50 cycles after pass 2.
 4. out: per accumulator ``y = fp32(acc * 2^(B - 150))`` (:class:`ScaledIntToFp32`) and
    ``out = y * r``: 4 per cycle, G*D/4 cycles.
 
-Cycles per command ~ n * cycles_per_position + about 240 (q load, pipeline drains, the outputs),
-with cycles_per_position = 2 max(P, D/16) + ceil(G/E); fixed_sum's tree and the reciprocals
-(about 31 ceil(G/E) + 35 + G + 50 cycles) run beside pass 3 and add only what pass 3 does not
-cover (small n). At D = 64, G = 7: M = 64 gives P = 7, 21 cycles per position; M = 128 gives
-P = 4, 15 cycles per position (measured without stalls: 1,740 cycles for n = 100, 4,740 for
-n = 300), and with E = 2 (H = 2) 12 (1,440 cycles for n = 100); M = 256 (H = 4), E = 4: 10.
+Cycles per command ~ n * cycles_per_position + a fixed part (q load, pipeline drains, the tree
+and the reciprocals, the outputs), with cycles_per_position = max(P, D/16) + max(P, D/16,
+ceil(G/E)). At D = 64, G = 7: M = 64 gives P = 7, 14 cycles per position; M = 128 gives P = 4,
+11 cycles per position, and with E = 2 (H = 2) 8; M = 256 (H = 4), E = 4: 8.
+(The previous contract's block exponent, the largest w's, was known only after every exp: the
+exp2 pass and the P.V pass ran one after the other, 2 max(P, D/16) + ceil(G/E) cycles per
+position: 15 and 12 at M = 128 with E = 1 and 2.)
 The second exp lane costs about 4,500 LUT, 1,900 FF, 10 DSP and a RAMB18 pair at D = 64, G = 7,
-M = 128 (Yosys, docs/rtl.md).
+M = 128 (Yosys, docs/rtl.md, measured before the fused pass).
 
-The score buffer reuses one word per (head block, position): the score, then w.
+The score buffer holds one word per (head block, position): the H scores.
 """
 
 from __future__ import annotations
@@ -207,8 +211,10 @@ class AttentionGeometry:
         # pass-2 issues per position (exp_lanes heads of one head block each) and the partial
         # banks' rows (bank k holds the heads h with h mod exp_lanes = k, row h // exp_lanes)
         self.exp_issues = -(-group // exp_lanes)
-        # both MAC passes (a K or V row is head_dim / 16 beats) and the exp2 pass
-        self.cycles_per_position = 2 * max(self.steps, head_dim // BEAT_BYTES) + self.exp_issues
+        # pass 1 (q.k MACs; a K row is head_dim / 16 beats), then pass 2: the exp lanes and the
+        # P.V MACs side by side
+        mac_pass = max(self.steps, head_dim // BEAT_BYTES)
+        self.cycles_per_position = mac_pass + max(mac_pass, self.exp_issues)
 
 
 class AttentionUnit(CheckedComponent):
@@ -293,7 +299,7 @@ class AttentionUnit(CheckedComponent):
 
         a_regs, a_arr = head_regs("a_h", 32, 0)
         m_regs, m_arr = head_regs("m_h", 32, _NEG_INF)
-        b_regs, b_arr = head_regs("bexp_h", 8, 1)
+        bexp = Signal(8, init=1)          # the P.V block exponent B (from the V scales, pass 1)
         r_regs, r_arr = head_regs("r_h", 32, 0)
 
         # ---- memories ---------------------------------------------------------------------------
@@ -309,15 +315,34 @@ class AttentionUnit(CheckedComponent):
             pb_rd.append(bank.read_port())
             p_wr.append(bank.write_port())
 
+        # the V scales, written in pass 1, read by the exp lanes in pass 2
+        m.submodules.v_scales = v_scales = Memory(shape=unsigned(32), depth=1 << jbits, init=[])
+        sv_rd = v_scales.read_port()
+        sv_wr = v_scales.write_port()
+
         # ---- command, phases ---------------------------------------------------------------------
         n = Signal(range(N + 1))
-        j = Signal(range(N + 1))          # position being issued
+        j = Signal(range(N + 1))          # position being issued (pass 1: K rows; pass 2: MAC steps)
+        je = Signal(range(N + 1))         # pass 2: the position the exp lanes issue
         step = Signal(range(P))
         e_idx = Signal(range(EI))          # pass 2: the issue within a position (heads e_idx * E + k)
-        phase_q, phase_k, phase_e, phase_v, phase_tree, phase_out = (Signal(name=f"in_{x}") for x in
-                                                                    ("q", "k", "e", "v", "tree", "out"))
+        phase_q, phase_k, phase_ev, phase_tree, phase_out = (Signal(name=f"in_{x}") for x in
+                                                            ("q", "k", "ev", "tree", "out"))
+        phase_v = phase_ev                 # pass 2 loads the V rows
 
-        # ---- row loader (K in pass 1, V in pass 3) -----------------------------------------------
+        # ---- the V scales in pass 1: B = max(1, exponent fields), kept for the exp lanes --------
+        v_cnt = Signal(range(N + 1))
+        vs_take = phase_k & (v_cnt < n)
+        vs_field = self.v_scale.payload[23:31]
+        m.d.comb += [self.v_scale.ready.eq(vs_take),
+                     sv_wr.en.eq(vs_take & self.v_scale.valid), sv_wr.addr.eq(v_cnt[0:jbits]),
+                     sv_wr.data.eq(self.v_scale.payload)]
+        with m.If(vs_take & self.v_scale.valid):
+            m.d.sync += v_cnt.eq(v_cnt + 1)
+            with m.If(vs_field > bexp):
+                m.d.sync += bexp.eq(vs_field)
+
+        # ---- row loader (K in pass 1, V in pass 2) -----------------------------------------------
         src_valid = Mux(phase_k, self.k.valid, self.v.valid & phase_v)
         src_data = Mux(phase_k, self.k.payload, self.v.payload)
         stage = Signal(D * 8, reset_less=True)
@@ -391,30 +416,39 @@ class AttentionUnit(CheckedComponent):
             m.d.sync += [Array(a_regs)[a_head].eq(mul_a.o), a_head.eq(a_head + 1)]
         a_done = _delay(m, phase_q & (a_cnt == G), mul_a.latency + 1, "a_done", reset_less=False)
 
-        # ---- the MAC pipeline (pass 1 and pass 3 share the M multipliers) ------------------------
+        # ---- the MAC pipeline (pass 1 and pass 2 share the M multipliers) ------------------------
         hb = step // K if K > 1 else step
         chunk = step % K if K > 1 else Const(0, 1)
-        m.d.comb += issue_mac.eq((phase_k | phase_v) & row_valid & (j < n))
-        sc_addr_rd = Signal(len(sc_rd.addr))
-        m.d.comb += sc_rd.addr.eq(sc_addr_rd)
+        # pass 2: the exp lanes' w words (one per head block and position) wait in w_fifo; the
+        # first step of a head block takes its word, the block's other chunks reuse it
+        e_lat = sub_m[0].latency + exp2[0].latency
+        pass2_lat = 1 + e_lat + mul_w[0].latency + 1
+        w_depth = HB * (-(-pass2_lat // max(P, row_beats, EI)) + 3)
+        m.submodules.w_fifo = w_fifo = SyncFIFOBuffered(width=32 * H, depth=w_depth)
+        need_w = phase_ev & (chunk == 0)
+        m.d.comb += issue_mac.eq((phase_k | phase_ev) & row_valid & (j < n) & (~need_w | w_fifo.r_rdy))
+        m.d.comb += w_fifo.r_en.eq(issue_mac & need_w)
+        w_hold = Signal(32 * H, reset_less=True)
+        with m.If(issue_mac & need_w):
+            m.d.sync += w_hold.eq(w_fifo.r_data)
+        w_cur = Mux(chunk == 0, w_fifo.r_data, w_hold) if K > 1 else w_fifo.r_data
         with m.If(issue_mac):
             with m.If(step == P - 1):
                 m.d.sync += [step.eq(0), j.eq(j + 1)]
             with m.Else():
                 m.d.sync += step.eq(step + 1)
-        # S1: the issued step (and, in pass 3, the w word read at S0)
+        # S1: the issued step (and, in pass 2, its head block's w word)
         s1 = _delay_fields(m, dict(valid=issue_mac, pass1=phase_k, hb=hb, chunk=chunk, j=j,
                                    codes=row.word_select(chunk, L * 8) if K > 1 else row,
-                                   q=q_ring[P - 1], scale=row_scale), 1, "s1")
+                                   q=q_ring[P - 1], scale=row_scale, w=w_cur), 1, "s1")
         # S2: W = RNE(M(w) >> (B - x(w))) per head slot
-        w_word = sc_rd.data
+        w_word = s1.w
         big_w = []
         for k in range(H):
             w = w_word[32 * k:32 * k + 32]
             field = w[23:31]
             mant = Cat(w[0:23], field != 0)
             x = Mux(field == 0, 1, field)
-            bexp = b_arr[s1.hb * H + k if H > 1 else s1.hb]
             q, sticky = shift_right_sticky(Cat(Const(0, 1), mant), (bexp - x)[0:8], 26)
             big_w.append((q[1:] + (q[0] & (sticky | q[1])))[0:24])
         s2 = _delay_fields(m, dict(vars(s1), w=Cat(*big_w)), 1, "s2")
@@ -429,7 +463,7 @@ class AttentionUnit(CheckedComponent):
         s4 = _delay_fields(m, vars(s3), 1, "s4")
         prod = [_delay(m, a3[l] * b3[l], 1, f"prod{l}") for l in range(M)]
 
-        # pass 3: the accumulator ring (P registers of M lanes); pass 4 rotates it
+        # pass 2: the accumulator ring (P registers of M lanes); the outputs rotate it
         ring = [[Signal(signed(A), name=f"acc_ring{i}_{l}", reset_less=True) for l in range(M)]
                 for i in range(P)]
         tail = ring[P - 1]
@@ -480,21 +514,23 @@ class AttentionUnit(CheckedComponent):
                     m.d.sync += m_regs[h].eq(sc)
         pass1_lat = 4 + tree_regs + 1 + sc_lat + 1       # issue to the last write
 
-        # ---- pass 2: e = exp2(score - m), w = e * s_v, B, fixed_sum partials ------------------
+        # ---- pass 2, the exp lanes: e = exp2(score - m), w = e * s_v -> w_fifo, fixed_sum partials
         # E lanes: issue i of a position works on heads i*E .. i*E + E-1 (one head block's slots)
         e_hb = e_idx // (H // E) if H > E else e_idx
         e_gib = e_idx % (H // E) if H > E else Const(0, 1)     # the lane group within the block
-        sv_reg = Signal(32, reset_less=True)
-        issue_e = phase_e & (j < n) & ((e_idx != 0) | self.v_scale.valid)
-        m.d.comb += self.v_scale.ready.eq(phase_e & (j < n) & (e_idx == 0))
-        sv = Mux(e_idx == 0, self.v_scale.payload, sv_reg)
+        # a position starts only when w_fifo has room for its HB words (counting those in flight)
+        w_inflight = Signal(range(w_depth + HB + 1))
+        w_push = Signal()
+        credit = w_inflight + w_fifo.level + HB <= w_depth
+        issue_e = phase_ev & (je < n) & ((e_idx != 0) | credit)
+        m.d.sync += w_inflight.eq(w_inflight + Mux(issue_e & (e_idx == 0), HB, 0) - w_push)
         with m.If(issue_e):
-            m.d.sync += sv_reg.eq(sv)
             with m.If(e_idx == EI - 1):
-                m.d.sync += [e_idx.eq(0), j.eq(j + 1)]
+                m.d.sync += [e_idx.eq(0), je.eq(je + 1)]
             with m.Else():
                 m.d.sync += e_idx.eq(e_idx + 1)
-        e1 = _delay_fields(m, dict(valid=issue_e, idx=e_idx, gib=e_gib, hb=e_hb, j=j, sv=sv), 1, "e1")
+        m.d.comb += sv_rd.addr.eq(je[0:jbits])
+        e1 = _delay_fields(m, dict(valid=issue_e, idx=e_idx, gib=e_gib, hb=e_hb, j=je), 1, "e1")
         for k in range(E):
             if H == E:
                 score = sc_rd.data[32 * k:32 * k + 32]
@@ -503,8 +539,8 @@ class AttentionUnit(CheckedComponent):
             m.d.comb += [sub_m[k].i_valid.eq(e1.valid), sub_m[k].a.eq(score),
                          sub_m[k].b.eq(m_arr[e1.idx * E + k if E > 1 else e1.idx] ^ _SIGN),
                          exp2[k].i_valid.eq(sub_m[k].o_valid), exp2[k].a.eq(sub_m[k].o)]
-        e_lat = sub_m[0].latency + exp2[0].latency
-        ee = _delay_fields(m, {k: v for k, v in vars(e1).items() if k != "valid"}, e_lat, "ee")
+        ee = _delay_fields(m, dict({k: v for k, v in vars(e1).items() if k != "valid"}, sv=sv_rd.data),
+                           e_lat, "ee")
         for k in range(E):
             m.d.comb += [mul_w[k].i_valid.eq(exp2[k].o_valid), mul_w[k].a.eq(exp2[k].o), mul_w[k].b.eq(ee.sv)]
         ww = _delay_fields(m, vars(ee), mul_w[0].latency, "ww")
@@ -515,22 +551,12 @@ class AttentionUnit(CheckedComponent):
         w_last = (ww.gib == H // E - 1) | (ww.idx == EI - 1)
         with m.If(w_valid):
             m.d.sync += w_word_reg.eq(w_new)
-        for k in range(E):
-            w_field = mul_w[k].o[23:31]
-            w_x = Mux(w_field == 0, 1, w_field)
-            for h in range(k, G, E):                    # lane k works on the heads h = k mod E
-                with m.If(w_valid & (ww.idx == h // E) & (w_x > b_regs[h])):
-                    m.d.sync += b_regs[h].eq(w_x)
-        pass2_lat = 1 + e_lat + mul_w[0].latency + 1
+        m.d.comb += [w_push.eq(w_valid & w_last), w_fifo.w_en.eq(w_push), w_fifo.w_data.eq(w_new)]
 
-        # score buffer ports: pass 1 writes scores, pass 2 reads them and writes w, pass 3 reads w
-        with m.If(phase_k):
-            m.d.comb += [sc_wr.en.eq(score_valid), sc_wr.addr.eq(Cat(o_j[0:jbits], o_hb)),
-                         sc_wr.data.eq(Cat(*[mul_s[k].o for k in range(H)]))]
-        with m.Else():
-            m.d.comb += [sc_wr.en.eq(w_valid & w_last), sc_wr.addr.eq(Cat(ww.j[0:jbits], ww.hb)),
-                         sc_wr.data.eq(w_new)]
-        m.d.comb += sc_addr_rd.eq(Mux(phase_e, Cat(j[0:jbits], e_hb), Cat(j[0:jbits], hb)))
+        # score buffer ports: pass 1 writes the scores, pass 2's exp lanes read them
+        m.d.comb += [sc_wr.en.eq(score_valid), sc_wr.addr.eq(Cat(o_j[0:jbits], o_hb)),
+                     sc_wr.data.eq(Cat(*[mul_s[k].o for k in range(H)])),
+                     sc_rd.addr.eq(Cat(je[0:jbits], e_hb))]
 
         # fixed_sum partials: partial (h, j mod 32) in bank h mod E, row h // E, read-modify-write
         # through the bank's add_p
@@ -591,7 +617,7 @@ class AttentionUnit(CheckedComponent):
         for i in range(OUT_WORDS):
             m.d.comb += [conv[i].i_valid.eq(out_issue),
                          conv[i].a.eq(tail_words.word_select(grp, OUT_WORDS * A)[i * A:(i + 1) * A]),
-                         conv[i].e.eq(b_arr[o_head]),
+                         conv[i].e.eq(bexp),
                          mul_r[i].i_valid.eq(conv_out), mul_r[i].a.eq(conv[i].o)]
         r_head = _delay(m, o_head, conv[0].latency, "r_head")
         for i in range(OUT_WORDS):
@@ -642,8 +668,9 @@ class AttentionUnit(CheckedComponent):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
                     m.d.sync += [n.eq(self.cmd.payload.n), s_q.eq(self.cmd.payload.s_q), q_cnt.eq(0),
-                                 a_cnt.eq(0), a_head.eq(0), recip_head.eq(0), j.eq(0), step.eq(0), e_idx.eq(0)]
-                    m.d.sync += [r.eq(_NEG_INF) for r in m_regs] + [r.eq(1) for r in b_regs]
+                                 a_cnt.eq(0), a_head.eq(0), recip_head.eq(0), j.eq(0), step.eq(0), e_idx.eq(0),
+                                 je.eq(0), v_cnt.eq(0), w_inflight.eq(0), bexp.eq(1)]
+                    m.d.sync += [r.eq(_NEG_INF) for r in m_regs]
                     m.next = "LOAD_Q"
             with m.State("LOAD_Q"):
                 m.d.comb += phase_q.eq(1)
@@ -653,37 +680,30 @@ class AttentionUnit(CheckedComponent):
                     m.next = "PASS_K"
             with m.State("PASS_K"):
                 m.d.comb += phase_k.eq(1)
-                with m.If(j == n):
+                with m.If((j == n) & (v_cnt == n)):
                     m.d.sync += drain.eq(pass1_lat)
                     m.next = "DRAIN_K"
             with m.State("DRAIN_K"):
                 m.d.comb += phase_k.eq(1)       # the last scores still arrive
                 m.d.sync += drain.eq(drain - 1)
                 with m.If(drain == 0):
-                    m.d.sync += [j.eq(0), e_idx.eq(0)]
-                    m.next = "PASS_E"
-            with m.State("PASS_E"):
-                m.d.comb += phase_e.eq(1)
+                    m.d.sync += [j.eq(0), je.eq(0), e_idx.eq(0), step.eq(0), rows_in.eq(0), stage_cnt.eq(0),
+                                 row_valid.eq(0)]
+                    m.next = "PASS_EV"
+            with m.State("PASS_EV"):
+                m.d.comb += phase_ev.eq(1)
                 with m.If(j == n):
-                    m.d.sync += drain.eq(pass2_lat + add_p[0].latency + 2)
-                    m.next = "DRAIN_E"
-            with m.State("DRAIN_E"):
-                m.d.comb += phase_e.eq(1)
+                    # the exp lanes finished before the last w word was taken; their last partial
+                    # sums and the last products reach the partials and the ring
+                    m.d.sync += drain.eq(add_p[0].latency + 6)
+                    m.next = "DRAIN_EV"
+            with m.State("DRAIN_EV"):
                 m.d.sync += drain.eq(drain - 1)
                 with m.If(drain == 0):
-                    # fixed_sum's tree and the reciprocals (the "tail" below) run beside pass 3
-                    m.d.comb += tail_start.eq(1)
-                    m.d.sync += [j.eq(0), step.eq(0), rows_in.eq(0), stage_cnt.eq(0), row_valid.eq(0)]
-                    m.next = "PASS_V"
-            with m.State("PASS_V"):
-                m.d.comb += phase_v.eq(1)
-                with m.If(j == n):
-                    m.d.sync += drain.eq(5)             # the last products reach the ring
-                    m.next = "DRAIN_V"
-            with m.State("DRAIN_V"):
-                with m.If(drain != 0):
-                    m.d.sync += drain.eq(drain - 1)
-                with m.If((drain == 0) & (recip_head == G)):
+                    m.d.comb += tail_start.eq(1)        # fixed_sum's tree and the reciprocals
+                    m.next = "TAIL"
+            with m.State("TAIL"):
+                with m.If(recip_head == G):
                     m.d.sync += [step.eq(0), grp.eq(0)]
                     m.next = "OUT"
             with m.State("OUT"):

@@ -31,8 +31,8 @@ done : Out(stream of fabric_done_layout()): one answer per command; ``code`` 0, 
       when both happen). Rows written before the error stay written (the golden model writes
       nothing): on an error the op's dst rows are undefined, nothing else is touched.
 rd0, rd1, rd2 : Out(axi4_read_signature(addr_width, 128, HP_ID_BITS)): rd0 reads the K codes,
-    rd1 the V codes, rd2 the query scales, the query codes and the K and V scales (in that
-    order per unit command). The integrating top gives each its own HP port (or arbitrates
+    rd1 the V scales and the V codes, rd2 the query scales, the query codes and the K scales (in
+    that order per unit command). The integrating top gives each its own HP port (or arbitrates
     them by ``read_ids``).
 wr : Out(axi4_write_signature(...)): the outputs.
 busy : Out(1): a command is being worked on (or answered).
@@ -50,14 +50,15 @@ stream into the masters' buffers while the unit computes):
 
 * rd0: K codes of KV head g, positions 0 .. n-1 (n = RUN_POS + t + 1), one contiguous read
   ``src1 + (g * p0) * D``, n * D / 16 beats;
-* rd1: V codes, the same at ``src1 + codes_bytes``;
+* rd1: the beats holding the n V scales (the unit reads them in its pass 1, beside the K rows:
+  they set the P.V block exponent), then the V codes, like the K codes at ``src1 + codes_bytes``;
 * rd2: the beats holding s_q of heads g*g_op .. g*g_op+g_op-1 (row t of the scales section of
   the activation buffer, commands.activation_layout(n, D, T)), the g_op*D query codes (row t of
-  the codes section, at g*g_op*D), the beats holding the n K scales and the n V scales (their
-  first word is at any 4-byte offset: the leading words are skipped).
+  the codes section, at g*g_op*D), the beats holding the n K scales (scales' first word is at any
+  4-byte offset: the leading words are skipped).
 
-A feeder splits rd2's stream into the unit's ``cmd`` (n, s_q), ``q``, ``k_scale`` and
-``v_scale`` streams; rd0 and rd1 feed ``k`` and ``v`` directly; ``out`` goes to the write
+A feeder splits rd2's stream into the unit's ``cmd`` (n, s_q), ``q`` and ``k_scale`` streams, a
+splitter rd1's into ``v_scale`` and ``v``; rd0 feeds ``k`` directly; ``out`` goes to the write
 master. The addresses of a command follow from the previous one by additions; the three
 products of a descriptor (T * codes_stride, p1 * p0) are made by a shift-add multiplier
 before the first command (at most 32 cycles).
@@ -142,13 +143,15 @@ class _AttendPipe(wiring.Component):
         # ---- transfer-command FIFOs (to the masters) ------------------------------------------
         fifos = {}
         for name in ("k", "v", "m", "w"):
-            depth = CMD_FIFO_DEPTH * (4 if name == "m" else 1)
+            depth = CMD_FIFO_DEPTH * {"m": 4, "v": 2}.get(name, 1)
             f = fifos[name] = m.submodules[f"{name}_fifo"] = SyncFIFOBuffered(width=AW + BEATS_WIDTH, depth=depth)
             port = getattr(self, f"{name}_cmd")
             m.d.comb += [port.valid.eq(f.r_rdy), port.payload.addr.eq(f.r_data[:AW]),
                          port.payload.beats.eq(f.r_data[AW:]), f.r_en.eq(port.ready)]
-        info_layout = data.StructLayout({"n": range(N + 1), "sq_skip": 2, "ks_skip": 2, "vs_skip": 2})
+        info_layout = data.StructLayout({"n": range(N + 1), "sq_skip": 2, "ks_skip": 2})
         m.submodules.info_fifo = info = SyncFIFOBuffered(width=info_layout.size, depth=CMD_FIFO_DEPTH)
+        vinfo_layout = data.StructLayout({"n": range(N + 1), "vs_skip": 2})         # for rd1's splitter
+        m.submodules.vinfo_fifo = vinfo = SyncFIFOBuffered(width=vinfo_layout.size, depth=CMD_FIFO_DEPTH)
 
         # ---- set-up: the descriptor's products (shift-add, one multiplier bit per cycle) -------
         W = AW + 2
@@ -202,7 +205,9 @@ class _AttendPipe(wiring.Component):
             m.d.comb += [f.w_en.eq(push[name]), f.w_data.eq(Cat(push_addr[name], push_beats[name]))]
         info_w = Signal(info_layout)
         m.d.comb += [info.w_data.eq(info_w), info_w.n.eq(n_vis), info_w.sq_skip.eq(sq_skip),
-                     info_w.ks_skip.eq(ks_skip), info_w.vs_skip.eq(vs_skip)]
+                     info_w.ks_skip.eq(ks_skip)]
+        vinfo_w = Signal(vinfo_layout)
+        m.d.comb += [vinfo.w_data.eq(vinfo_w), vinfo_w.n.eq(n_vis), vinfo_w.vs_skip.eq(vs_skip)]
 
         def words_beats(skip, count):
             return (skip + count + (WORDS - 1)) >> _log2(WORDS)
@@ -233,32 +238,32 @@ class _AttendPipe(wiring.Component):
                                      push_beats["k"].eq(kv_beats)]
                         with m.If(fifos["k"].w_rdy):
                             m.d.sync += sub.eq(1)
-                    with m.Case(1):
-                        m.d.comb += [push["v"].eq(fifos["v"].w_rdy), push_addr["v"].eq(k_cur + codes_bytes),
-                                     push_beats["v"].eq(kv_beats)]
+                    with m.Case(1):                 # the V scales (the unit's pass 1), then the V codes
+                        m.d.comb += [push["v"].eq(fifos["v"].w_rdy), push_addr["v"].eq(beat_addr(vs_cur)),
+                                     push_beats["v"].eq(words_beats(vs_skip, n_vis))]
                         with m.If(fifos["v"].w_rdy):
                             m.d.sync += sub.eq(2)
                     with m.Case(2):
+                        m.d.comb += [push["v"].eq(fifos["v"].w_rdy), push_addr["v"].eq(k_cur + codes_bytes),
+                                     push_beats["v"].eq(kv_beats)]
+                        with m.If(fifos["v"].w_rdy):
+                            m.d.sync += sub.eq(3)
+                    with m.Case(3):
                         m.d.comb += [push["m"].eq(fifos["m"].w_rdy), push_addr["m"].eq(beat_addr(sq_cur)),
                                      push_beats["m"].eq(words_beats(sq_skip, grp))]
                         with m.If(fifos["m"].w_rdy):
-                            m.d.sync += sub.eq(3)
-                    with m.Case(3):
+                            m.d.sync += sub.eq(4)
+                    with m.Case(4):
                         m.d.comb += [push["m"].eq(fifos["m"].w_rdy), push_addr["m"].eq(q_cur),
                                      push_beats["m"].eq(q_real)]
                         with m.If(fifos["m"].w_rdy):
-                            m.d.sync += sub.eq(4)
-                    with m.Case(4):
-                        m.d.comb += [push["m"].eq(fifos["m"].w_rdy), push_addr["m"].eq(beat_addr(ks_cur)),
-                                     push_beats["m"].eq(words_beats(ks_skip, n_vis))]
-                        with m.If(fifos["m"].w_rdy):
                             m.d.sync += sub.eq(5)
                     with m.Case(5):
-                        room = fifos["m"].w_rdy & fifos["w"].w_rdy & info.w_rdy
-                        m.d.comb += [push["m"].eq(room), push_addr["m"].eq(beat_addr(vs_cur)),
-                                     push_beats["m"].eq(words_beats(vs_skip, n_vis)),
+                        room = fifos["m"].w_rdy & fifos["w"].w_rdy & info.w_rdy & vinfo.w_rdy
+                        m.d.comb += [push["m"].eq(room), push_addr["m"].eq(beat_addr(ks_cur)),
+                                     push_beats["m"].eq(words_beats(ks_skip, n_vis)),
                                      push["w"].eq(room), push_addr["w"].eq(d_cur), push_beats["w"].eq(out_real),
-                                     info.w_en.eq(room)]
+                                     info.w_en.eq(room), vinfo.w_en.eq(room)]
                         with m.If(room):
                             m.d.sync += [sub.eq(0), issued.eq(issued + 1)]
                             with m.If(g + 1 == op.p1):
@@ -275,7 +280,7 @@ class _AttendPipe(wiring.Component):
                                              q_cur.eq(q_cur + grp_bytes), sq_cur.eq(sq_cur + (grp << 2)),
                                              d_cur.eq(d_cur + (grp_bytes << 2))]
 
-        # ---- the rd2 feeder: s_q -> unit cmd, q beats, K scales, V scales ------------------------
+        # ---- the rd2 feeder: s_q -> unit cmd, q beats, K scales -----------------------------------
         cur = Signal(info_layout)
         widx = Signal(2)
         cnt = Signal(range(N + 1))
@@ -289,8 +294,7 @@ class _AttendPipe(wiring.Component):
                      unit.cmd.payload.s_q.eq(sq_regs)]
         with m.If(unit.cmd.valid & unit.cmd.ready):
             m.d.sync += ucmd_valid.eq(0)
-        m.d.comb += [unit.k_scale.payload.eq(word), unit.v_scale.payload.eq(word),
-                     ]
+        m.d.comb += unit.k_scale.payload.eq(word)
         with m.FSM(name="feeder"):
             with m.State("INFO"):
                 with m.If(info.r_rdy & ~ucmd_valid):
@@ -317,23 +321,48 @@ class _AttendPipe(wiring.Component):
                     with m.If(qcnt == q_beats - 1):
                         m.d.sync += [widx.eq(cur.ks_skip), cnt.eq(0)]
                         m.next = "KS"
-            for name, nxt in (("KS", "VS"), ("VS", "INFO")):
-                with m.State(name):
-                    s = unit.k_scale if name == "KS" else unit.v_scale
-                    last = cnt == cur.n - 1
-                    m.d.comb += [s.valid.eq(self.m_data.valid),
-                                 self.m_data.ready.eq(s.ready & ((widx == WORDS - 1) | last))]
-                    with m.If(self.m_data.valid & s.ready):
-                        m.d.sync += [widx.eq(widx + 1), cnt.eq(cnt + 1)]
-                        with m.If(last):
-                            m.d.sync += cnt.eq(0)
-                            if name == "KS":
-                                m.d.sync += widx.eq(cur.vs_skip)
-                            m.next = nxt
+            with m.State("KS"):
+                last = cnt == cur.n - 1
+                m.d.comb += [unit.k_scale.valid.eq(self.m_data.valid),
+                             self.m_data.ready.eq(unit.k_scale.ready & ((widx == WORDS - 1) | last))]
+                with m.If(self.m_data.valid & unit.k_scale.ready):
+                    m.d.sync += [widx.eq(widx + 1), cnt.eq(cnt + 1)]
+                    with m.If(last):
+                        m.d.sync += cnt.eq(0)
+                        m.next = "INFO"
 
-        # ---- K and V rows, outputs ------------------------------------------------------------
-        for src, dst in ((self.k_data, unit.k), (self.v_data, unit.v)):
-            m.d.comb += [dst.valid.eq(src.valid), dst.payload.eq(src.payload.data), src.ready.eq(dst.ready)]
+        # ---- the rd1 splitter: V scales -> unit v_scale (read in the unit's pass 1), V codes -> v
+        vn = Signal(range(N + 1))
+        vwidx = Signal(2)
+        vcnt = Signal(range(N * (D // BEAT_BYTES) + 1))
+        vinfo_r = Signal(vinfo_layout)
+        m.d.comb += [vinfo_r.eq(vinfo.r_data), unit.v_scale.payload.eq(self.v_data.payload.data.word_select(vwidx, 32)),
+                     unit.v.payload.eq(self.v_data.payload.data)]
+        with m.FSM(name="v_splitter"):
+            with m.State("INFO"):
+                with m.If(vinfo.r_rdy):
+                    m.d.comb += vinfo.r_en.eq(1)
+                    m.d.sync += [vn.eq(vinfo_r.n), vwidx.eq(vinfo_r.vs_skip), vcnt.eq(0)]
+                    m.next = "VS"
+            with m.State("VS"):
+                last = vcnt == vn - 1
+                m.d.comb += [unit.v_scale.valid.eq(self.v_data.valid),
+                             self.v_data.ready.eq(unit.v_scale.ready & ((vwidx == WORDS - 1) | last))]
+                with m.If(self.v_data.valid & unit.v_scale.ready):
+                    m.d.sync += [vwidx.eq(vwidx + 1), vcnt.eq(vcnt + 1)]
+                    with m.If(last):
+                        m.d.sync += vcnt.eq(0)
+                        m.next = "V"
+            with m.State("V"):
+                m.d.comb += [unit.v.valid.eq(self.v_data.valid), self.v_data.ready.eq(unit.v.ready)]
+                with m.If(self.v_data.valid & unit.v.ready):
+                    m.d.sync += vcnt.eq(vcnt + 1)
+                    with m.If(vcnt == (vn << row_shift) - 1):
+                        m.next = "INFO"
+
+        # ---- K rows, outputs -------------------------------------------------------------------
+        m.d.comb += [unit.k.valid.eq(self.k_data.valid), unit.k.payload.eq(self.k_data.payload.data),
+                     self.k_data.ready.eq(unit.k.ready)]
         ocnt = Signal(range(out_beats))
         keep = ocnt < out_real                      # the phantom heads' outputs are dropped
         m.d.comb += [self.w_data.valid.eq(unit.out.valid & keep), self.w_data.payload.data.eq(unit.out.payload),

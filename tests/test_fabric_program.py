@@ -285,7 +285,7 @@ def test_the_rtl_executes_what_the_config_asks_for():
 def test_golden_attention_timing_follows_the_unit_the_config_builds(name):
     """The golden device's ATTEND cycles per position are the attention unit's of the config (its MACs,
     exp lanes and built group: rtl/attention.py's geometry, whose slope tests/test_attention.py
-    measures in Verilator: 12 at kv260-fabric's shape, 10 at the tiny one)."""
+    measures in Verilator: 8 at kv260-fabric's shape, 8 at the tiny one)."""
     from rtl.attention import AttentionGeometry
     from sw.driver.fabric_exec import FabricPerf
     cfg = preset(name)
@@ -294,6 +294,6 @@ def test_golden_attention_timing_follows_the_unit_the_config_builds(name):
     unit = AttentionGeometry(cfg.attn_head_dim, cfg.attn_group, cfg.attn_macs, cfg.max_context,
                              exp_lanes=cfg.attn_exp_lanes)
     assert perf.attn_cycles_per_position(cfg.attn_group, cfg.attn_head_dim) == unit.cycles_per_position
-    assert unit.cycles_per_position == {"kv260-fabric": 12, "kv260-fabric-tiny": 10}[name]
+    assert unit.cycles_per_position == {"kv260-fabric": 8, "kv260-fabric-tiny": 8}[name]
     # an op with fewer query heads per KV head runs the built group's phantom heads
     assert perf.attn_cycles_per_position(1, cfg.attn_head_dim) == unit.cycles_per_position

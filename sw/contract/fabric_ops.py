@@ -328,41 +328,68 @@ PV_MAX_POSITIONS = 1 << 20     # |acc| < 2^24 * 127 * 2^20 < 2^52: a 52-bit sign
 PV_W_BITS = 24                 # W_j < 2^24 (unsigned)
 
 
-def pv_weights(e: np.ndarray, s_v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pv_block_exponent(s_v: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """The P.V block exponent B int64 [...] of rows whose visible positions are `visible`
+    (bool [..., S]) over the value scales s_v fp32 [S]: B = max(1, max over the visible j
+    of the biased exponent field of s_v[j]).
+
+    It depends on the value scales and the mask only, not on the scores: the RTL knows it
+    before any exp2 (it reads the V scales beside the K rows), so the exp2 pass and the P.V
+    MACs run as one pass. Every weight w_j = fp32(e_j * s_v[j]) with e_j <= 1 (exp2 of a
+    d <= 0 never exceeds 1) is <= s_v[j], so its exponent x_j <= B.
+    """
+    s_v = np.asarray(s_v, F32)
+    if np.any(np.signbit(s_v)) or not np.all(np.isfinite(s_v)):
+        raise ValueError("attention_values: the contract's domain is s_v >= 0, finite")
+    field = ((s_v.view(np.uint32) >> np.uint32(23)) & np.uint32(0xFF)).astype(np.int64)
+    vis = np.asarray(visible, bool)
+    if vis.shape[-1] == 0:
+        return np.ones(vis.shape[:-1], np.int64)
+    return np.maximum(np.max(np.where(vis, field, 1), axis=-1), 1)
+
+
+def pv_weights(e: np.ndarray, s_v: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The block-fixed-point P.V weights: (W int64 [..., S], B int64 [...]).
 
     w_j = fp32(e_j * s_v[j]) (one RNE product; e_j, s_v[j] >= 0, so w_j >= 0) is
     M_j * 2^(x_j - 150): M_j its 24-bit integer significand (hidden bit included,
-    0 for subnormals), x_j = max(biased exponent field, 1). B = max_j x_j over all
-    j (a zero has x = 1, so invisible positions never move B). W_j =
-    round_half_even(M_j / 2^(B - x_j)): the alignment shift of a float adder,
-    with RNE instead of a sticky bit. W_j < 2^24 (B = x_j: W_j = M_j; else
-    W_j <= round(M_j / 2) <= 2^23); a shift >= 25 gives 0.
+    0 for subnormals), x_j = max(biased exponent field, 1). B = :func:`pv_block_exponent`
+    (s_v, visible): from the visible positions' value scales, not from the weights, so it
+    is known before the exps (x_j <= B since e_j <= 1; invisible positions never move B, so
+    a longer cache gives the same bits). W_j = round_half_even(M_j / 2^(B - x_j)): the
+    alignment shift of a float adder, with RNE instead of a sticky bit. W_j < 2^24
+    (B = x_j: W_j = M_j; else W_j <= round(M_j / 2) <= 2^23); a shift >= 25 gives 0.
     """
-    w = (np.asarray(e, F32) * np.asarray(s_v, F32)).astype(F32)
-    if np.any(np.signbit(w)) or not np.all(np.isfinite(w)):
-        raise ValueError("attention_values: the contract's domain is e >= 0, s_v >= 0, finite")
+    e = np.asarray(e, F32)
+    w = (e * np.asarray(s_v, F32)).astype(F32)
+    if np.any(np.signbit(e)) or np.any(e > F32(1.0)) or np.any(np.isnan(e)):
+        raise ValueError("attention_values: the contract's domain is 0 <= e <= 1")
+    b = pv_block_exponent(s_v, np.broadcast_to(np.asarray(visible, bool), w.shape))
     bits = w.view(np.uint32).astype(np.int64)
     field = (bits >> 23) & 0xFF
     mant = (bits & 0x7FFFFF) | np.where(field > 0, 1 << 23, 0)
     x = np.maximum(field, 1)
-    b = np.max(x, axis=-1) if x.shape[-1] else np.ones(x.shape[:-1], np.int64)
+    # e <= 1 gives w <= s_v, so x <= B on the visible positions; elsewhere e must be +0.0
+    if np.any(x > b[..., None]):
+        raise ValueError("attention_values: e must be +0.0 on the positions that are not visible")
     shift = np.minimum(b[..., None] - x, 26)          # M < 2^24: any shift >= 25 gives 0
     return np.where(shift == 0, mant, _rne_shift(mant, np.maximum(shift, 1))), b
 
 
-def attention_values(e: np.ndarray, r: np.ndarray, v8: np.ndarray, s_v: np.ndarray) -> np.ndarray:
+def attention_values(e: np.ndarray, r: np.ndarray, v8: np.ndarray, s_v: np.ndarray,
+                     visible: np.ndarray) -> np.ndarray:
     """P.V in block fixed point. e [..., S] and r [...] from :func:`softmax2`;
-    v8 int8 [S, hd]; s_v fp32 [S] (S <= PV_MAX_POSITIONS). Returns fp32 [..., hd].
+    v8 int8 [S, hd]; s_v fp32 [S] (S <= PV_MAX_POSITIONS); visible bool [..., S] (the mask
+    given to softmax2; it sets the block exponent). Returns fp32 [..., hd].
 
-    (W, B) = :func:`pv_weights` (e, s_v); acc_d = sum_j W_j * v8[j, d] (exact
+    (W, B) = :func:`pv_weights` (e, s_v, visible); acc_d = sum_j W_j * v8[j, d] (exact
     signed integer, |acc| < 2^24 * 127 * S); y_d = fp32 RNE of acc_d * 2^(B - 150)
     (one rounding, subnormals kept, 0 -> +0.0); out_d = fp32(y_d * r).
     """
     v8 = np.asarray(v8)
     if v8.shape[0] > PV_MAX_POSITIONS:
         raise ValueError(f"attention_values: at most {PV_MAX_POSITIONS} positions")
-    w, b = pv_weights(e, s_v)
+    w, b = pv_weights(e, s_v, visible)
     # Every product and partial sum is an integer below 2^52, so float64 matmul is exact
     # in any order (an FMA of exact integers is exact too).
     acc = (w.astype(np.float64) @ v8.astype(np.float64)).astype(np.int64)
@@ -390,7 +417,7 @@ def attend_kv_group(q8, s_q, k8, s_k, v8, s_v, visible, head_dim: int) -> np.nda
         b1 = min(t, b0 + block)
         scores = attention_scores(q8[:, b0:b1], s_q[:, b0:b1], k8, s_k, head_dim)
         e, r = softmax2(scores, visible[b0:b1])
-        out[:, b0:b1] = attention_values(e, r, v8, s_v)
+        out[:, b0:b1] = attention_values(e, r, v8, s_v, visible[b0:b1])
     return out
 
 

@@ -36,7 +36,8 @@ class FabricPerf:
     vector ops: max(bytes / cap, passes x elements / vector_lanes) + fixed;
     ATTEND: per query row and KV group, the attention unit's measured rule (rtl/attention.py,
     tests/test_attention.py): positions x cycles_per_position + attn_command_cycles, with
-    cycles_per_position = 2 max(steps, head_dim / 16) + ceil(G / exp_lanes), steps = ceil(G / H) x K,
+    cycles_per_position = max(steps, head_dim / 16) + max(steps, head_dim / 16, ceil(G / exp_lanes))
+    (the score pass, then the exp2 and P.V pass), steps = ceil(G / H) x K,
     H = max(1, attn_macs / head_dim) heads per step, K = max(1, head_dim / attn_macs) chunks;
     G is the unit's built group (``attn_group``: an op with fewer query heads per KV head runs
     phantom heads), or the op's when ``attn_group`` is 0.
@@ -59,7 +60,8 @@ class FabricPerf:
 
     def assumptions(self) -> dict:
         return {"fabric_ops": "analytical: max(bytes / cap, elements / vector_lanes) per vector op; attention "
-                              "per (row, KV group) positions x (2 max(steps, head_dim/16) + group) + "
+                              "per (row, KV group) positions x (max(steps, head_dim/16) + max(steps, head_dim/16, "
+                              "ceil(group/exp_lanes))) + "
                               "attn_command_cycles (the attention unit's measured rule)",
                 "vector_lanes": self.vector_lanes, "attn_macs": self.attn_macs, "attn_exp_lanes": self.exp_lanes,
                 "attn_command_cycles": self.attn_command_cycles,
@@ -70,7 +72,8 @@ class FabricPerf:
         heads_per_step = max(1, self.attn_macs // hd)
         chunks = max(1, hd // self.attn_macs)
         steps = -(-group // heads_per_step) * chunks
-        return 2 * max(steps, hd // 16) + -(-group // self.exp_lanes)
+        mac_pass = max(steps, hd // 16)
+        return mac_pass + max(mac_pass, -(-group // self.exp_lanes))
 
     def vector(self, elements: int, passes: int, nbytes: int) -> int:
         return max(-(-passes * elements // self.vector_lanes), int(-(-nbytes // self.cap_bytes_per_cycle))) \
