@@ -392,13 +392,13 @@ class FabricVectorEngine(CheckedComponent):
         dp.d.comb += [
             vu.codes.ready.eq((cidx != 3) | codes_fifo.w_rdy),
             codes_fifo.w_en.eq(vu.codes.valid & (cidx == 3)),
-            codes_fifo.w_data.eq(Cat(*cacc, vu.codes.payload.as_value())),
+            codes_fifo.w_data.eq(Cat(*cacc, vu.codes.payload)),
         ]
         with dp.If(vu.codes.valid & vu.codes.ready):
             dp.d.sync += cidx.eq(cidx + 1)
             for i in range(3):
                 with dp.If(cidx == i):
-                    dp.d.sync += cacc[i].eq(vu.codes.payload.as_value())
+                    dp.d.sync += cacc[i].eq(vu.codes.payload)
 
         ng_max = max_n4 // min(self._groups)
         stat_depth = -(-ng_max // 4) + 16
@@ -462,7 +462,7 @@ class FabricVectorEngine(CheckedComponent):
         strb = Signal(4)
         with dp.Switch(seg.src):
             with dp.Case(_OUT):
-                dp.d.comb += [src_valid.eq(vu.out.valid), src_data.eq(vu.out.payload.as_value()),
+                dp.d.comb += [src_valid.eq(vu.out.valid), src_data.eq(vu.out.payload),
                               vu.out.ready.eq(src_take), strb.eq(Mux(last_data, seg.mask, 0xF))]
             with dp.Case(_CODES):
                 dp.d.comb += [src_valid.eq(codes_fifo.r_rdy), src_data.eq(codes_fifo.r_data),

@@ -22,8 +22,10 @@ Interface (every valid/ready port is an ``amaranth.lib.stream`` of the payload g
     ``op`` (:class:`VecOp`), ``length`` (n, the elements of the command), ``c0``, ``c1`` (fp32 bit
     patterns; RMSNORM only: c0 = fp32(1/n), c1 = fp32(eps)), ``group`` (QUANT only: the group size G).
 ``a``, ``b``, ``c``, ``d`` (In): operand streams, L fp32 lanes per beat (``ArrayLayout(32, L)``).
-``out`` (Out): L fp32 lanes per beat.
-``codes`` (Out): QUANT's int8 codes, L per beat (``ArrayLayout(signed(8), L)``, lane l = bits [8 l, 8 l + 8)).
+``out`` (Out): L fp32 lanes per beat (``unsigned(32 L)``).
+``codes`` (Out): QUANT's int8 codes, L per beat (``unsigned(8 L)``, lane l = bits [8 l, 8 l + 8), two's
+    complement). The output payloads are plain bit vectors, not ArrayLayouts: see the note in
+    ``VectorUnit.__init__`` (Yosys's abc9 cannot synthesize the unit alone with array output ports).
 ``stats`` (Out): QUANT's per-group {``scale``: fp32 s_a bits, ``qsum``: signed(32)}, one beat per group.
 
 Beat orders (every stream is one or two contiguous fp32 arrays read in ascending element order, L
@@ -171,8 +173,12 @@ class VectorUnit(CheckedComponent):
             "b": In(stream.Signature(lanes_f32)),
             "c": In(stream.Signature(lanes_f32)),
             "d": In(stream.Signature(lanes_f32)),
-            "out": Out(stream.Signature(lanes_f32)),
-            "codes": Out(stream.Signature(data.ArrayLayout(signed(8), L))),
+            # The output payloads are plain bit vectors (lane l = bits [32 l, 32 l + 32), resp.
+            # [8 l, 8 l + 8)), not ArrayLayouts: Amaranth names an ArrayLayout port's lanes
+            # `out__payload[0]` ..., and Yosys 0.70's abc9 (ABC_OPS_REINTEGRATE) asserts on an
+            # output port `x` next to a wire `x[0]` when this unit is synthesized alone.
+            "out": Out(stream.Signature(unsigned(32 * L))),
+            "codes": Out(stream.Signature(unsigned(8 * L))),
             "stats": Out(stream.Signature(stats_layout())),
         })
         self._sig_latency = Sigmoid.resolve_latency(None)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from amaranth.hdl import Fragment
+from amaranth.hdl import Fragment, unsigned
 
 from rtl.vector import VecOp, VectorUnit, command_layout, stats_layout
 from sw.config import PRESETS
@@ -58,6 +58,8 @@ def test_layouts():
     Fragment.get(unit, None)
     assert unit.lanes == 4 and unit.groups == (32, 64, 128)
     assert unit.op_latency(VecOp.BF16) == 1 and unit.op_latency(VecOp.ADD) == 5
+    # Plain output payloads: an ArrayLayout output port makes Yosys 0.70's abc9 assert (rtl/vector.py).
+    assert unit.out.payload.shape() == unsigned(32 * 4) and unit.codes.payload.shape() == unsigned(8 * 4)
 
 
 # ---------------------------------------------------------------------------
