@@ -619,10 +619,19 @@ async def soft_reset_and_rerun(dut):
 # ---------------------------------------------------------------------------
 
 def random_fabric_command(rng: random.Random, hw: HardwareLimits, tag: int) -> "fc.FabricCommand":
-    """A valid descriptor of a random fabric op (validate_fabric_command says NONE)."""
+    """A valid descriptor of a random fabric op (validate_fabric_command says NONE), within the
+    shapes the design's engines were built for (HW_PARAMS4: head_dim, kv_group, max_row)."""
     op = rng.choice(fc.FABRIC_OPCODES)
-    aux = rng.choice(fc.QUANT_GROUPS if op == fc.Opcode.QUANT else fc.HEAD_DIMS)
-    heads = rng.randint(1, 8)
+    if op == fc.Opcode.QUANT or not hw.head_dim:
+        aux = rng.choice(fc.QUANT_GROUPS if op == fc.Opcode.QUANT else fc.HEAD_DIMS)
+    else:
+        aux = hw.head_dim
+    most = 8
+    if op == fc.Opcode.ATTEND and hw.kv_group:
+        most = min(most, hw.kv_group)
+    if hw.max_row:
+        most = min(most, hw.max_row // aux)
+    heads = rng.randint(1, most)
     n = aux * heads
     row = -(-4 * n // 64) * 64
     a = lambda: rng.randrange(0, 1 << hw.addr_bits, 64)   # noqa: E731
