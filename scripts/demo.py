@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""The README's demo: the whole chain on the synthetic `tiny` model, in a minute or two.
+"""The README's demo: the whole chain on the synthetic `tiny` model (about 12 minutes with cold builds).
 
 synth-model -> quantize (AWQ) -> generate on the float reference and on the
 golden model -> eval (perplexity, top-1, KL) -> elaborate the accelerator ->
 generate on the accelerator RTL in Verilator (--device sim) and check tokens and
 logits bit for bit against --device golden -> the engine bench: the modeled
-KV260 decode rate of the full-size Qwen2.5-0.5B, with its assumptions.
+KV260 decode rate of the full-size Qwen2.5-0.5B, with its assumptions -> the
+whole decoder on the fabric (kv260-fabric-tiny) on the RTL against golden, and
+the bench of both splits on the RTL.
 Every step is a `kriallm` subcommand, so this is also what a user would type.
-The first --device sim run builds the kv260 top in Verilator (a few minutes,
-cached in sim_build/); the bench reuses that build.
+The first --device sim run of each design builds its top in Verilator (a few
+minutes, cached in ~/.cache/kriallm/sim_build); the benches reuse those builds.
 """
 
 from __future__ import annotations
