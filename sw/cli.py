@@ -224,6 +224,47 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    from .config import PRESETS, preset
+    from .driver import hardware_config
+    from .driver.estimate import HOST_S_PER_START, FabricEstimate, format_report
+    lm_head = args.lm_head
+    if Path(args.model).is_file():
+        from .kq import KqFile
+        kq = KqFile(args.model)
+        try:
+            cfg, kind = kq.config, kq.quant["lm_head"]
+        finally:
+            kq.close()
+        if lm_head is not None and lm_head != kind:
+            raise ConfigError(f"{args.model} has a {kind} LM head; drop --lm-head or pass {kind}")
+        if kind not in ("int4", "int8"):
+            raise ConfigError(f"{args.model} has a {kind} LM head, which the fabric decoder cannot execute")
+        lm_head = kind
+    elif args.model in PRESETS:
+        cfg = preset(args.model)
+    else:
+        raise ConfigError(f"{args.model}: neither a .kq file nor a model preset ({', '.join(PRESETS)})")
+    if args.host_ms is not None and not 0 <= args.host_ms < 1e6:
+        raise ConfigError(f"--host-ms must be a time in ms >= 0, got {args.host_ms}")
+    if args.plot is not None:
+        check_target(args.plot, "estimate plot")
+    est = FabricEstimate(cfg, hardware_config(args.hw_config), lm_head=lm_head or "int4",
+                         host_s_per_start=HOST_S_PER_START if args.host_ms is None else args.host_ms / 1e3)
+    rep = est.report(args.prompt_len, args.depths)
+    rep["model_source"] = str(args.model)
+    if args.plot is not None:
+        _plot_depths({"splits": {"fabric (modeled)": rep}}, args.plot)
+        rep["plot"] = str(args.plot)
+    if args.json:
+        print(json.dumps(rep))
+        return 0
+    _print_table(format_report(rep), header=("metric", "modeled", "basis"))
+    if args.plot is not None:
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def _progress(total: int, desc: str, args):
     """A context manager yielding a tick() for long loops: a tqdm bar on a terminal (stderr)."""
     import contextlib
@@ -462,6 +503,27 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(s)
     add_device_args(s)
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("estimate", help="the fabric decoder's modeled tok/s and time to first token from "
+                       "shapes alone (no model file, no simulation)",
+                       description="Time the fabric decoder's command lists for a model's shapes on a hardware "
+                       "config with the golden device's cost rules (the same cycles `kriallm bench --device "
+                       "golden --split fabric` reports), without weights: a modeled estimate, in a second.")
+    s.add_argument("model", metavar="MODEL", help="a model preset (tiny, qwen2.5-0.5b, qwen2.5-1.5b) or a .kq file "
+                   "(its shapes and LM-head kind)")
+    s.add_argument("--hw-config", metavar="PRESET|FILE", default="kv260-fabric", help=hw_config_help)
+    s.add_argument("--prompt-len", type=int_range(1, 1 << 20), default=128, metavar="N",
+                   help="prompt tokens for the time to first token (default: %(default)s)")
+    s.add_argument("--depths", type=_parse_depths, default=[64, 512, 2048], metavar="D,D,...",
+                   help="context depths to time decode at (default: 64,512,2048)")
+    s.add_argument("--lm-head", choices=["int4", "int8"], default=None,
+                   help="the LM head's weights for a preset (default int4; a .kq says its own)")
+    s.add_argument("--host-ms", type=float, default=None, metavar="MS",
+                   help="host time charged per start, in ms (default: 0.05, the golden bench's measured median "
+                        "on x86; the host is not modeled)")
+    s.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    s.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="write a PNG of tok/s against depth")
+    s.set_defaults(func=cmd_estimate)
 
     s = sub.add_parser("bench-engine", help="the accelerator RTL on one decoder layer's linears + an LM-head "
                        "slice, random weights, modeled DDR (no model file)",

@@ -92,6 +92,37 @@ class FabricPerf:
             total += max(mem, groups * (s * per + self.attn_command_cycles))
         return total + self.fixed_cycles
 
+    def cost(self, c: FabricCommand, pos: int) -> tuple[int, int, int]:
+        """(cycles, bytes read, bytes written) of one fabric descriptor run at RUN_POS `pos`: a
+        function of the descriptor alone (no data), which is what lets a command list be timed
+        without a model (sw/driver/estimate.py)."""
+        t, n = c.tokens, c.n
+        row = 4 * t * n                                   # one fp32 row block read or written
+        op = Opcode(c.opcode)
+        if op == Opcode.EMBED:
+            rd, wr = 4 * t + 2 * t * n, row
+            return self.vector(t * n, 1, rd + wr), rd, wr
+        if op == Opcode.RMSNORM:
+            rd, wr = 2 * row + 4 * n, row
+            return self.vector(t * n, 2, rd + wr), rd, wr
+        if op == Opcode.QUANT:
+            wr = activation_layout(n, c.aux, t).total_bytes
+            return self.vector(t * n, 1, row + wr), row, wr
+        if op == Opcode.ROPE:
+            rd, wr = row + t * 4 * c.aux, row
+            return self.vector(t * n, 1, rd + wr), rd, wr
+        if op == Opcode.KV_STORE:
+            wr = t * c.p1 * (c.aux + 4)
+            return self.vector(t * n, 1, row + wr), row, wr
+        if op == Opcode.ATTEND:
+            hd, nkv = c.aux, c.p1
+            spans = [pos + r + 1 for r in range(t)]
+            rd = activation_layout(n, hd, t).total_bytes + nkv * sum(spans) * (2 * hd + 8)
+            return self.attend(spans, nkv, (n // hd) // nkv, hd), rd, row
+        if op in (Opcode.ADD, Opcode.SILU_MUL):
+            return self.vector(t * n, 1, 3 * row), 2 * row, row
+        raise ValueError(f"no cost rule for {op.name}")
+
 
 class FabricOps:
     """Executes fabric descriptors against a PhysMemory-like object (``view(addr, nbytes)``)."""
@@ -124,7 +155,8 @@ class FabricOps:
     def execute(self, cmd: FabricCommand, pos: int, token: int) -> tuple[ErrorCode, int, int, int]:
         """(error, cycles, bytes read, bytes written) of one validated descriptor."""
         try:
-            return (ErrorCode.NONE, *getattr(self, f"_{cmd.op.name.lower()}")(cmd, pos, token))
+            getattr(self, f"_{cmd.op.name.lower()}")(cmd, pos, token)
+            return (ErrorCode.NONE, *self.perf.cost(cmd, pos))
         except BusFault as e:
             return e.code, self.perf.fixed_cycles, 0, 0
         except _RunError as e:
@@ -139,18 +171,14 @@ class FabricOps:
         if np.any((ids < 0) | (ids >= c.p0)):
             raise _RunError(ErrorCode.BAD_TOKEN)
         table = self._view(c.src1, c.p0 * 2 * n, ErrorCode.READ_ERROR).view("<u2").reshape(c.p0, n)
-        wr = self._put_rows(c.dst, c.dst_stride, fo.embedding(table, ids))
-        rd = 4 * t + 2 * t * n
-        return self.perf.vector(t * n, 1, rd + wr), rd, wr
+        self._put_rows(c.dst, c.dst_stride, fo.embedding(table, ids))
 
     def _rmsnorm(self, c: FabricCommand, pos: int, token: int):
         t, n = c.tokens, c.n
         x = self._rows(c.src0, c.src_stride, t, n)
         gamma = self._view(c.src1, 4 * n, ErrorCode.READ_ERROR).view("<f4").astype(F32)
         inv_n, eps = np.uint32(c.p0).view(F32), np.uint32(c.p1).view(F32)
-        wr = self._put_rows(c.dst, c.dst_stride, fo.rms_norm_consts(x, gamma, inv_n, eps))
-        rd = 8 * t * n + 4 * n
-        return self.perf.vector(t * n, 2, rd + wr), rd, wr
+        self._put_rows(c.dst, c.dst_stride, fo.rms_norm_consts(x, gamma, inv_n, eps))
 
     def _quant(self, c: FabricCommand, pos: int, token: int):
         t, n = c.tokens, c.n
@@ -158,7 +186,6 @@ class FabricOps:
         q, s, qsum = quantize_activations(x, c.aux)
         data = np.frombuffer(pack_activations(q, s, qsum, c.aux), np.uint8)
         self._view(c.dst, activation_layout(n, c.aux, t).total_bytes, ErrorCode.WRITE_ERROR)[:] = data
-        return self.perf.vector(t * n, 1, 4 * t * n + data.size), 4 * t * n, data.size
 
     def _check_span(self, c: FabricCommand, pos: int) -> None:
         if pos + c.tokens > c.p0:
@@ -171,9 +198,7 @@ class FabricOps:
         cos, sin = table[:, :hd // 2].astype(F32), table[:, hd // 2:].astype(F32)
         x = self._rows(c.src0, c.src_stride, t, n).reshape(t, n // hd, hd).transpose(1, 0, 2)
         y = fo.apply_rope(x, cos, sin).transpose(1, 0, 2).reshape(t, n)
-        wr = self._put_rows(c.dst, c.dst_stride, y)
-        rd = 4 * t * n + t * 4 * hd
-        return self.perf.vector(t * n, 1, rd + wr), rd, wr
+        self._put_rows(c.dst, c.dst_stride, y)
 
     def _kv_store(self, c: FabricCommand, pos: int, token: int):
         self._check_span(c, pos)
@@ -186,8 +211,6 @@ class FabricOps:
         sv = self._view(c.dst + lay.scales_offset(value), 4 * nkv * cap, ErrorCode.WRITE_ERROR)
         cv.view(np.int8).reshape(nkv, cap, hd)[:, pos:pos + t] = codes
         sv.view("<f4").reshape(nkv, cap)[:, pos:pos + t] = scales
-        wr = t * nkv * (hd + 4)
-        return self.perf.vector(t * n, 1, 4 * t * n + wr), 4 * t * n, wr
 
     def _attend(self, c: FabricCommand, pos: int, token: int):
         self._check_span(c, pos)
@@ -215,23 +238,19 @@ class FabricOps:
             out[g] = fo.attend_kv_group(q8[g], sq[g], keys[g, :end], kscale[g, :end].astype(F32),
                                         vals[g, :end], vscale[g, :end].astype(F32), visible, hd)
         y = out.reshape(heads, t, hd).transpose(1, 0, 2).reshape(t, n)
-        wr = self._put_rows(c.dst, c.dst_stride, y)
-        spans = [pos + r + 1 for r in range(t)]
-        rd = act.total_bytes + nkv * sum(spans) * (2 * hd + 8)
-        return self.perf.attend(spans, nkv, rep, hd), rd, wr
+        self._put_rows(c.dst, c.dst_stride, y)
 
     def _binary(self, c: FabricCommand, fn):
         t, n = c.tokens, c.n
         a = self._rows(c.src0, c.src_stride, t, n)
         b = self._rows(c.src1, c.p0, t, n)
-        wr = self._put_rows(c.dst, c.dst_stride, fn(a, b))
-        return self.perf.vector(t * n, 1, 8 * t * n + wr), 8 * t * n, wr
+        self._put_rows(c.dst, c.dst_stride, fn(a, b))
 
     def _add(self, c: FabricCommand, pos: int, token: int):
-        return self._binary(c, fo.residual_add)
+        self._binary(c, fo.residual_add)
 
     def _silu_mul(self, c: FabricCommand, pos: int, token: int):
-        return self._binary(c, fo.silu_mul)
+        self._binary(c, fo.silu_mul)
 
 
 class _RunError(Exception):

@@ -272,17 +272,27 @@ class CommandExecutor:
             self.memory.view(cmd.out_addr, outl.total_bytes)[:] = out.view(np.uint8).reshape(-1)
         except BusError:
             return ErrorCode.WRITE_ERROR
-        rd = layout.total_bytes + act.total_bytes + (bias_bytes(n, r) if cmd.has_bias else 0)
-        cycles, stall = self.perf.command(cmd, layout, rd + DESCRIPTOR_BYTES, outl.total_bytes)
         if cmd.flags & Flags.ARGMAX:
             res.result_index, res.result_value = argmax_row(y[t - 1])
-            cycles += self.fabric.perf.argmax(n)          # the pass that reads the row back
-            rd += 4 * n
+        cycles, stall, rd, wr = self.linear_cost(cmd)
         res.cycles.append(cycles)
         res.bytes_read += rd
-        res.bytes_written += outl.total_bytes
+        res.bytes_written += wr
         res.mem_stall += stall
         return ErrorCode.NONE
+
+    def linear_cost(self, cmd: LinearCommand) -> tuple[int, int, int, int]:
+        """(cycles, memory stall cycles, bytes read, bytes written) of one LINEAR, from the
+        descriptor alone (the descriptor's own fetch is counted in the cycles, not the bytes)."""
+        n, k, g, t, r = cmd.n, cmd.k, cmd.group_size, cmd.tokens, cmd.tile_rows
+        layout = TileLayout(n, k, g, r, cmd.weight_bits)
+        outl = output_layout(n, t, r)
+        rd = layout.total_bytes + activation_layout(k, g, t).total_bytes + (bias_bytes(n, r) if cmd.has_bias else 0)
+        cycles, stall = self.perf.command(cmd, layout, rd + DESCRIPTOR_BYTES, outl.total_bytes)
+        if cmd.flags & Flags.ARGMAX:
+            cycles += self.fabric.perf.argmax(n)          # the pass that reads the row back
+            rd += 4 * n
+        return cycles, stall, rd, outl.total_bytes
 
 
 # ---------------------------------------------------------------------------
