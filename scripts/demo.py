@@ -7,7 +7,8 @@ generate on the accelerator RTL in Verilator (--device sim) and check tokens and
 logits bit for bit against --device golden -> the engine bench: the modeled
 KV260 decode rate of the full-size Qwen2.5-0.5B, with its assumptions -> the
 whole decoder on the fabric (kv260-fabric-tiny) on the RTL against golden, and
-the bench of both splits on the RTL.
+the bench of both splits on the RTL -> the modeled rate of the full-size model on
+the kv260-fabric design (`kriallm estimate`, from its shapes).
 Every step is a `kriallm` subcommand, so this is also what a user would type.
 The first --device sim run of each design builds its top in Verilator (a few
 minutes, cached in ~/.cache/kriallm/sim_build); the benches reuse those builds.
@@ -135,6 +136,18 @@ def fabric_demo(kq: Path) -> None:
          ["bench", str(kq), "--device", "sim", *hw, "--prompt-len", "12", "--max-new-tokens", "4",
           "--depths", "64,192", "--depth-tokens", "1", "--plot", str(OUT / "tps_by_depth.png")])
     print(f"   plot of tok/s against context depth: {OUT / 'tps_by_depth.png'}")
+    est = step("8d. the modeled end-to-end rate of the full-size Qwen2.5-0.5B (INT4 g64, INT4 LM head) on the "
+               "kv260-fabric design, from its shapes (no model file)",
+               ["estimate", "qwen2.5-0.5b", "--hw-config", "kv260-fabric", "--prompt-len", "128",
+                "--depths", "64,512,2048", "--json", "--plot", str(OUT / "tps_full_size_modeled.png")], True)
+    for d in est["by_depth"]:
+        print(f"   decode at context depth {d['depth']:>4}: {d['tok_s']:6.2f} tok/s (modeled)")
+    print(f"   time to first token, 128-token prompt: {est['time_to_first_token_s']:.3f} s (modeled, "
+          f"{est['prefill']['starts']} starts of {est['hardware']['token_lanes']} token lanes)")
+    a = est["assumptions"]
+    print(f"   assumptions (modeled, not measured on a board): {a['clock_mhz']:.0f} MHz, {a['cap_GB_s']:.0f} GB/s "
+          f"PL->DDR, vector ops {a['vector_lanes']} lanes, attention {a['attn_macs']} MACs x {a['attn_exp_lanes']} exp "
+          f"lanes, host {a['host_s_per_start'] * 1e3:.2f} ms per start (measured on x86, not the board's A53)")
 
 
 if __name__ == "__main__":

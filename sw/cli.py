@@ -254,7 +254,10 @@ def cmd_estimate(args) -> int:
     rep = est.report(args.prompt_len, args.depths)
     rep["model_source"] = str(args.model)
     if args.plot is not None:
-        _plot_depths({"splits": {"fabric (modeled)": rep}}, args.plot)
+        a = rep["assumptions"]
+        _plot_depths({"splits": {"fabric split": rep}}, args.plot,
+                     title=f"{args.model} on {args.hw_config}, modeled: {a['clock_mhz']:.0f} MHz, {a['cap_GB_s']:.0f} "
+                           f"GB/s DDR, host {a['host_s_per_start'] * 1e3:.2f} ms per start (stated)")
         rep["plot"] = str(args.plot)
     if args.json:
         print(json.dumps(rep))
@@ -282,7 +285,13 @@ def _progress(total: int, desc: str, args):
     return bar()
 
 
-def _plot_depths(report: dict, path: Path) -> None:
+def _bench_plot_title(report: dict) -> str:
+    pt = report["per_token"]
+    return (f"{Path(report['model']).name} on {report['device']}: host {pt['host_kind'].split(' (')[0]}, "
+            f"accelerator {pt['accelerator_kind']}")
+
+
+def _plot_depths(report: dict, path: Path, title: str | None = None) -> None:
     try:
         import matplotlib
     except ImportError:
@@ -300,9 +309,7 @@ def _plot_depths(report: dict, path: Path) -> None:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
-    pt = report["per_token"]
-    ax.set_title(f"{Path(report['model']).name} on {report['device']}: host {pt['host_kind'].split(' (')[0]}, "
-                 f"accelerator {pt['accelerator_kind']}", fontsize=8)
+    ax.set_title(title or _bench_plot_title(report), fontsize=8)
     fig.tight_layout()
     with safe_writer(path, "bench plot") as f:
         fig.savefig(f, dpi=120, format="png")

@@ -73,8 +73,11 @@ def test_full_size_estimate_against_the_weight_roofline_and_the_targets():
 
 
 def test_cli_estimate_json_and_its_errors(capsys, tmp_path):
-    assert main(["estimate", "qwen2.5-0.5b", "--depths", "64,512", "--host-ms", "0.2", "--json"]) == 0
+    png = tmp_path / "est.png"
+    assert main(["estimate", "qwen2.5-0.5b", "--depths", "64,512", "--host-ms", "0.2", "--json",
+                 "--plot", str(png)]) == 0
     rep = json.loads(capsys.readouterr().out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and rep["plot"] == str(png)
     assert [r["depth"] for r in rep["by_depth"]] == [64, 512]
     assert rep["assumptions"]["host_s_per_start"] == pytest.approx(2e-4)
     r = rep["by_depth"][1]
