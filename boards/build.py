@@ -155,7 +155,8 @@ def lint(layout: BuildLayout) -> dict:
     """Verilator -Wall and Yosys over the core + cell wrapper + PS8 stub + lint top."""
     from sim.toolchain import verilator_bin
     d, hw = layout.design, layout.hw
-    sources = [hw / f"{d}.v", hw / f"{d}_accel.v", hw / "sim" / f"{d}_ps8_stub.v", hw / "sim" / f"{d}_lint_top.v"]
+    sources = [hw / f"{d}.v", hw / f"{d}_accel.v", hw / "sim" / f"{d}_ps8_stub.v", hw / "sim" / f"{d}_lint_top.v",
+               hw / "sim" / f"{d}_xilinx_stubs.v"]
     top = f"{d}_lint_top"
     report = {"top": top, "sources": [str(p.relative_to(layout.root)) for p in sources]}
     cmd = [verilator_bin(), "--lint-only", "-Wall", "--top-module", top, str(hw / "sim" / f"{d}_lint.vlt"),

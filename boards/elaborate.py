@@ -25,6 +25,7 @@ import json
 import platform as _platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -220,19 +221,26 @@ def generate_verilog(config: ArrayConfig, top_name: str = TOP_NAME):
     """Returns (verilog text, top component): the accelerator top of ``rtl.top.build_top``."""
     from amaranth.back import verilog
 
+    from rtl.dsp import xilinx_primitives
     from rtl.top import build_top
     top = build_top(config)
-    return verilog.convert(top, name=top_name), top
+    with xilinx_primitives():          # the synthesis form (rtl/dsp.py): DSP48E2 accumulators
+        return verilog.convert(top, name=top_name), top
 
 
 def lint_verilog(path: Path, top_name: str = TOP_NAME, waivers: Path = LINT_WAIVERS) -> dict:
     """`verilator --lint-only -Wall` with the documented waivers. Returns a report dict."""
+    from rtl.dsp import dsp48e2_stub_verilog
     from sim.toolchain import verilator_bin
-    cmd = [verilator_bin(), "--lint-only", "-Wall", "--top-module", top_name, str(waivers), str(path)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise ToolchainError(f"verilator lint failed to run: {e}") from None
+    with tempfile.TemporaryDirectory(prefix="kriallm-lint-") as tmp:
+        stub = Path(tmp) / "xilinx_stubs.v"          # the primitives the synthesis Verilog instantiates
+        stub.write_text(dsp48e2_stub_verilog())
+        cmd = [verilator_bin(), "--lint-only", "-Wall", "--top-module", top_name, str(waivers), str(path), str(stub)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ToolchainError(f"verilator lint failed to run: {e}") from None
+        cmd[-1] = stub.name
     warnings = [line for line in r.stderr.splitlines() if line.startswith(("%Warning", "%Error"))]
     return {"clean": r.returncode == 0 and not warnings, "returncode": r.returncode,
             "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),

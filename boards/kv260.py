@@ -1052,6 +1052,8 @@ def _platform_class():
     from amaranth.lib import wiring
     from amaranth.vendor import XilinxPlatform
 
+    from rtl.dsp import dsp48e2_stub_verilog, xilinx_primitives
+
     j2 = " ".join(PMOD_J2_PINS.get(i, "-") for i in range(1, 13))    # Digilent pins 1..12; 5, 6, 11, 12 power
 
     class KV260Platform(XilinxPlatform):
@@ -1153,7 +1155,8 @@ def _platform_class():
                 port = Signal(inner.shape(), name=port_name)
                 shell.d.comb += (inner.eq(port) if member.flow == wiring.In else port.eq(inner))
                 top_ports[port_name] = (port, None)
-            fragment = Fragment.get(shell, self)
+            with xilinx_primitives():      # the synthesis form of rtl/dsp.py's slices
+                fragment = Fragment.get(shell, self)
             # Pins requested without dir="-" get Amaranth's pin buffers, as Platform.prepare adds them.
             for pin, _port, buffer in self.iter_pins():
                 fragment.add_subfragment(Fragment.get(buffer, self), name=f"pin_{pin.name}")
@@ -1176,6 +1179,7 @@ def _platform_class():
             plan.add_file(f"sim/{name}_ps8_stub.v", d.ps8_stub_verilog())
             plan.add_file(f"sim/{name}_lint_top.v", d.lint_top_verilog())
             plan.add_file(f"sim/{name}_lint.vlt", d.lint_waivers())
+            plan.add_file(f"sim/{name}_xilinx_stubs.v", dsp48e2_stub_verilog())
             return plan
 
     return KV260Platform

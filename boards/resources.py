@@ -157,6 +157,8 @@ def resource_report(config: ArrayConfig, *, scope: str = "full", preset_name: st
                     workdir: Path | None = None) -> dict:
     """Elaborate, synthesize and count. Returns the JSON-ready report."""
     from amaranth.back import verilog
+
+    from rtl.dsp import xilinx_primitives
     if scope not in SCOPES:
         raise ConfigError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
     config.validate()
@@ -171,7 +173,8 @@ def resource_report(config: ArrayConfig, *, scope: str = "full", preset_name: st
         from rtl.array import MacArray
         top, name, mult = MacArray(config), "mac_array", config.engines
     t0 = time.perf_counter()
-    text = verilog.convert(top, name=name)
+    with xilinx_primitives():          # the synthesis form of rtl/dsp.py's slices, as the board build
+        text = verilog.convert(top, name=name)
     t_elab = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="kriallm-res-") as tmp:
         d = Path(workdir) if workdir else Path(tmp)

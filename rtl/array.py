@@ -14,13 +14,14 @@ flowing, so the consumer has G/C - 1 cycles of slack for free.
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.data import ArrayLayout, StructLayout
 from amaranth.lib.wiring import In, Out
 
 from sw.contract.config import ArrayConfig
-from .pe import pack_bias, packed_product, product, split_biased
+from .dsp import mac_slice
+from .pe import pack_bias, packed_operand, packed_product, product, split_biased
 
 __all__ = ["MacArray", "beat_layout", "partials_layout"]
 
@@ -119,16 +120,48 @@ class MacArray(wiring.Component):
             ctrl_v, ctrl_last = v_r, last_r
             return regs
 
-        # ---- operand broadcast register -------------------------------------------
         w = [self.inp.payload.w[i] for i in range(R * C)]
         a = [self.inp.payload.a[i] for i in range(T * C)]
+        lanes_per_token = R // 2 if packed else R
+        n_lanes = T * lanes_per_token
+        acc_w = cfg.packed_acc_width if packed else cfg.acc_width
+        fresh = Signal(init=1)    # accumulators hold no partial group: the next beat restarts them
+        done = Signal()           # accumulators hold a complete group not yet moved to `out`
+        done_tag = Signal(tag_width, reset_less=True) if tag_width else None
+        # A group starts from 0, or packed from the bias that pre-pays the borrow
+        # correction (rtl/pe.py): the DSP48E2 accumulator form, P = (P or W) + M.
+        start = pack_bias(S) if packed else 0
+
+        if C == 1 and {"broadcast", "product"} <= set(stages):
+            # One column, operand and product registers: each lane is exactly a DSP48E2's
+            # multiply-accumulate slice (A2/B2, M, P), rtl/dsp.py; the control rides alongside.
+            advance([], "bcast")
+            advance([], "prod")
+            accs = []
+            for t in range(T):
+                for j in range(lanes_per_token):
+                    if packed:
+                        op = Cat(packed_operand(w[2 * j], w[2 * j + 1], S), Const(0, 1)).as_signed()
+                    else:
+                        op = w[j] if w[j].shape().signed else Cat(w[j], Const(0, 1)).as_signed()
+                    accs.append(mac_slice(m, f"mac_{t}_{j}", a=op, b=a[t], ce_ab=en, ce_m=en,
+                                          ce_p=en & ctrl_v, load=fresh, rnd=start, width=acc_w))
+            with m.If(en):
+                m.d.sync += done.eq(ctrl_v & ctrl_last)
+                with m.If(ctrl_v):
+                    m.d.sync += fresh.eq(ctrl_last)
+                    if tag_width:
+                        m.d.sync += done_tag.eq(ctrl_tag)
+            self._output(m, accs, en, done, done_tag, lanes_per_token)
+            return m
+
+        # ---- operand broadcast register -------------------------------------------
         if "broadcast" in stages:
             regs = advance(w + a, "bcast")
             w, a = regs[:R * C], regs[R * C:]
 
         # ---- products, ordered [t][j][c] --------------------------------------------
         # j indexes rows (plain) or row pairs sharing one multiplier (packed).
-        lanes_per_token = R // 2 if packed else R
         prods = []
         for t in range(T):
             for j in range(lanes_per_token):
@@ -142,7 +175,6 @@ class MacArray(wiring.Component):
             prods = advance(prods, "prod")
 
         # ---- adder tree over C ---------------------------------------------------------
-        n_lanes = T * lanes_per_token
         level_vals = [prods[i * C:(i + 1) * C] for i in range(n_lanes)]
         level = 0
         while any(len(v) > 1 for v in level_vals):
@@ -156,14 +188,7 @@ class MacArray(wiring.Component):
         sums = [v[0] for v in level_vals]
 
         # ---- group accumulator -------------------------------------------------------
-        acc_w = cfg.packed_acc_width if packed else cfg.acc_width
         accs = [Signal(signed(acc_w), name=f"acc_{i}", reset_less=True) for i in range(n_lanes)]
-        fresh = Signal(init=1)    # accumulators hold no partial group: the next beat restarts them
-        done = Signal()           # accumulators hold a complete group not yet moved to `out`
-        done_tag = Signal(tag_width, reset_less=True) if tag_width else None
-        # A group starts from 0, or packed from the bias that pre-pays the borrow
-        # correction (rtl/pe.py): the DSP48E2 accumulator form, P = (P or W) + M.
-        start = pack_bias(S) if packed else 0
         with m.If(en):
             m.d.sync += done.eq(ctrl_v & ctrl_last)
             with m.If(ctrl_v):
@@ -173,7 +198,13 @@ class MacArray(wiring.Component):
                 if tag_width:
                     m.d.sync += done_tag.eq(ctrl_tag)
 
-        # ---- output register -----------------------------------------------------------
+        self._output(m, accs, en, done, done_tag, lanes_per_token)
+        return m
+
+    def _output(self, m, accs, en, done, done_tag, lanes_per_token) -> None:
+        """The output register: a finished group's sums (split if packed) and its tag."""
+        cfg, tag_width = self._config, self._tag_width
+        R, T, S, packed = cfg.rows, cfg.tokens, cfg.pack_shift, cfg.dsp_packing
         # A reset-less copy drives the port: data registers need no reset.
         out_reg = Signal(partials_layout(cfg, tag_width), reset_less=True)
         m.d.comb += self.out.payload.eq(out_reg)
@@ -194,4 +225,3 @@ class MacArray(wiring.Component):
                 m.d.sync += out_reg.tag.eq(done_tag)
         with m.Elif(self.out.ready):
             m.d.sync += self.out.valid.eq(0)
-        return m

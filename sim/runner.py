@@ -48,11 +48,12 @@ def write_verilog(verilog: str, name: str) -> Path:
 def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, build_name: str,
                extra_env: dict[str, str] | None = None, simulator: str | None = None,
                test_dir: Path | None = None, waves: bool = False, timescale=("1ns", "1ps"),
-               fast_compile: bool = False) -> Path:
+               fast_compile: bool = False, build_args: list[str] | None = None) -> Path:
     """Build `sources` (once per build_name) and run cocotb module `test_module`.
 
     ``fast_compile`` builds Verilator's C++ without optimization (gcc -O0): large designs with
     short runs (deep function pipelines) compile several times faster and simulate a little slower.
+    ``build_args`` are added to the simulator's build command (e.g. Verilator's ``--timing``).
 
     Raises AssertionError when any cocotb test fails or every one was skipped,
     ToolchainError when the simulator is missing. Returns the results.xml path.
@@ -64,7 +65,8 @@ def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, build_na
         raise ToolchainError("cocotb is not installed: run `pip install -e '.[sim]'`") from None
     runner = get_runner(sim)
     build_dir = BUILD_ROOT / f"{build_name}-{sim}"
-    build_args = list(VERILATOR_BUILD_ARGS) if sim == "verilator" else []
+    extra = list(build_args or [])
+    build_args = (list(VERILATOR_BUILD_ARGS) if sim == "verilator" else []) + extra
     if fast_compile and sim == "verilator":
         build_args += ["-CFLAGS", "-O0"]     # after make's OPT_FAST on the compile line: the last -O wins
     build_dir.mkdir(parents=True, exist_ok=True)

@@ -160,7 +160,8 @@ def test_lint_with_ps8_stub_is_clean(built):
     from sim.toolchain import verilator_bin
     hw, d = built.root / "hw", built.design
     r = subprocess.run([verilator_bin(), "--lint-only", "-Wall", "--top-module", f"{d}_lint_top",
-                        f"sim/{d}_lint.vlt", f"{d}.v", f"{d}_accel.v", f"sim/{d}_ps8_stub.v", f"sim/{d}_lint_top.v"],
+                        f"sim/{d}_lint.vlt", f"{d}.v", f"{d}_accel.v", f"sim/{d}_ps8_stub.v", f"sim/{d}_lint_top.v",
+                        f"sim/{d}_xilinx_stubs.v"],
                        cwd=hw, capture_output=True, text=True)
     assert r.returncode == 0 and "%Warning" not in r.stderr, r.stderr
 
