@@ -357,18 +357,19 @@ class Rsqrt(_ChainUnit):
 
 
 # --- sigmoid: the integer form ------------------------------------------------------------------
-def _int_rom(values) -> tuple[Array, int]:
+def _int_rom(values) -> Array:
+    """An unsigned integer table, as wide as its largest entry."""
     values = [int(v) for v in values]
     width = max(values).bit_length()
-    return Array(Const(v, width) for v in values), width
+    return Array(Const(v, width) for v in values)
 
 
-_SIG_TJ, _ = _int_rom(fo.SIG_TJ)
-_SIG_C1, _ = _int_rom(fo.SIG_C1)
-_SIG_C2, _ = _int_rom(fo.SIG_C2)
-_SIG_C3, _ = _int_rom(fo.SIG_C3)
-_SIG_SEED, _ = _int_rom(fo.SIG_SEED[:-1])        # i = 0..255 (SEED[256] = SEED[255] - STEP[255])
-_SIG_STEP, _ = _int_rom(fo.SIG_SEED_STEP)
+_SIG_TJ = _int_rom(fo.SIG_TJ)                    # 31 bits
+_SIG_C1 = _int_rom(fo.SIG_C1)                    # 26
+_SIG_C2 = _int_rom(fo.SIG_C2)                    # 19
+_SIG_C3 = _int_rom(fo.SIG_C3)                    # 11
+_SIG_SEED = _int_rom(fo.SIG_SEED[:-1])           # 17; i = 0..255 (SEED[256] = SEED[255] - STEP[255])
+_SIG_STEP = _int_rom(fo.SIG_SEED_STEP)           # 8
 _SIG_L = fo.SIG_L_BITS                           # 23
 _SIG_ERR_BITS = 18                               # e = E >> 15 is in [-99823, 30336] (every den)
 
@@ -410,8 +411,7 @@ class Sigmoid(_ChainUnit):
         j = u[_SIG_L:_FRAC]
         f.step(n=u[_FRAC:_FRAC + 8].as_signed(), big_l=u[0:_SIG_L], tj=_SIG_TJ[j], c1=_SIG_C1[j],
                c2=_SIG_C2[j], c3=_SIG_C3[j])
-        big_l = f.v["big_l"]
-        f.imul(p=big_l[13:_SIG_L] * f.v.pop("c3"))
+        f.imul(p=f.v["big_l"][13:_SIG_L] * f.v.pop("c3"))
         f.step(h=(f.v.pop("c2") + (f.v.pop("p") >> 10))[0:19])          # h2 < 2^19
         f.imul(p=f.v["big_l"][6:_SIG_L] * f.v.pop("h"))
         f.step(h=(f.v.pop("c1") + (f.v.pop("p") >> 18))[0:26])          # h1 < 2^26
