@@ -51,7 +51,9 @@ RSQRT_REL, RSQRT_ULP = 1.95e-7, 2.5          # exhaustive [1, 4): 1.620e-7, 2.08
 RECIP_REL, RECIP_ULP = 1.2e-7, 1.5           # exhaustive [1, 2): 9.92e-8, 1.25 ulp
 EXP2_REL, EXP2_ULP = 1.36e-7, 1.3            # every 8th fp32 of -[2^-30, 126]: 1.118e-7, 1.062 ulp
 EXP_REL, EXP_ULP = 1.46e-7, 1.35             # [-87.33, 0], 16M random + every 64th: 1.214e-7, 1.125 ulp
-SIGMOID_REL, SIGMOID_ULP = 3.0e-7, 4.1       # [-87, 87], 16M random + every 64th: 2.499e-7, 3.43 ulp
+SIGMOID_REL, SIGMOID_ULP = 8.3e-8, 0.81      # [-87, 87], 16M random + every 64th: 6.949e-8, 0.671 ulp
+SIG_Y_ERR = 5.0                              # |Y - 2^(u 2^-29) 2^30| (Q1.30 units): measured 4.40
+SIG_R_REL = 3.2e-9                           # T / 2^46 vs 1 / den, every den in [2^30, 2^31]: 2.615e-9
 
 
 def test_rsqrt_bound():
@@ -148,7 +150,11 @@ def test_rsqrt_and_reciprocal_exact_points():
 
 
 def test_sigmoid_and_silu_points():
-    assert list(fo.sigmoid(np.array([0.0, -0.0], F32))) == [0.5, 0.5]
+    x = np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 1e-30, -1e-30, -87.5, -100.0, 100.0, 3e38], F32)
+    assert list(fo.sigmoid(x)) == [0.5, 0.5, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 1.0, 1.0]
+    assert not np.any(np.signbit(fo.sigmoid(x)))
+    with pytest.raises(ValueError):
+        fo.sigmoid(np.array([np.nan], F32))
     x = np.linspace(-30, 30, 2001).astype(F32)
     s = fo.sigmoid(x).astype(np.float64)
     assert np.all(np.diff(s) >= 0)                                          # monotone
@@ -156,6 +162,72 @@ def test_sigmoid_and_silu_points():
     y = fo.silu_mul(np.array([0.0, -0.0, 1.0, -100.0], F32), np.array([3.0, 3.0, 2.0, 5.0], F32))
     assert y[0] == 0.0 and y[1] == 0.0 and y[3] == 0.0
     assert abs(y[2] - 2 / (1 + math.exp(-1))) < 4e-7
+    # the last live point and the first dead one: U = RNE(|g| log2(e) 2^29) against 126 * 2^29
+    a = np.array([87.33654, 87.336548], F32)
+    u = [round(Fraction(float(v)) * fo.LOG2E_Q31 * 2 ** 29 / 2 ** 31) for v in a]
+    assert u[0] <= 126 * 2 ** 29 < u[1]
+    live, dead = fo.sigmoid(-a)
+    assert dead == 0.0 and 0 < live < 2.0 ** -125
+
+
+def test_sigmoid_tables_follow_their_rule():
+    """The tables against the same rules in 50-digit decimal arithmetic (not float64): no entry
+    is near a rounding tie, so the float64 construction in fabric_ops is unambiguous."""
+    from decimal import Decimal, getcontext
+    getcontext().prec = 50
+    ln2 = Decimal(2).ln()
+    for name, table, c, bits in [("TJ", fo.SIG_TJ, Decimal(1), 30), ("C1", fo.SIG_C1, ln2, 25),
+                                 ("C2", fo.SIG_C2, ln2 ** 2 / 2, 20), ("C3", fo.SIG_C3, ln2 ** 3 / 6, 14)]:
+        for j in range(64):
+            v = (ln2 * j / 64).exp() * c * 2 ** bits
+            frac = v - int(v)
+            assert abs(frac - Decimal("0.5")) > Decimal("1e-6"), (name, j)
+            assert int(table[j]) == int(v + Decimal("0.5")), (name, j)
+    for k in range(257):
+        v = Decimal(2 ** 16) / (1 + Decimal(k) / 256)
+        assert int(fo.SIG_SEED[k]) == int(v + Decimal("0.5")), k
+    assert fo.SIG_SEED[0] == 2 ** 16 and fo.SIG_SEED[256] == 2 ** 15 and fo.SIG_SEED[128] == 43691
+    assert fo.SIG_TJ[0] == 2 ** 30 and fo.SIG_TJ[32] == 1518500250          # round(sqrt(2) 2^30)
+
+
+def test_sigmoid_pow2_steps():
+    # u = -k 2^29: j = L = 0, so Y = TJ[0] = 2^30 exactly and n = -k (e = 2^-k)
+    k = np.arange(0, 127)
+    y, n = fo.sig_pow2(-k * 2 ** 29)
+    assert np.all(y == 2 ** 30) and np.array_equal(n, -k)
+    # u = -1: n = -1, j = 63, L = 2^23 - 1, the largest Y: below 2^31 (no clamp needed)
+    y, n = fo.sig_pow2(np.array([-1]))
+    assert n[0] == -1 and 2 ** 31 - 8 <= y[0] < 2 ** 31
+    # L = 0 at every j: Y = TJ[j]
+    j = np.arange(64)
+    y, n = fo.sig_pow2(-(2 ** 29) + j * 2 ** 23)
+    assert np.array_equal(y, fo.SIG_TJ) and np.all(n == -1)
+    # Y against float64 over u in [-2^29, 0] (every 37th, plus the top of every j interval)
+    u = -np.concatenate([np.arange(0, 2 ** 29, 37), np.arange(64) * 2 ** 23 + 2 ** 23 - 1])
+    y, n = fo.sig_pow2(u)
+    ref = np.exp2(u / 2.0 ** 29 - n) * 2.0 ** 30
+    assert np.max(np.abs(y - ref)) < SIG_Y_ERR
+
+
+def test_sigmoid_reciprocal_steps():
+    # den = 2 (g = +-0): f = 2^30, i = 255, dx = 1024: y0 = SEED[256] = 2^15, E = 0, T = 2^45 (0.5)
+    y0, t = fo.sig_reciprocal(np.array([2 ** 31]), np.array([2 ** 30]))
+    assert y0[0] == 2 ** 15 and t[0] == 2 ** 45
+    # den = 1 (dead or e < 2^-31): y0 = 2^16, E = 0, T = y_m 2^16 (the quotient y_m exactly)
+    y0, t = fo.sig_reciprocal(np.array([2 ** 30, 2 ** 30]), np.array([2 ** 30, 1518500250]))
+    assert list(y0) == [2 ** 16] * 2 and list(t) == [2 ** 46, 1518500250 * 2 ** 16]
+    # den = 1.5: i = 128, dx = 0, y0 = SEED[128] = 43691; E = 2^46 - 3 * 2^29 * 43691 = -2^29,
+    # e = -2^14; T = 43691 * 2^30 + (43691 * 2^30 >> 31) * -2^14 = 43691 * 2^30 - 21845 * 2^14
+    y0, t = fo.sig_reciprocal(np.array([3 * 2 ** 29]), np.array([2 ** 30]))
+    assert y0[0] == 43691 and t[0] == 43691 * 2 ** 30 - 21845 * 2 ** 14
+    assert abs(Fraction(int(t[0]), 2 ** 46) - Fraction(2, 3)) < Fraction(1, 2 ** 30)
+    # 1/den over [1, 2]: every 257th den and both ends of every block of 4096 (one y0 each)
+    b = np.arange(2 ** 18, dtype=np.int64)
+    den = np.concatenate([np.arange(2 ** 30, 2 ** 31, 257), 2 ** 30 + (b << 12), 2 ** 30 + (b << 12) + 4095,
+                          [2 ** 31]])
+    _, t = fo.sig_reciprocal(den, np.full(den.shape, 2 ** 30))
+    rel = np.abs(t / 2.0 ** 46 * (den / 2.0 ** 30) - 1.0)
+    assert np.max(rel) < SIG_R_REL and np.all(t <= 2 ** 46) and np.all(t >= 2 ** 45)
 
 
 def test_fixed_sum_hand_cases():

@@ -206,12 +206,21 @@ def rsqrt_vectors(rng, n):
 
 
 def sigmoid_vectors(rng, n):
-    k = n // 6
+    k = n // 8
+    sgn = rng.integers(0, 2, k)
+    # j (6-bit) table interval ends: |g| = m ln2 / 64 puts U at a multiple of 2^23 (m = 64 k: at
+    # e = 2^-k, the ends of n); den table ends: e = i / 256 at |g| = ln(256 / i)
+    j_edges = as_bits((np.arange(0, 126 * 64 + 1) * np.log(2.0) / 64).astype(F32))
+    d_edges = as_bits(np.log(256.0 / np.arange(1, 256)).astype(F32))
     parts = [SPECIAL, _rand_bits(rng, k),
-             compose(rng.integers(0, 2, k), rng.integers(0, 136, k), _frac(rng, k)),
+             compose(sgn, rng.integers(0, 136, k), _frac(rng, k)),
              as_bits(rng.uniform(-20, 20, k).astype(F32)),
              as_bits(rng.normal(0, 3, k).astype(F32)),
+             _near(np.concatenate([j_edges, j_edges | 0x80000000]), rng, k, 3),
+             _near(np.concatenate([d_edges, d_edges | 0x80000000]), rng, k // 2, 3),
+             # the dead threshold (U = 126 * 2^29 at |g| = 87.33654), tiny and subnormal g
              _near([as_bits(F32(-87.33654))[()], as_bits(F32(87.33654))[()]], rng, k // 4, 400),
+             compose(sgn[:k // 4], rng.integers(0, 104, k // 4), _frac(rng, k // 4)),
              _subnormals(rng, k // 4, rng.integers(0, 2, k // 4))]
     return _fill(parts, rng, n)
 
@@ -270,7 +279,8 @@ HAND = {
     "rsqrt": [0x3F800000, 0x40000000, 0x40800000, 0x7F800000, 0x00000001, 0x00400000, 0x007FFFFF,
               0x00800000, 0x7F7FFFFF, 0x00000000, 0x80000000, 0xBF800000, 0x7FC00000, 0x358637BD],
     "sigmoid": [0x00000000, 0x80000000, 0x3F800000, 0xBF800000, 0x7F800000, 0xFF800000, 0x7FC00000,
-                0x42AEAC50, 0xC2AEAC50, 0x41A00000, 0xC1A00000, 0x00000001, 0x80000001, 0x40490FDB],
+                0x42AEAC50, 0xC2AEAC50, 0x41A00000, 0xC1A00000, 0x00000001, 0x80000001, 0x40490FDB,
+                0x3F317218, 0xBF317218, 0x3C317218, 0xBC317218, 0x41AC5C5A, 0xC1AC5C5A],
     "toint": [0x00000000, 0x80000000, 0x3F000000, 0xBF000000, 0x3FC00000, 0x42FD0000, 0x42FF0000,
               0xC2FF0000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x3F000001, 0x42FE0000, 0x00000001],
 }
@@ -325,7 +335,7 @@ def test_parameters_are_validated():
     with pytest.raises(ConfigError, match="latency"):
         Fp32Divide(latency=30)
     assert [_latency(Rsqrt(latency=n)) for n in (0, 1, 5, 45)] == [0, 1, 5, 45]
-    assert _latency(Exp2()) == Exp2.default_latency() == 33 and _latency(Sigmoid()) == 95
+    assert _latency(Exp2()) == Exp2.default_latency() == 33 and _latency(Sigmoid()) == Sigmoid.default_latency() == 29
     assert _latency(Fp32ToInt(8, 127)) == 2 and _latency(Fp32Divide()) == 29
 
 

@@ -21,8 +21,9 @@ Global rules:
   partials p = l (mod L), and an adder of latency D <= P / L never sees a
   hazard (8 lanes: 4 cycles).
 * Reductions never go through np.sum / np.dot / @ on floats; max is exact.
-* Constants and tables are computed in float64 and rounded once to fp32 (RNE);
-  they are listed in docs/numerics.md and are part of the contract.
+* Constants and tables are computed in float64 and rounded once to fp32 (RNE),
+  or to integers for the sigmoid's integer form; they are listed (or their
+  exact rules given) in docs/numerics.md and are part of the contract.
 """
 
 from __future__ import annotations
@@ -188,6 +189,15 @@ def _rne_shift(p: np.ndarray, s: np.ndarray) -> np.ndarray:
     return q + up.astype(np.int64)
 
 
+def _log2e_argument(a: np.ndarray) -> np.ndarray:
+    """U = round_half_even(a * log2(e) * 2^29) for finite fp32 a >= 0, exactly in :func:`exp` and :func:`sigmoid`:
+    a = M * 2^(e-24) (M the 24-bit integer significand, e from frexp), P = M * LOG2E_Q31,
+    U = round_half_even(P / 2^(26 - e)), the shift clamped to [1, 62]."""
+    m, e = np.frexp(np.asarray(a, F32))
+    big_m = np.ldexp(m.astype(np.float64), 24).astype(np.int64)
+    return _rne_shift(big_m * np.int64(LOG2E_Q31), np.clip(26 - e.astype(np.int64), 1, 62))
+
+
 def exp2(t: np.ndarray) -> np.ndarray:
     """2^t for fp32 t <= 0 (including -inf); t < -126 gives +0.0.
     u = round_half_even(t * 2^29) (t * 2^29 is exact; the one rounding is at most
@@ -211,24 +221,97 @@ def exp(x: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(x, F32)
     _check_nonpositive(x, "exp")
-    a = np.where(np.isinf(x), F32(0.0), -x).astype(F32)
-    m, e = np.frexp(a)
-    big_m = np.ldexp(m.astype(np.float64), 24).astype(np.int64)
-    p = big_m * np.int64(LOG2E_Q31)
-    shift = np.clip(26 - e.astype(np.int64), 1, 62)
-    u = -_rne_shift(p, shift)
+    u = -_log2e_argument(np.where(np.isinf(x), F32(0.0), -x).astype(F32))
     live = (u >= -126 * (1 << EXP2_FRAC_BITS)) & ~np.isinf(x)
     u = np.where(live, u, 0)
     return np.where(live, _pow2_fixed(u), F32(0.0)).astype(F32)
 
 
+# --- sigmoid: integer form ----------------------------------------------------------------------
+# Fixed-point integers after the input decode, one RNE rounding to fp32 at the end
+# (docs/numerics.md, "sigmoid(g)"). Scales: Y, TJ: Q1.30; SIG_C1: 2^-25; SIG_C2: 2^-20;
+# SIG_C3: 2^-14; the reciprocal seed y0: 2^-16; T (the result before rounding): 2^-46.
+SIG_J_BITS = 6                         # 2^(j/64), j = the top 6 bits of the 29-bit fraction of u
+SIG_L_BITS = EXP2_FRAC_BITS - SIG_J_BITS                  # 23: r = L * 2^-29 in [0, 2^-6)
+SIG_DEAD_U = 126 << EXP2_FRAC_BITS     # U above this (|g| > 87.34): e^-|g| is taken as 0
+SIG_SEED_BITS = 8                      # the reciprocal seed: 256 intervals of D in [1, 2]
+
+
+def _sig_table(c: float, frac_bits: int) -> np.ndarray:
+    """round(2^(j/64) * c * 2^frac_bits), j = 0..63, in float64 (Python round: half-even)."""
+    return np.array([round(2.0 ** (j / 2 ** SIG_J_BITS) * c * 2.0 ** frac_bits)
+                     for j in range(2 ** SIG_J_BITS)], np.int64)
+
+
+_LN2 = math.log(2.0)
+SIG_TJ = _sig_table(1.0, 30)                    # 2^(j/64), Q1.30 (2^30 .. 2,124,350,982 < 2^31)
+SIG_C1 = _sig_table(_LN2, 25)                   # 2^(j/64) ln2, scale 2^-25 (26 bits)
+SIG_C2 = _sig_table(_LN2 ** 2 / 2.0, 20)        # 2^(j/64) ln2^2/2, scale 2^-20 (19 bits)
+SIG_C3 = _sig_table(_LN2 ** 3 / 6.0, 14)        # 2^(j/64) ln2^3/6, scale 2^-14 (11 bits)
+# 1/(1 + k/256) at the 257 interval ends, scale 2^-16 (SIG_SEED[0] = 2^16, SIG_SEED[256] = 2^15),
+# and the chord steps SIG_SEED[i] - SIG_SEED[i + 1] (<= 256)
+SIG_SEED = np.array([round(2.0 ** 16 / (1.0 + k / 2 ** SIG_SEED_BITS)) for k in range(2 ** SIG_SEED_BITS + 1)],
+                    np.int64)
+SIG_SEED_STEP = SIG_SEED[:-1] - SIG_SEED[1:]
+
+
+def sig_pow2(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Y, n) with Y * 2^(n - 30) ~= 2^(u * 2^-29), for int64 u in [-126 * 2^29, 0].
+
+    n = u >> 29 (floor); fr = u & (2^29 - 1); j = fr >> 23 (6 bits); L = fr & (2^23 - 1);
+    h2 = C2[j] + (((L >> 13) * C3[j]) >> 10); h1 = C1[j] + (((L >> 6) * h2) >> 18);
+    Y = TJ[j] + ((L * h1) >> 24), every shift a floor. Y is in [2^30, 2^31 - 1]."""
+    u = np.asarray(u, np.int64)
+    n = u >> EXP2_FRAC_BITS
+    fr = u & ((1 << EXP2_FRAC_BITS) - 1)
+    j = fr >> SIG_L_BITS
+    big_l = fr & ((1 << SIG_L_BITS) - 1)
+    h2 = SIG_C2[j] + (((big_l >> 13) * SIG_C3[j]) >> 10)
+    h1 = SIG_C1[j] + (((big_l >> 6) * h2) >> 18)
+    return SIG_TJ[j] + ((big_l * h1) >> 24), n
+
+
+def sig_reciprocal(den: np.ndarray, y_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(y0, T): T * 2^-46 ~= (y_m * 2^-30) / (den * 2^-30), for int64 den in [2^30, 2^31] (Q1.30)
+    and y_m in [2^30, 2^31) (Q1.30).
+
+    f = den - 2^30; i = min(f >> 22, 255); dx = (f - (i << 22)) >> 12 (0..1024);
+    y0 = SEED[i] - ((SEED_STEP[i] * dx) >> 10) (chord interpolation, scale 2^-16);
+    E = 2^46 - den * y0 (exact, signed); e = E >> 15 (floor: 1 - den*y0 at scale 2^-31);
+    Z = y_m * y0 (exact, scale 2^-46); T = Z + (Z >> 31) * e (one Newton step, y0 (1 + e))."""
+    den, y_m = np.asarray(den, np.int64), np.asarray(y_m, np.int64)
+    f = den - (1 << 30)
+    i = np.minimum(f >> 22, 2 ** SIG_SEED_BITS - 1)
+    dx = (f - (i << 22)) >> 12
+    y0 = SIG_SEED[i] - ((SIG_SEED_STEP[i] * dx) >> 10)
+    err = ((1 << 46) - den * y0) >> 15
+    z = y_m * y0
+    return y0, z + (z >> 31) * err
+
+
 def sigmoid(g: np.ndarray) -> np.ndarray:
-    """1/(1+e^-g) without overflow: e = exp(-|g|) (an exp of a value <= 0),
-    den = 1 + e in [1, 2], r = reciprocal(den); g >= 0 (incl. -0.0): r, else e*r."""
+    """1/(1+e^-g) in integer arithmetic (every fp32 g but NaN), one rounding at the end.
+
+    neg = g < 0 (-0.0 is not negative); U = :func:`_log2e_argument` (|g|); dead = |g| = inf or
+    U > 126 * 2^29 (e^-|g| < 2^-126 is taken as 0). (Y, n) = :func:`sig_pow2` (-U) (e^-|g| =
+    Y * 2^(n - 30)); den = 2^30 + (Y >> -n) (Q1.30, in [2^30, 2^31]; 2^30 if dead);
+    (y0, T) = :func:`sig_reciprocal` (den, Y if neg else 2^30). Result: T * 2^(n - 46) if neg,
+    T * 2^-46 if not, rounded once to fp32 (RNE; always normal); neg and dead: +0.0.
+    g = +inf gives 1.0, -inf +0.0, +-0 exactly 0.5."""
     g = np.asarray(g, F32)
-    e = exp((-np.abs(g)).astype(F32))
-    r = reciprocal((_ONE + e).astype(F32))
-    return np.where(g >= 0, r, (e * r).astype(F32)).astype(F32)
+    if np.any(np.isnan(g)):
+        raise ValueError("sigmoid: the contract's domain is every fp32 but NaN")
+    neg = g < 0
+    a = np.abs(g).astype(F32)
+    inf = np.isinf(a)
+    big_u = _log2e_argument(np.where(inf, F32(0.0), a))
+    dead = inf | (big_u > SIG_DEAD_U)
+    y, n = sig_pow2(np.where(dead, 0, -big_u))
+    den = np.where(dead, 1 << 30, (1 << 30) + (y >> np.minimum(-n, 31)))
+    _, t = sig_reciprocal(den, np.where(neg, y, 1 << 30))
+    # T < 2^47 is exact in float64; scaling by 2^(n - 46) too; the one rounding is to fp32
+    out = np.ldexp(t.astype(np.float64), np.where(neg, n, 0) - 46).astype(F32)
+    return np.where(neg & dead, F32(0.0), out).astype(F32)
 
 
 # --- decoder ops ---------------------------------------------------------------------------------
