@@ -29,11 +29,21 @@ class BusFault(Exception):
         self.code = code
 
 
+# Cycles of a vector op beyond its element (or byte) stream: (fixed, per extra token row), measured in
+# Verilator on FabricVectorEngine with the DDR model at the qwen2.5-0.5b sizes (docs/rtl.md, "the
+# fabric vector engine": T = 1 and 8, n = 896 and 4864): the command's fetch-to-done latency, the
+# unit's pipeline fill, and for RMSNORM each row's reduction, rsqrt and second pass (117 per row).
+# QUANT adds about 2/3 of a cycle per group of the row (measured at group 128: 0.65).
+VECTOR_OVERHEAD = {"EMBED": (136, 3), "RMSNORM": (212, 117), "QUANT": (164, 1), "ROPE": (147, 28),
+                   "KV_STORE": (141, 2), "ADD": (101, 2), "SILU_MUL": (134, 2)}
+
+
 @dataclass(frozen=True)
 class FabricPerf:
     """Cycles of one fabric op, analytically (not an RTL simulation):
 
-    vector ops: max(bytes / cap, passes x elements / vector_lanes) + fixed;
+    vector ops: max(bytes / cap, passes x elements / vector_lanes) + the op's fixed cycles + its
+    cycles per extra token row (:data:`VECTOR_OVERHEAD`, measured on the RTL in Verilator);
     ATTEND: per query row and KV group, the attention unit's measured rule (rtl/attention.py,
     tests/test_attention.py): positions x cycles_per_position + attn_command_cycles, with
     cycles_per_position = max(steps, head_dim / 16) + max(steps, head_dim / 16, ceil(G / exp_lanes))
@@ -75,9 +85,13 @@ class FabricPerf:
         mac_pass = max(steps, hd // 16)
         return mac_pass + max(mac_pass, -(-group // self.exp_lanes))
 
-    def vector(self, elements: int, passes: int, nbytes: int) -> int:
-        return max(-(-passes * elements // self.vector_lanes), int(-(-nbytes // self.cap_bytes_per_cycle))) \
-            + self.fixed_cycles
+    def vector(self, elements: int, passes: int, nbytes: int, op: str | None = None, rows: int = 1) -> int:
+        """A vector op's cycles; without `op` the generic fixed cost (fixed_cycles)."""
+        stream = max(-(-passes * elements // self.vector_lanes), int(-(-nbytes // self.cap_bytes_per_cycle)))
+        if op is None:
+            return stream + self.fixed_cycles
+        fixed, per_row = VECTOR_OVERHEAD[op]
+        return stream + fixed + per_row * (rows - 1)
 
     def argmax(self, n: int) -> int:
         """The ARGMAX pass after a LINEAR (rtl/argmax_pass.py): its row read back on one port, 4 fp32
@@ -101,26 +115,26 @@ class FabricPerf:
         op = Opcode(c.opcode)
         if op == Opcode.EMBED:
             rd, wr = 4 * t + 2 * t * n, row
-            return self.vector(t * n, 1, rd + wr), rd, wr
+            return self.vector(t * n, 1, rd + wr, "EMBED", t), rd, wr
         if op == Opcode.RMSNORM:
             rd, wr = 2 * row + 4 * n, row
-            return self.vector(t * n, 2, rd + wr), rd, wr
+            return self.vector(t * n, 2, rd + wr, "RMSNORM", t), rd, wr
         if op == Opcode.QUANT:
             wr = activation_layout(n, c.aux, t).total_bytes
-            return self.vector(t * n, 1, row + wr), row, wr
+            return self.vector(t * n, 1, row + wr, "QUANT", t) + -(-2 * n // (3 * c.aux)), row, wr
         if op == Opcode.ROPE:
             rd, wr = row + t * 4 * c.aux, row
-            return self.vector(t * n, 1, rd + wr), rd, wr
+            return self.vector(t * n, 1, rd + wr, "ROPE", t), rd, wr
         if op == Opcode.KV_STORE:
             wr = t * c.p1 * (c.aux + 4)
-            return self.vector(t * n, 1, row + wr), row, wr
+            return self.vector(t * n, 1, row + wr, "KV_STORE", t), row, wr
         if op == Opcode.ATTEND:
             hd, nkv = c.aux, c.p1
             spans = [pos + r + 1 for r in range(t)]
             rd = activation_layout(n, hd, t).total_bytes + nkv * sum(spans) * (2 * hd + 8)
             return self.attend(spans, nkv, (n // hd) // nkv, hd), rd, row
         if op in (Opcode.ADD, Opcode.SILU_MUL):
-            return self.vector(t * n, 1, 3 * row), 2 * row, row
+            return self.vector(t * n, 1, 3 * row, op.name, t), 2 * row, row
         raise ValueError(f"no cost rule for {op.name}")
 
 
