@@ -178,8 +178,9 @@ def test_attention_unit_bit_exact_slow(point, ns, tmp_path):
                  marks=pytest.mark.slow),
     # exp_lanes = 2: max(1, 32/16) + max(1, 2, ceil(2/2)) = 4
     (dict(head_dim=32, group=2, macs=64, max_positions=128, exp_lanes=2), [80, 128, 80], 4, None),
-    # qwen2.5-0.5b with exp_lanes = 2: max(4, 64/16) + max(4, ceil(7/2)) = 8
-    pytest.param(dict(head_dim=64, group=7, macs=128, max_positions=512, exp_lanes=2), [100, 300, 100], 8, 500,
+    # qwen2.5-0.5b with exp_lanes = 2: max(4, 64/16) + max(4, ceil(7/2)) = 8; 394 cycles besides
+    # measured (451 with the fp32-op Exp2 and Reciprocal, latencies 33 and 50 instead of 14 and 12)
+    pytest.param(dict(head_dim=64, group=7, macs=128, max_positions=512, exp_lanes=2), [100, 300, 100], 8, 420,
                  marks=pytest.mark.slow),
     # qwen2.5-0.5b at 256 MACs (4 heads per step), exp_lanes = 4: max(2, 64/16) + max(4, ceil(7/4)) = 8
     pytest.param(dict(head_dim=64, group=7, macs=256, max_positions=512, exp_lanes=4), [100, 300, 100], 8, 500,
