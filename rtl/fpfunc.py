@@ -355,7 +355,7 @@ class Reciprocal(_ChainUnit):
     steps: den = M 2^7 (M the 24-bit significand), Sigmoid's chord seed and Newton step for
     2^30 / den, one round-half-even to fp32, exponent -e.
 
-    Three integer products (9 x 11, 24 x 17, 16 x 18 bits); default latency 12 (6 integer steps,
+    Three integer products (8 x 11, 24 x 17, 16 x 18 bits); default latency 12 (6 integer steps,
     3 product steps). YoWASP Yosys ``synth_xilinx -family xcup`` of the unit alone at the default
     latency: 398 LUT (94 as memory), 263 FF, 3 DSP48E2 (the fp32-op form it replaced, latency 50:
     5,248 LUT, 2,304 FF, 12 DSP)."""
