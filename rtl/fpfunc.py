@@ -1,11 +1,16 @@
 """Pipelined scalar functions of the fabric contract, bit-exact with sw/contract/fabric_ops.py.
 
-- :class:`Exp2`: ``fabric_ops.exp2`` (t <= 0, -inf included; t < -126 gives +0.0).
-- :class:`Exp`: ``fabric_ops.exp`` (x <= 0, -inf included), through the same fixed-point
-  core as Exp2 (``_pow2_fixed``: one RTL description, :func:`_pow2_core`).
-- :class:`Reciprocal`: ``fabric_ops.reciprocal`` (d in [2^-125, 2^125]).
-- :class:`Rsqrt`: ``fabric_ops.rsqrt`` (v > 0, subnormals and +inf included).
-- :class:`Sigmoid`: ``fabric_ops.sigmoid`` (every fp32 input but NaN), in integer steps only.
+- :class:`Exp2`: ``fabric_ops.exp2`` (t <= 0, -inf included; t < -126 gives +0.0), in integer steps.
+- :class:`Exp`: ``fabric_ops.exp`` (x <= 0, -inf included), in integer steps.
+- :class:`Reciprocal`: ``fabric_ops.reciprocal`` (d in [2^-125, 2^125]), in integer steps.
+- :class:`Rsqrt`: ``fabric_ops.rsqrt`` (v > 0, subnormals and +inf included), fp32 steps.
+- :class:`Sigmoid`: ``fabric_ops.sigmoid`` (every fp32 input but NaN), in integer steps.
+
+The integer units share one RTL description of each integer core of the contract:
+:func:`_log2e_steps` (U = RNE(|x| log2(e) 2^29): Exp, Sigmoid), :func:`_pow2_steps`
+(``fabric_ops.pow2_q30``: Exp2, Exp, Sigmoid), :func:`_recip_core_steps`
+(``fabric_ops.recip_q46``: Reciprocal, Sigmoid) and :func:`_rne24` / :func:`_pack` (the one
+rounding to fp32).
 - :class:`Fp32Divide`: a / b correctly rounded (RNE, like NumPy float32) for positive or
   negative *normal finite* a and b; the result may be normal, subnormal or overflow to inf.
 - :class:`Fp32ToInt`: ``np.clip(np.rint(x), -clip, clip)`` as a signed integer.
@@ -29,7 +34,6 @@ timing target (250 MHz on UltraScale+); 0 is purely combinational.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed
@@ -192,137 +196,190 @@ class _ChainUnit(_PipelinedUnit):
         return m
 
 
-# --- 2^x: the fixed-point core and its two front ends ---------------------------------------------
-_CORE_SLOTS = ("g", "g", "mul", "add", "mul", "add", "mul", "mul", "add", "g")
-_EXP2_TABLE = _rom(fo.EXP2_TABLE)
-_FRAC = fo.EXP2_FRAC_BITS
-_R_BITS = fo.EXP2_FRAC_BITS - fo.EXP2_TABLE_BITS    # 24
+# --- the integer cores: 2^x and 1/x in fixed point (fabric_ops.pow2_q30, recip_q46) -------------
+def _int_rom(values) -> Array:
+    """An unsigned integer table, as wide as its largest entry."""
+    values = [int(v) for v in values]
+    width = max(values).bit_length()
+    return Array(Const(v, width) for v in values)
 
 
-def _pow2_core(f: _Flow) -> Value:
-    """fabric_ops._pow2_fixed on f.v: ``mag`` = -u (unsigned, <= 126 * 2^29), ``live`` (else +0.0),
-    ``bad`` (else the canonical NaN). Returns the result; the other values flow through."""
-    u = Signal(signed(_FRAC + 9), name="pow2_u")
-    f.m.d.comb += u.eq(-f.v.pop("mag"))
-    fr = u[0:_FRAC]
-    f.step(n=u[_FRAC:_FRAC + 8].as_signed(), tj=_EXP2_TABLE[fr[_R_BITS:_FRAC]], rf=fr[0:_R_BITS])
-    # r = rf * 2^-29 as fp32 (exact): the leading one of rf moved to the hidden bit
-    rf = f.v.pop("rf")
-    lz = leading_zeros(rf)
-    norm = (rf << lz)[0:_R_BITS]
-    f.step(r=Mux(rf == 0, 0, Cat(norm[0:23], (Const(127 - 1 - _FRAC + _R_BITS, 8) - lz)[0:8], Const(0, 1))))
-    r = f.v["r"]
-    f.mul("q", Const(_bits(fo.EXP2_C3), 32), r, normal_a=True)
-    f.add("q", f.v["q"], Const(_bits(fo.EXP2_C2), 32))
-    f.mul("q", f.v["q"], f.v["r"], normal_a=True)
-    f.add("q", f.v["q"], Const(_bits(fo.EXP2_C1), 32))
-    f.mul("q", f.v["q"], f.v["r"], normal_a=True)
-    del f.v["r"]
-    f.mul("q", f.v["tj"], f.v["q"], normal_a=True)
-    f.add("y", f.v.pop("tj"), f.v.pop("q"))
-    # y in [1, 2] and n in [-126, 0]: y * 2^n is normal, an exponent add
+_POW2_TJ = _int_rom(fo.POW2_TJ)                  # 31 bits
+_POW2_C1 = _int_rom(fo.POW2_C1)                  # 26
+_POW2_C2 = _int_rom(fo.POW2_C2)                  # 19
+_POW2_C3 = _int_rom(fo.POW2_C3)                  # 11
+_RECIP_SEED = _int_rom(fo.RECIP_SEED[:-1])       # 17; i = 0..255 (SEED[256] = SEED[255] - STEP[255])
+_RECIP_STEP = _int_rom(fo.RECIP_SEED_STEP)       # 8 (STEP[0] = 255)
+_FRAC = fo.EXP2_FRAC_BITS                        # 29
+_POW2_L = fo.POW2_L_BITS                         # 23
+_ERR_BITS = 18                                   # e = E >> 15 is in [-99823, 30336] (every den)
+_LOG2E_Q31 = fo.LOG2E_Q31
+
+_LOG2E_SLOTS = ("g", "imul", "g", "g")           # U (the caller's next step registers it)
+_POW2_SLOTS = ("g", "imul", "g", "imul", "g", "imul", "g")
+_RECIP_CORE_SLOTS = ("g", "imul", "g", "imul", "g", "imul", "g")
+_ROUND_SLOTS = ("g", "g")
+
+
+def _log2e_steps(f: _Flow, x: Value, **extra) -> Value:
+    """U = RNE(|x| log2(e) 2^29) (fabric_ops._log2e_argument), returned as a value to register in
+    the caller's next step; f.v["big"]: |x| >= 128, inf or NaN (e^-|x| below 2^-126, or NaN).
+    `extra` joins the flow at the first step."""
+    e = x[23:31]
+    # |x| = mant * 2^(E - 150): shift by 152 - E (clamped at 62, beyond which everything rounds to 0)
+    f.step(mant=Cat(x[0:23], e != 0), sh=Mux(e > 152 - 62, 152 - e, 62)[0:6], big=e >= 134, **extra)
+    # P = mant * LOG2E_Q31 as two 24 x 17 / 24 x 15 products (one DSP48E2 each), summed next
+    mant = f.v.pop("mant")
+    f.imul(plo=mant * Const(_LOG2E_Q31 & 0x1FFFF, 17), phi=mant * Const(_LOG2E_Q31 >> 17, 15))
+    f.step(p=f.v.pop("plo") + (f.v.pop("phi") << 17))
+    whole, up = _shift_round(f.v.pop("p")[0:56], f.v.pop("sh"), 62)
+    f.step(whole=whole[0:38], up=up)
+    return f.v.pop("whole") + f.v.pop("up")
+
+
+def _pow2_steps(f: _Flow) -> None:
+    """fabric_ops.pow2_q30 (u = -f.v["mag"], unsigned): f.v["y"] = Y (Q1.30, 31 bits) and f.v["n"]
+    (signed, 8 bits) replace "mag". Outside [-126 * 2^29, 0] the values are garbage (unused)."""
+    mag = f.v.pop("mag")
+    u = Signal(signed(len(mag) + 1), name="pow2_u")
+    f.m.d.comb += u.eq(-mag)
+    j = u[_POW2_L:_FRAC]
+    f.step(n=u[_FRAC:_FRAC + 8].as_signed(), big_l=u[0:_POW2_L], tj=_POW2_TJ[j], c1=_POW2_C1[j],
+           c2=_POW2_C2[j], c3=_POW2_C3[j])
+    f.imul(p=f.v["big_l"][13:_POW2_L] * f.v.pop("c3"))
+    f.step(h=(f.v.pop("c2") + (f.v.pop("p") >> 10))[0:19])          # h2 < 2^19
+    f.imul(p=f.v["big_l"][6:_POW2_L] * f.v.pop("h"))
+    f.step(h=(f.v.pop("c1") + (f.v.pop("p") >> 18))[0:26])          # h1 < 2^26
+    f.imul(p=f.v.pop("big_l") * f.v.pop("h"))
+    f.step(y=(f.v.pop("tj") + (f.v.pop("p") >> 24))[0:31])          # Y < 2^31
+
+
+def _recip_core_steps(f: _Flow, fx: Value, den_zeros: int = 0, **extra) -> None:
+    """fabric_ops.recip_q46: fx = den - 2^30 (in [0, 2^30]; its low `den_zeros` bits are zero),
+    the numerator f.v["ym"] (Q1.30), or 1.0 when there is no "ym"; f.v["t"] = T (47 bits).
+    `extra` joins the flow at the first step."""
+    top = fx[30] if len(fx) > 30 else Const(0, 1)                    # fx = 2^30 (den = 2)
+    i = Mux(top, 2 ** fo.RECIP_SEED_BITS - 1, fx[22:30])
+    den = fx + (1 << 30)
+    f.step(dm=den[den_zeros:32], s=_RECIP_SEED[i], ds=_RECIP_STEP[i], dx=Cat(fx[12:22], top), **extra)
+    f.imul(p=f.v.pop("ds") * f.v.pop("dx"))
+    f.step(y0=(f.v.pop("s") - (f.v.pop("p") >> 10))[0:17])
+    y0 = f.v.pop("y0")
+    if "ym" in f.v:
+        f.imul(dy=f.v.pop("dm") * y0, z=f.v.pop("ym") * y0)
+        z = f.v.pop("z")
+    else:                                                            # Z = 2^30 * y0: a shift
+        f.imul(dy=f.v.pop("dm") * y0, y0=y0)
+        z = f.v.pop("y0") << 30
+    err = Const(1 << 46, 49) - (f.v.pop("dy") << den_zeros)
+    f.step(err=err[15:15 + _ERR_BITS].as_signed(), zt=z[31:47], z=z[0:47])
+    f.imul(c=f.v.pop("zt") * f.v.pop("err"))                          # unsigned x signed
+    f.step(t=(f.v.pop("z") + f.v.pop("c"))[0:47])                       # T < 2^47, positive
+
+
+def _rne24(t: Value, top: int, hi: Value) -> Value:
+    """The 24-bit significand of unsigned t rounded half to even (25 bits: 2^24 on a carry), the
+    leading one at bit `top` if `hi`, else at `top - 1`."""
+    mant = Mux(hi, t[top - 23:top + 1], t[top - 24:top])
+    guard = Mux(hi, t[top - 24], t[top - 25])
+    sticky = Mux(hi, t[0:top - 24] != 0, t[0:top - 25] != 0)
+    return mant + (guard & (sticky | mant[0]))
+
+
+def _pack(m: Value, ex: Value) -> Value:
+    """A positive normal fp32 from _rne24's m and the biased exponent of its leading one."""
+    carry = m[24]                                                    # m = 2^24: frac 0, exponent + 1
+    return Cat(Mux(carry, 0, m[0:23]), (ex + carry)[0:8], Const(0, 1))
+
+
+def _pow2_result(f: _Flow) -> Value:
+    """Y * 2^(n - 30) rounded once to fp32 (Y in [2^30, 2^31), n in [-126, 0]: always normal);
+    f.v["live"] (else +0.0) and f.v["bad"] (else the canonical NaN)."""
     y, n = f.v.pop("y"), f.v.pop("n")
-    f.step(res=Mux(f.v.pop("bad"), CANONICAL_NAN,
-                   Mux(f.v.pop("live"), Cat(y[0:23], (y[23:31] + n)[0:8], Const(0, 1)), 0)))
+    f.step(m=_rne24(y, 30, Const(1, 1)), ex=n + 127)
+    m, ex = f.v.pop("m"), f.v.pop("ex")
+    f.step(res=Mux(f.v.pop("bad"), CANONICAL_NAN, Mux(f.v.pop("live"), _pack(m, ex), 0)))
     return f.v.pop("res")
 
 
+# --- exp2 and exp --------------------------------------------------------------------------------
 def _nonpositive_bad(x: Value) -> Value:
     """NaN, or above +0.0 (outside exp2's and exp's domain)."""
     nan = (x[23:31] == 0xFF) & (x[0:23] != 0)
     return nan | (~x[31] & (x[0:31] != 0))
 
 
-_EXP2_SLOTS = ("g", "g") + _CORE_SLOTS
+class Exp2(_ChainUnit):
+    """``fabric_ops.exp2``: 2^t for t <= 0 (-inf gives +0.0, t < -126 gives +0.0), in integer steps:
+    u = RNE(t 2^29), Y = 2^(u 2^-29) in Q1.30 (Sigmoid's table and cubic), one round-half-even to
+    fp32. t > +0.0 or NaN gives the canonical NaN.
+
+    Three integer products (10 x 11, 17 x 19, 23 x 26 bits); default latency 14 (8 integer
+    steps, 3 product steps). YoWASP Yosys ``synth_xilinx -family xcup`` of the unit alone at the
+    default latency: 544 LUT (125 as memory), 363 FF, 4 DSP48E2 (the fp32-op form it replaced,
+    latency 33: 3,154 LUT, 1,423 FF, 8 DSP)."""
+
+    _SLOTS = ("g", "g") + _POW2_SLOTS + _ROUND_SLOTS
+
+    def _build(self, f, t):
+        # u = RNE(t * 2^29): |t| = M * 2^(E - 150), so |t| * 2^29 = (M * 2^12) >> (133 - E)
+        e = t[23:31]
+        mant = Cat(t[0:23], e != 0)
+        whole, up = _shift_round(Cat(Const(0, 12), mant), Mux(e >= 133, 0, 133 - e), 38)
+        f.step(whole=whole[0:36], up=up, live=t[0:31] <= _EXP2_MAX_MAG, bad=_nonpositive_bad(t))
+        f.step(mag=f.v.pop("whole") + f.v.pop("up"))
+        _pow2_steps(f)
+        return _pow2_result(f)
 
 
-def _exp2_steps(f: _Flow, t: Value) -> Value:
-    # u = RNE(t * 2^29): |t| = M * 2^(E - 150), so |t| * 2^29 = (M * 2^12) >> (133 - E)
-    e = t[23:31]
-    mant = Cat(t[0:23], e != 0)
-    whole, up = _shift_round(Cat(Const(0, 12), mant), Mux(e >= 133, 0, 133 - e), 38)
-    f.step(whole=whole[0:36], up=up, live=t[0:31] <= _EXP2_MAX_MAG, bad=_nonpositive_bad(t))
-    f.step(mag=f.v.pop("whole") + f.v.pop("up"))
-    return _pow2_core(f)
-
-
-_EXP_SLOTS = ("g", "g", "g", "g", "g") + _CORE_SLOTS
-_LOG2E_Q31 = fo.LOG2E_Q31
 _EXP_MAX_U = 126 << _FRAC
 
 
-def _exp_steps(f: _Flow, x: Value) -> Value:
-    e = x[23:31]
-    # |x| >= 128 (and -inf) is far below -126 after the multiply; smaller |x| shift by 152 - E
-    # (E <= 133; the contract clamps at 62, beyond which everything rounds to 0 anyway).
-    f.step(mant=Cat(x[0:23], e != 0), sh=Mux(e > 152 - 62, 152 - e, 62)[0:6], dead=e >= 134,
-           bad=_nonpositive_bad(x))
-    f.step(p=f.v.pop("mant") * Const(_LOG2E_Q31, 32))     # two DSP48E2s: a product and a pipeline register
-    f.step()
-    whole, up = _shift_round(f.v.pop("p"), f.v.pop("sh"), 62)
-    f.step(whole=whole[0:38], up=up)
-    mag = f.v.pop("whole") + f.v.pop("up")
-    f.step(mag=mag[0:36], live=~f.v.pop("dead") & (mag <= _EXP_MAX_U))
-    return _pow2_core(f)
-
-
-class Exp2(_ChainUnit):
-    """``fabric_ops.exp2``: 2^t for t <= 0 (-inf gives +0.0, t < -126 gives +0.0).
-    t > +0.0 or NaN gives the canonical NaN. Default latency 33."""
-
-    _SLOTS = _EXP2_SLOTS
-
-    def _build(self, f, a):
-        return _exp2_steps(f, a)
-
-
 class Exp(_ChainUnit):
-    """``fabric_ops.exp``: e^x for x <= 0 (the exact 24x32-bit product with LOG2E_Q31, one
-    round-half-even shift, then Exp2's fixed-point core). x > +0.0 or NaN gives the canonical
-    NaN. Default latency 36."""
+    """``fabric_ops.exp``: e^x for x <= 0 (Sigmoid's U = RNE(|x| log2(e) 2^29), then Exp2's integer
+    core and rounding). x > +0.0 or NaN gives the canonical NaN. Default latency 18; YoWASP
+    Yosys: 691 LUT, 559 FF, 6 DSP48E2. Not used by the decoder."""
 
-    _SLOTS = _EXP_SLOTS
+    _SLOTS = _LOG2E_SLOTS + ("g",) + _POW2_SLOTS + _ROUND_SLOTS
 
-    def _build(self, f, a):
-        return _exp_steps(f, a)
+    def _build(self, f, x):
+        mag = _log2e_steps(f, x, bad=_nonpositive_bad(x))
+        f.step(mag=mag[0:37], live=~f.v.pop("big") & (mag <= _EXP_MAX_U))
+        _pow2_steps(f)
+        return _pow2_result(f)
 
 
 # --- reciprocal ----------------------------------------------------------------------------------
-_RECIP_SLOTS = ("g",) + ("mul", "add", "mul", "add") * fo.RECIP_STEPS + ("g",)
-_RECIP_SEED = _rom(fo.RECIP_SEED)
-_SEED_LO = 23 - fo.SEED_BITS
-
-
-def _recip_steps(f: _Flow, d: Value, check: bool) -> Value:
-    """fabric_ops.reciprocal; without `check` the caller guarantees the domain."""
-    bad = ((d < _RECIP_LO) | (d > _RECIP_HI)) if check else Const(0, 1)
-    f.step(m=Cat(d[0:23], Const(127, 8), Const(0, 1)), y=_RECIP_SEED[d[_SEED_LO:23]],
-           rexp=(d[23:31] - 127)[0:8].as_signed(), rbad=bad)
-    for _ in range(fo.RECIP_STEPS):
-        f.mul("a", f.v["m"], f.v["y"], normal_a=True)
-        f.add("b", Const(_ONE, 32), _negate_sign(f.v.pop("a")))
-        f.mul("c", f.v["y"], f.v.pop("b"), normal_a=True)
-        f.add("y", f.v["y"], f.v.pop("c"))
-    del f.v["m"]
-    y, e = f.v.pop("y"), f.v.pop("rexp")
-    # y is about 1/m in (1/2, 1] and e in [-125, 125]: y * 2^-e is normal, an exponent subtract
-    f.step(res=Mux(f.v.pop("rbad"), CANONICAL_NAN, Cat(y[0:23], (y[23:31] - e)[0:8], Const(0, 1))))
-    return f.v.pop("res")
-
-
 class Reciprocal(_ChainUnit):
-    """``fabric_ops.reciprocal``: 1/d for d in [2^-125, 2^125] (else the canonical NaN).
-    Default latency 50."""
+    """``fabric_ops.reciprocal``: 1/d for d in [2^-125, 2^125] (else the canonical NaN), in integer
+    steps: den = M 2^7 (M the 24-bit significand), Sigmoid's chord seed and Newton step for
+    2^30 / den, one round-half-even to fp32, exponent -e.
 
-    _SLOTS = _RECIP_SLOTS
+    Three integer products (8 x 11, 24 x 17, 16 x 18 bits); default latency 12 (6 integer steps,
+    3 product steps). YoWASP Yosys ``synth_xilinx -family xcup`` of the unit alone at the default
+    latency: 398 LUT (94 as memory), 263 FF, 3 DSP48E2 (the fp32-op form it replaced, latency 50:
+    5,248 LUT, 2,304 FF, 12 DSP)."""
 
-    def _build(self, f, a):
-        return _recip_steps(f, a, check=True)
+    _SLOTS = _RECIP_CORE_SLOTS + _ROUND_SLOTS
+
+    def _build(self, f, d):
+        # den - 2^30 = (M - 2^23) << 7: the fraction bits, seven zeros below (so i = the top 8
+        # fraction bits, dx the next 10, and den * y0 a 24 x 17 product)
+        _recip_core_steps(f, Cat(Const(0, 7), d[0:23]), den_zeros=7, biased=d[23:31],
+                          bad=(d < _RECIP_LO) | (d > _RECIP_HI))
+        # T in [2^45, 2^46]: 1/d = T * 2^(-46 - e), e = biased - 127
+        t = f.v.pop("t")
+        hi = t[46]
+        f.step(m=_rne24(t, 46, hi), ex=253 + hi - f.v.pop("biased"))
+        m, ex = f.v.pop("m"), f.v.pop("ex")
+        f.step(res=Mux(f.v.pop("bad"), CANONICAL_NAN, _pack(m, ex)))
+        return f.v.pop("res")
 
 
 # --- rsqrt ---------------------------------------------------------------------------------------
 _RSQRT_SLOTS = ("g", "g") + ("mul", "mul", "add", "mul") * fo.RSQRT_STEPS + ("g",)
 _RSQRT_SEED = _rom(fo.RSQRT_SEED)      # index: parity * 32 + seed index
+_SEED_LO = 23 - fo.SEED_BITS
 
 
 class Rsqrt(_ChainUnit):
@@ -357,28 +414,12 @@ class Rsqrt(_ChainUnit):
 
 
 # --- sigmoid: the integer form ------------------------------------------------------------------
-def _int_rom(values) -> Array:
-    """An unsigned integer table, as wide as its largest entry."""
-    values = [int(v) for v in values]
-    width = max(values).bit_length()
-    return Array(Const(v, width) for v in values)
-
-
-_SIG_TJ = _int_rom(fo.SIG_TJ)                    # 31 bits
-_SIG_C1 = _int_rom(fo.SIG_C1)                    # 26
-_SIG_C2 = _int_rom(fo.SIG_C2)                    # 19
-_SIG_C3 = _int_rom(fo.SIG_C3)                    # 11
-_SIG_SEED = _int_rom(fo.SIG_SEED[:-1])           # 17; i = 0..255 (SEED[256] = SEED[255] - STEP[255])
-_SIG_STEP = _int_rom(fo.SIG_SEED_STEP)           # 8
-_SIG_L = fo.SIG_L_BITS                           # 23
-_SIG_ERR_BITS = 18                               # e = E >> 15 is in [-99823, 30336] (every den)
-
-
 class Sigmoid(_ChainUnit):
     """``fabric_ops.sigmoid`` in integer steps: U = RNE(|g| log2(e) 2^29) (Exp's exact product),
-    Y = 2^(-U 2^-29) in Q1.30 (a 64-entry table and a cubic in Horner form), den = 1 + e in Q1.30,
-    a chord-interpolated seed and one Newton step for 1/den folded with the product Y / den, and
-    one round-half-even to fp32. +inf gives 1.0, -inf +0.0, +-0 0.5; NaN gives the canonical NaN.
+    Y = 2^(-U 2^-29) in Q1.30 (a 64-entry table and a cubic in Horner form: Exp2's core), den = 1 + e
+    in Q1.30, a chord-interpolated seed and one Newton step for 1/den folded with the product Y / den
+    (Reciprocal's core), and one round-half-even to fp32. +inf gives 1.0, -inf +0.0, +-0 0.5; NaN
+    gives the canonical NaN.
 
     Nine integer products in seven ``imul`` steps (2 registers each by default), 12 DSP48E2 in
     all (|g| x LOG2E_Q31 as a 24x17 and a 24x15 product; L x h1, den x y0 and Ym x y0 two
@@ -386,66 +427,28 @@ class Sigmoid(_ChainUnit):
     -family xcup`` of the unit alone at the default latency: 1,515 LUT (284 as memory),
     933 FF, 12 DSP48E2, no BRAM (the fp32-op form it replaced: 9,466 LUT, 4,278 FF, 26 DSP)."""
 
-    _SLOTS = ("g", "imul", "g", "g", "g",             # U
-              "g", "imul", "g", "imul", "g", "imul", "g",     # Y
-              "g", "g", "imul", "g",                  # den, seed y0
-              "imul", "g", "imul", "g",               # Newton step: T
-              "g", "g")                               # round, pack
+    _SLOTS = (_LOG2E_SLOTS + ("g",)                   # U
+              + _POW2_SLOTS                           # Y
+              + ("g",) + _RECIP_CORE_SLOTS            # den; seed y0, Newton step: T
+              + _ROUND_SLOTS)                         # round, pack
 
     def _build(self, f, g):
-        e = g[23:31]
-        # U: as Exp (|g| = mant * 2^(E - 150); |g| >= 128, inf and NaN are "big": dead or NaN)
-        f.step(mant=Cat(g[0:23], e != 0), sh=Mux(e > 152 - 62, 152 - e, 62)[0:6], big=e >= 134,
-               neg=g[31] & (g[0:31] != 0), nan=g[0:31] > 0x7F800000)
-        # P = mant * LOG2E_Q31 as two 24 x 17 / 24 x 15 products (one DSP48E2 each), summed next
-        mant = f.v.pop("mant")
-        f.imul(plo=mant * Const(_LOG2E_Q31 & 0x1FFFF, 17), phi=mant * Const(_LOG2E_Q31 >> 17, 15))
-        f.step(p=f.v.pop("plo") + (f.v.pop("phi") << 17))
-        whole, up = _shift_round(f.v.pop("p")[0:56], f.v.pop("sh"), 62)
-        f.step(whole=whole[0:38], up=up)
-        mag = f.v.pop("whole") + f.v.pop("up")
+        mag = _log2e_steps(f, g, neg=g[31] & (g[0:31] != 0), nan=g[0:31] > 0x7F800000)
         f.step(mag=mag[0:37], dead=f.v.pop("big") | (mag > fo.SIG_DEAD_U))
-        # u = -U: n = u >> 29, j = the next 6 bits, L = the low 23 (u is garbage when dead: unused)
-        u = Signal(signed(37), name="sig_u")
-        f.m.d.comb += u.eq(-f.v.pop("mag"))
-        j = u[_SIG_L:_FRAC]
-        f.step(n=u[_FRAC:_FRAC + 8].as_signed(), big_l=u[0:_SIG_L], tj=_SIG_TJ[j], c1=_SIG_C1[j],
-               c2=_SIG_C2[j], c3=_SIG_C3[j])
-        f.imul(p=f.v["big_l"][13:_SIG_L] * f.v.pop("c3"))
-        f.step(h=(f.v.pop("c2") + (f.v.pop("p") >> 10))[0:19])          # h2 < 2^19
-        f.imul(p=f.v["big_l"][6:_SIG_L] * f.v.pop("h"))
-        f.step(h=(f.v.pop("c1") + (f.v.pop("p") >> 18))[0:26])          # h1 < 2^26
-        f.imul(p=f.v.pop("big_l") * f.v.pop("h"))
-        f.step(y=(f.v.pop("tj") + (f.v.pop("p") >> 24))[0:31])          # Y < 2^31
+        # u = -U (garbage when dead: unused)
+        _pow2_steps(f)
         # den = 2^30 + fx, fx = Y >> -n (0 for a shift >= 31, or dead); Y or 1.0 for the numerator
         y, n, neg = f.v.pop("y"), f.v.pop("n"), f.v["neg"]
         nsh = (-n)[0:8]
         fx = Mux(f.v["dead"] | (nsh >= 31), 0, y >> nsh[0:5])[0:31]
         f.step(fx=fx, ym=Mux(neg, y, 1 << 30), nn=Mux(neg, n, 0))
-        fx = f.v.pop("fx")
-        top = fx[30]                                                     # fx = 2^30 (den = 2)
-        i = Mux(top, 2 ** fo.SIG_SEED_BITS - 1, fx[22:30])
-        f.step(den=fx + (1 << 30), s=_SIG_SEED[i], ds=_SIG_STEP[i], dx=Cat(fx[12:22], top))
-        f.imul(p=f.v.pop("ds") * f.v.pop("dx"))
-        f.step(y0=(f.v.pop("s") - (f.v.pop("p") >> 10))[0:17])
-        y0 = f.v.pop("y0")
-        f.imul(dy=f.v.pop("den") * y0, z=f.v.pop("ym") * y0)
-        err = Const(1 << 46, 49) - f.v.pop("dy")
-        z = f.v.pop("z")
-        f.step(err=err[15:15 + _SIG_ERR_BITS].as_signed(), zt=z[31:47], z=z[0:47])
-        f.imul(c=f.v.pop("zt") * f.v.pop("err"))                          # unsigned x signed
-        f.step(t=(f.v.pop("z") + f.v.pop("c"))[0:47])                       # T < 2^47, positive
+        _recip_core_steps(f, f.v.pop("fx"))
         t = f.v.pop("t")
         # T in [2^45, 2^47): the leading one at 46 or 45, then RNE to 24 bits
         hi = t[46]
-        mant = Mux(hi, t[23:47], t[22:46])
-        guard = Mux(hi, t[22], t[21])
-        sticky = Mux(hi, t[0:22] != 0, t[0:21] != 0)
-        f.step(m=mant + (guard & (sticky | mant[0])), ex=f.v.pop("nn") + 126 + hi)
+        f.step(m=_rne24(t, 46, hi), ex=f.v.pop("nn") + 126 + hi)
         m, ex = f.v.pop("m"), f.v.pop("ex")
-        carry = m[24]                                                    # m = 2^24: frac 0, exponent + 1
-        packed = Cat(Mux(carry, 0, m[0:23]), (ex + carry)[0:8], Const(0, 1))
-        f.step(res=Mux(f.v.pop("nan"), CANONICAL_NAN, Mux(f.v.pop("neg") & f.v.pop("dead"), 0, packed)))
+        f.step(res=Mux(f.v.pop("nan"), CANONICAL_NAN, Mux(f.v.pop("neg") & f.v.pop("dead"), 0, _pack(m, ex))))
         return f.v.pop("res")
 
 

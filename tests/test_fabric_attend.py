@@ -239,9 +239,10 @@ def run_scenario(sc: Scenario, tmp_path: Path, *, gap_rate: float, p_ready: floa
 def report(sc: Scenario, results, name: str) -> list[dict]:
     """Cycles of the ops labelled perf (command taken -> answer), per (row, KV group), beside the
     AttentionUnit's own busy cycles (and of those, its waits on the engine's streams) and the
-    unit's model (n x cycles_per_position + 450, measured in tests/test_attention.py at head_dim
-    64, group 7, 128 MACs, 2 exp lanes: 451)."""
+    unit's model (n x cycles_per_position + FabricPerf.attn_command_cycles, measured in
+    tests/test_attention.py at head_dim 64, group 7, 128 MACs, 2 exp lanes: 394)."""
     from rtl.attention import AttentionGeometry
+    from sw.driver.fabric_exec import FabricPerf
     s = sc.shape
     geo = AttentionGeometry(s["head_dim"], s["group"], s["macs"], s["max_positions"])
     rows = []
@@ -250,7 +251,7 @@ def report(sc: Scenario, results, name: str) -> list[dict]:
             c = o.cmd
             k = c.tokens * c.p1
             spans = [o.pos + t + 1 for t in range(c.tokens)]
-            model = sum(n * geo.cycles_per_position + 450 for n in spans) * c.p1
+            model = sum(n * geo.cycles_per_position + FabricPerf.attn_command_cycles for n in spans) * c.p1
             rows.append({"label": o.perf, "T": c.tokens, "n": spans[-1], "groups": c.p1,
                          "cycles": res["answer_cycles"], "per_row_group": round(res["answer_cycles"] / k, 1),
                          "unit_busy_per_row_group": round(res["unit_busy"] / k, 1),

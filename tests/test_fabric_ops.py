@@ -48,12 +48,12 @@ def _bits(x):
 # ---- measured bounds ------------------------------------------------------------------------------
 # (measured max relative error, measured max ulps) -> bounds with ~20 % margin
 RSQRT_REL, RSQRT_ULP = 1.95e-7, 2.5          # exhaustive [1, 4): 1.620e-7, 2.08 ulp
-RECIP_REL, RECIP_ULP = 1.2e-7, 1.5           # exhaustive [1, 2): 9.92e-8, 1.25 ulp
-EXP2_REL, EXP2_ULP = 1.36e-7, 1.3            # every 8th fp32 of -[2^-30, 126]: 1.118e-7, 1.062 ulp
-EXP_REL, EXP_ULP = 1.46e-7, 1.35             # [-87.33, 0], 16M random + every 64th: 1.214e-7, 1.125 ulp
+RECIP_REL, RECIP_ULP = 7.4e-8, 0.63          # exhaustive [1, 2): 6.119e-8, 0.519 ulp
+EXP2_REL, EXP2_ULP = 7.3e-8, 0.66            # every 8th fp32 of -[2^-30, 126] and every one of [-2, -1): 6.089e-8, 0.544 ulp
+EXP_REL, EXP_ULP = 8.4e-8, 0.81              # [-87.33, 0], 16M random + every 64th: 6.949e-8, 0.671 ulp
 SIGMOID_REL, SIGMOID_ULP = 8.3e-8, 0.81      # [-87, 87], 16M random + every 64th: 6.949e-8, 0.671 ulp
-SIG_Y_ERR = 5.0                              # |Y - 2^(u 2^-29) 2^30| (Q1.30 units): measured 4.40
-SIG_R_REL = 3.2e-9                           # T / 2^46 vs 1 / den, every den in [2^30, 2^31]: 2.615e-9
+POW2_Y_ERR = 5.0                             # |Y - 2^(u 2^-29) 2^30| (Q1.30 units): measured 4.40
+RECIP_T_REL = 3.2e-9                          # T / 2^46 vs 1 / den, every den in [2^30, 2^31]: 2.615e-9
 
 
 def test_rsqrt_bound():
@@ -98,8 +98,8 @@ def test_exhaustive_bounds():
         for part in np.array_split(_floats(lo, hi), 16):
             rel, ulp = _err(fn(part), ref(part.astype(np.float64)))
             assert rel < rb and ulp < ub, (fn.__name__, rel, ulp)
-    for lo, hi in [(2.0 ** b, 2.0 ** (b + 1)) for b in range(-30, 6)] + [(64.0, 126.0)]:
-        t = -_floats(lo, hi, 8)
+    for lo, hi, step in [(2.0 ** b, 2.0 ** (b + 1), 8) for b in range(-30, 6)] + [(64.0, 126.0, 8), (1.0, 2.0, 1)]:
+        t = -_floats(lo, hi, step)
         rel, ulp = _err(fo.exp2(t), np.exp2(t.astype(np.float64)))
         assert rel < EXP2_REL and ulp < EXP2_ULP, (lo, rel, ulp)
 
@@ -108,11 +108,13 @@ def test_exhaustive_bounds():
 def test_exp2_exact_points():
     k = np.arange(0, 127)
     assert np.array_equal(fo.exp2(-k.astype(F32)), np.ldexp(F32(1.0), -k).astype(F32))
-    # 2^(-k + j/32) = T[j] * 2^-k, with T[j] the float64 value rounded once to fp32
-    for j in (1, 8, 16, 31):
-        t = (-np.arange(1, 100) + j / 32).astype(F32)
-        want = np.ldexp(F32(2.0 ** (j / 32)), np.floor(t).astype(int)).astype(F32)
+    # 2^(-k + j/64): L = 0, so Y = TJ[j] and the result is TJ[j] * 2^-30 rounded once, times 2^-k
+    # (the same as 2^(j/64) rounded once to fp32 for these j)
+    for j in (1, 2, 16, 32, 63):
+        t = (-np.arange(1, 100) + j / 64).astype(F32)
+        want = np.ldexp(F32(int(fo.POW2_TJ[j]) / 2.0 ** 30), np.floor(t).astype(int)).astype(F32)
         assert np.array_equal(_bits(fo.exp2(t)), _bits(want)), j
+        assert np.array_equal(want, np.ldexp(F32(2.0 ** (j / 64)), np.floor(t).astype(int)).astype(F32)), j
     assert _bits(fo.exp2(np.array([-0.5], F32)))[0] == 0x3F3504F3      # fp32(sqrt(1/2))
     assert list(fo.exp2(np.array([0.0, -0.0, -1e-30, -126.0, -126.00001, -np.inf], F32))) == \
         [1.0, 1.0, 1.0, 2.0 ** -126, 0.0, 0.0]
@@ -129,6 +131,26 @@ def test_exp_exact_points():
     assert rel < EXP_REL
     with pytest.raises(ValueError):
         fo.exp(np.array([1.0], F32))
+
+
+def test_exp2_never_above_one():
+    # the largest Y (u = -1) rounds to 2^31 (a carry): exp2 = 2^-1 * 2 = 1.0, never above
+    assert fo.exp2(np.array([-2.0 ** -30, -2.0 ** -29, -1.5 * 2.0 ** -29], F32)).max() == 1.0
+    y, n = fo.pow2_q30(np.array([-1]))
+    assert fo._pow2(np.array([-1]))[0] == 1.0 and n[0] == -1
+
+
+def test_reciprocal_steps():
+    # d = M * 2^(e - 23): den = M << 7; i = the top 8 fraction bits, dx the next 10
+    for d in (1.0, 2.0 ** 24, 3.0, 1.5, 1.9999999, 2.0 ** -125, 2.0 ** 125):
+        m, e = np.frexp(np.float64(F32(d)))
+        big_m = int(m * 2 ** 24)
+        _, t = fo.recip_q46(np.array([big_m << 7]), np.array([2 ** 30]))
+        assert fo.reciprocal(np.array([d], F32))[0] == F32(math.ldexp(int(t[0]), -46 - (int(e) - 1)))
+    # every significand is within [2^45, 2^46] (one Newton step from below: T <= 2^46 at M = 2^23 only)
+    big_m = np.arange(1 << 23, 1 << 24, 1, dtype=np.int64)
+    _, t = fo.recip_q46(big_m << 7, np.full(big_m.shape, 2 ** 30))
+    assert t[0] == 2 ** 46 and np.all(t[1:] < 2 ** 46) and np.all(t >= 2 ** 45)
 
 
 def test_rsqrt_and_reciprocal_exact_points():
@@ -176,8 +198,8 @@ def test_sigmoid_tables_follow_their_rule():
     from decimal import Decimal, getcontext
     getcontext().prec = 50
     ln2 = Decimal(2).ln()
-    for name, table, c, bits in [("TJ", fo.SIG_TJ, Decimal(1), 30), ("C1", fo.SIG_C1, ln2, 25),
-                                 ("C2", fo.SIG_C2, ln2 ** 2 / 2, 20), ("C3", fo.SIG_C3, ln2 ** 3 / 6, 14)]:
+    for name, table, c, bits in [("TJ", fo.POW2_TJ, Decimal(1), 30), ("C1", fo.POW2_C1, ln2, 25),
+                                 ("C2", fo.POW2_C2, ln2 ** 2 / 2, 20), ("C3", fo.POW2_C3, ln2 ** 3 / 6, 14)]:
         for j in range(64):
             v = (ln2 * j / 64).exp() * c * 2 ** bits
             frac = v - int(v)
@@ -185,49 +207,49 @@ def test_sigmoid_tables_follow_their_rule():
             assert int(table[j]) == int(v + Decimal("0.5")), (name, j)
     for k in range(257):
         v = Decimal(2 ** 16) / (1 + Decimal(k) / 256)
-        assert int(fo.SIG_SEED[k]) == int(v + Decimal("0.5")), k
-    assert fo.SIG_SEED[0] == 2 ** 16 and fo.SIG_SEED[256] == 2 ** 15 and fo.SIG_SEED[128] == 43691
-    assert fo.SIG_TJ[0] == 2 ** 30 and fo.SIG_TJ[32] == 1518500250          # round(sqrt(2) 2^30)
+        assert int(fo.RECIP_SEED[k]) == int(v + Decimal("0.5")), k
+    assert fo.RECIP_SEED[0] == 2 ** 16 and fo.RECIP_SEED[256] == 2 ** 15 and fo.RECIP_SEED[128] == 43691
+    assert fo.POW2_TJ[0] == 2 ** 30 and fo.POW2_TJ[32] == 1518500250          # round(sqrt(2) 2^30)
 
 
 def test_sigmoid_pow2_steps():
     # u = -k 2^29: j = L = 0, so Y = TJ[0] = 2^30 exactly and n = -k (e = 2^-k)
     k = np.arange(0, 127)
-    y, n = fo.sig_pow2(-k * 2 ** 29)
+    y, n = fo.pow2_q30(-k * 2 ** 29)
     assert np.all(y == 2 ** 30) and np.array_equal(n, -k)
     # u = -1: n = -1, j = 63, L = 2^23 - 1, the largest Y: below 2^31 (no clamp needed)
-    y, n = fo.sig_pow2(np.array([-1]))
+    y, n = fo.pow2_q30(np.array([-1]))
     assert n[0] == -1 and 2 ** 31 - 8 <= y[0] < 2 ** 31
     # L = 0 at every j: Y = TJ[j]
     j = np.arange(64)
-    y, n = fo.sig_pow2(-(2 ** 29) + j * 2 ** 23)
-    assert np.array_equal(y, fo.SIG_TJ) and np.all(n == -1)
+    y, n = fo.pow2_q30(-(2 ** 29) + j * 2 ** 23)
+    assert np.array_equal(y, fo.POW2_TJ) and np.all(n == -1)
     # Y against float64 over u in [-2^29, 0] (every 37th, plus the top of every j interval)
     u = -np.concatenate([np.arange(0, 2 ** 29, 37), np.arange(64) * 2 ** 23 + 2 ** 23 - 1])
-    y, n = fo.sig_pow2(u)
+    y, n = fo.pow2_q30(u)
     ref = np.exp2(u / 2.0 ** 29 - n) * 2.0 ** 30
-    assert np.max(np.abs(y - ref)) < SIG_Y_ERR
+    assert np.max(np.abs(y - ref)) < POW2_Y_ERR
 
 
 def test_sigmoid_reciprocal_steps():
     # den = 2 (g = +-0): f = 2^30, i = 255, dx = 1024: y0 = SEED[256] = 2^15, E = 0, T = 2^45 (0.5)
-    y0, t = fo.sig_reciprocal(np.array([2 ** 31]), np.array([2 ** 30]))
+    y0, t = fo.recip_q46(np.array([2 ** 31]), np.array([2 ** 30]))
     assert y0[0] == 2 ** 15 and t[0] == 2 ** 45
     # den = 1 (dead or e < 2^-31): y0 = 2^16, E = 0, T = y_m 2^16 (the quotient y_m exactly)
-    y0, t = fo.sig_reciprocal(np.array([2 ** 30, 2 ** 30]), np.array([2 ** 30, 1518500250]))
+    y0, t = fo.recip_q46(np.array([2 ** 30, 2 ** 30]), np.array([2 ** 30, 1518500250]))
     assert list(y0) == [2 ** 16] * 2 and list(t) == [2 ** 46, 1518500250 * 2 ** 16]
     # den = 1.5: i = 128, dx = 0, y0 = SEED[128] = 43691; E = 2^46 - 3 * 2^29 * 43691 = -2^29,
     # e = -2^14; T = 43691 * 2^30 + (43691 * 2^30 >> 31) * -2^14 = 43691 * 2^30 - 21845 * 2^14
-    y0, t = fo.sig_reciprocal(np.array([3 * 2 ** 29]), np.array([2 ** 30]))
+    y0, t = fo.recip_q46(np.array([3 * 2 ** 29]), np.array([2 ** 30]))
     assert y0[0] == 43691 and t[0] == 43691 * 2 ** 30 - 21845 * 2 ** 14
     assert abs(Fraction(int(t[0]), 2 ** 46) - Fraction(2, 3)) < Fraction(1, 2 ** 30)
     # 1/den over [1, 2]: every 257th den and both ends of every block of 4096 (one y0 each)
     b = np.arange(2 ** 18, dtype=np.int64)
     den = np.concatenate([np.arange(2 ** 30, 2 ** 31, 257), 2 ** 30 + (b << 12), 2 ** 30 + (b << 12) + 4095,
                           [2 ** 31]])
-    _, t = fo.sig_reciprocal(den, np.full(den.shape, 2 ** 30))
+    _, t = fo.recip_q46(den, np.full(den.shape, 2 ** 30))
     rel = np.abs(t / 2.0 ** 46 * (den / 2.0 ** 30) - 1.0)
-    assert np.max(rel) < SIG_R_REL and np.all(t <= 2 ** 46) and np.all(t >= 2 ** 45)
+    assert np.max(rel) < RECIP_T_REL and np.all(t <= 2 ** 46) and np.all(t >= 2 ** 45)
 
 
 def test_fixed_sum_hand_cases():

@@ -130,15 +130,33 @@ def _fill(parts, rng, n):
 
 
 def _table_edges(scale_bits):
-    """Every t = -(k + j/32) * 2^-scale_bits edge of the exp2 tables and integer parts, in bits."""
+    """Every t = -(k + j/64) * 2^-scale_bits edge of the pow2 tables and integer parts, in bits."""
     k = np.arange(0, 127)
-    j = np.arange(32)
-    t = -(k[:, None] + j[None, :] / 32.0).ravel()
+    j = np.arange(64)
+    t = -(k[:, None] + j[None, :] / 64.0).ravel() * 2.0 ** -scale_bits
     return as_bits(t.astype(F32))
 
 
+def _exp2_round_ties(rng, n):
+    """t <= 0 whose Y (Q1.30) is at or next to a tie of the final rounding to 24 bits
+    (Y & 127 in 63..65): the round-half-even step of the integer core."""
+    t = np.concatenate([-rng.uniform(0, 126, 40 * n), -(2.0 ** rng.uniform(-30, 0, 40 * n))]).astype(F32)
+    u = np.rint(t.astype(np.float64) * 2.0 ** fo.EXP2_FRAC_BITS).astype(np.int64)
+    y, _ = fo.pow2_q30(u)
+    return as_bits(rng.permutation(t[np.isin(y & 127, (63, 64, 65))])[:n])
+
+
+def _recip_round_ties():
+    """Every significand whose T (2^30 / den at 2^-46) is within 2 of a tie of the final rounding
+    (T < 2^46 but at M = 2^23: the guard is bit 21), as d in [1, 2)."""
+    m = np.arange(1 << 23, 1 << 24, dtype=np.int64)
+    _, t = fo.recip_q46(m << 7, np.full(m.shape, 1 << 30, np.int64))
+    near = np.abs((t & ((1 << 22) - 1)) - (1 << 21)) <= 2
+    return compose(0, 127, m[near] - (1 << 23))
+
+
 def exp2_vectors(rng, n):
-    k = n // 8
+    k = n // 9
     parts = [SPECIAL, _rand_bits(rng, k),
              # t in [-128, 0): every exponent
              compose(1, rng.integers(0, 134, k), _frac(rng, k)),
@@ -147,6 +165,8 @@ def exp2_vectors(rng, n):
              # around -126 (the last live value and the first dead one), around integers and table edges
              _near([as_bits(F32(-126.0))], rng, k // 4, 64),
              _near(_table_edges(0), rng, k, 3),
+             _near(_table_edges(6), rng, k // 4, 3),
+             _exp2_round_ties(rng, k // 2),
              # tiny |t| (u rounds to 0, +-1 ulp of 2^-29: ties at 2^-30)
              compose(1, rng.integers(90, 100, k), _frac(rng, k)),
              compose(1, 97, rng.integers(0, 4, k) << 21),
@@ -183,14 +203,28 @@ def _seed_edges(lo_exp, hi_exp):
     return compose(0, e[:, None], f[None, :]).ravel()
 
 
+def _recip_seed_edges(rng, n):
+    """Both ends of the 256 chord intervals (i = the top 8 fraction bits) and of the dx steps
+    (the next 10 bits), at random exponents (the result only shifts with the exponent)."""
+    i = rng.integers(0, 256, n)
+    dx = rng.choice([0, 1, 1022, 1023], n)
+    frac = (i << 15) | (dx << 5) | rng.choice([0, 31], n)
+    return compose(0, rng.integers(2, 253, n), frac)
+
+
 def recip_vectors(rng, n):
     k = n // 6
+    ties = _recip_round_ties()
     parts = [SPECIAL, _rand_bits(rng, k),
              compose(0, rng.integers(2, 253, k), _frac(rng, k)),
              # d in [1, 2^24] (the contract's own use) and the domain edges
              as_bits(rng.uniform(1, 2 ** 24, k).astype(F32)),
              _near([_bits(2.0 ** -125), _bits(2.0 ** 125), _bits(1.0), _bits(2.0)], rng, k // 4, 8),
-             _near(_seed_edges(100, 160), rng, k, 2)]
+             # powers of two (exact), the seed and chord interval ends, rounding ties at any exponent
+             compose(0, np.arange(2, 253), 0),
+             _near(_seed_edges(100, 160), rng, k // 4, 2),
+             _recip_seed_edges(rng, k),
+             compose(0, rng.integers(2, 253, len(ties)), ties)]
     return _fill(parts, rng, n)
 
 
@@ -335,7 +369,8 @@ def test_parameters_are_validated():
     with pytest.raises(ConfigError, match="latency"):
         Fp32Divide(latency=30)
     assert [_latency(Rsqrt(latency=n)) for n in (0, 1, 5, 45)] == [0, 1, 5, 45]
-    assert _latency(Exp2()) == Exp2.default_latency() == 33 and _latency(Sigmoid()) == Sigmoid.default_latency() == 29
+    assert _latency(Exp2()) == Exp2.default_latency() == 14 and _latency(Reciprocal()) == Reciprocal.default_latency() == 12
+    assert _latency(Exp()) == Exp.default_latency() == 18 and _latency(Sigmoid()) == Sigmoid.default_latency() == 29
     assert _latency(Fp32ToInt(8, 127)) == 2 and _latency(Fp32Divide()) == 29
 
 

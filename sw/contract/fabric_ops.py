@@ -22,7 +22,7 @@ Global rules:
   hazard (8 lanes: 4 cycles).
 * Reductions never go through np.sum / np.dot / @ on floats; max is exact.
 * Constants and tables are computed in float64 and rounded once to fp32 (RNE),
-  or to integers for the sigmoid's integer form; they are listed (or their
+  or to integers for the integer cores (exp2, exp, reciprocal, sigmoid); they are listed (or their
   exact rules given) in docs/numerics.md and are part of the contract.
 """
 
@@ -63,33 +63,25 @@ def fixed_sum(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 # --- tables and constants ------------------------------------------------------------------------
-SEED_BITS = 5          # mantissa bits that index the rsqrt / reciprocal seed tables
+SEED_BITS = 5          # mantissa bits that index the rsqrt seed tables
 RSQRT_STEPS = 2        # Newton-Raphson iterations after the seed
-RECIP_STEPS = 3
-EXP2_TABLE_BITS = 5    # 2^(j/32), j = 0..31
 EXP2_MIN = -126.0      # exp2(t) = +0.0 for t < EXP2_MIN (results stay normal)
 EXP2_FRAC_BITS = 29    # t is rounded once to a fixed-point grid of 2^-29
 
 LOG2E_Q31 = round(2 ** 31 / math.log(2.0))              # log2(e) as an unsigned Q1.31 integer (32 bits)
-EXP2_TABLE = np.array([2.0 ** (j / 2 ** EXP2_TABLE_BITS) for j in range(2 ** EXP2_TABLE_BITS)], F32)
-# 2^r - 1 ~= r*(C1 + r*(C2 + r*C3)) on [0, 1/32): Taylor coefficients of e^(r ln2)
-EXP2_C1 = F32(math.log(2.0))
-EXP2_C2 = F32(math.log(2.0) ** 2 / 2.0)
-EXP2_C3 = F32(math.log(2.0) ** 3 / 6.0)
 
 
 def _seed_tables():
     n = 2 ** SEED_BITS
     lo = 1.0 + np.arange(n, dtype=np.float64) / n
     hi = lo + 1.0 / n
-    # minimax-relative seeds over each interval: rsqrt 2/(sqrt a + sqrt b), reciprocal 2/(a + b)
+    # minimax-relative seeds over each interval: 2/(sqrt a + sqrt b)
     rs = np.stack([2.0 / (np.sqrt(lo) + np.sqrt(hi)),              # even exponent: m in [1, 2)
                    2.0 / (np.sqrt(2 * lo) + np.sqrt(2 * hi))])     # odd exponent: 2m in [2, 4)
-    rc = 2.0 / (lo + hi)
-    return rs.astype(F32), rc.astype(F32)
+    return rs.astype(F32)
 
 
-RSQRT_SEED, RECIP_SEED = _seed_tables()   # fp32 [2, 32] (parity, index), fp32 [32]
+RSQRT_SEED = _seed_tables()   # fp32 [2, 32] (parity, index)
 
 _HALF, _ONE, _ONE_HALF, _TWO = F32(0.5), F32(1.0), F32(1.5), F32(2.0)
 
@@ -103,6 +95,73 @@ def _split(v: np.ndarray):
 def _seed_index(m: np.ndarray) -> np.ndarray:
     """The top SEED_BITS fraction bits of m in [1, 2)."""
     return ((m.view(np.uint32) >> np.uint32(23 - SEED_BITS)) & np.uint32(2 ** SEED_BITS - 1)).astype(np.int64)
+
+
+# --- the integer cores: 2^x and 1/x in fixed point -----------------------------------------------
+# Shared by exp2, exp, reciprocal and sigmoid: integers after the input decode, one RNE rounding to
+# fp32 at the end (docs/numerics.md, "The integer cores"). Scales: Y, TJ, den: Q1.30; POW2_C1: 2^-25;
+# POW2_C2: 2^-20; POW2_C3: 2^-14; the reciprocal seed y0: 2^-16; T (the quotient): 2^-46.
+POW2_J_BITS = 6                        # 2^(j/64), j = the top 6 bits of the 29-bit fraction of u
+POW2_L_BITS = EXP2_FRAC_BITS - POW2_J_BITS                # 23: r = L * 2^-29 in [0, 2^-6)
+RECIP_SEED_BITS = 8                    # the reciprocal seed: 256 intervals of den in [1, 2]
+
+
+def _pow2_table(c: float, frac_bits: int) -> np.ndarray:
+    """round(2^(j/64) * c * 2^frac_bits), j = 0..63, in float64 (Python round: half-even)."""
+    return np.array([round(2.0 ** (j / 2 ** POW2_J_BITS) * c * 2.0 ** frac_bits)
+                     for j in range(2 ** POW2_J_BITS)], np.int64)
+
+
+_LN2 = math.log(2.0)
+POW2_TJ = _pow2_table(1.0, 30)                  # 2^(j/64), Q1.30 (2^30 .. 2,124,350,982 < 2^31)
+POW2_C1 = _pow2_table(_LN2, 25)                 # 2^(j/64) ln2, scale 2^-25 (26 bits)
+POW2_C2 = _pow2_table(_LN2 ** 2 / 2.0, 20)      # 2^(j/64) ln2^2/2, scale 2^-20 (19 bits)
+POW2_C3 = _pow2_table(_LN2 ** 3 / 6.0, 14)      # 2^(j/64) ln2^3/6, scale 2^-14 (11 bits)
+# 1/(1 + k/256) at the 257 interval ends, scale 2^-16 (RECIP_SEED[0] = 2^16, RECIP_SEED[256] = 2^15),
+# and the chord steps RECIP_SEED[i] - RECIP_SEED[i + 1] (<= 256)
+RECIP_SEED = np.array([round(2.0 ** 16 / (1.0 + k / 2 ** RECIP_SEED_BITS))
+                       for k in range(2 ** RECIP_SEED_BITS + 1)], np.int64)
+RECIP_SEED_STEP = RECIP_SEED[:-1] - RECIP_SEED[1:]
+
+
+def pow2_q30(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Y, n) with Y * 2^(n - 30) ~= 2^(u * 2^-29), for int64 u in [-126 * 2^29, 0].
+
+    n = u >> 29 (floor); fr = u & (2^29 - 1); j = fr >> 23 (6 bits); L = fr & (2^23 - 1);
+    h2 = C2[j] + (((L >> 13) * C3[j]) >> 10); h1 = C1[j] + (((L >> 6) * h2) >> 18);
+    Y = TJ[j] + ((L * h1) >> 24), every shift a floor. Y is in [2^30, 2^31 - 1]."""
+    u = np.asarray(u, np.int64)
+    n = u >> EXP2_FRAC_BITS
+    fr = u & ((1 << EXP2_FRAC_BITS) - 1)
+    j = fr >> POW2_L_BITS
+    big_l = fr & ((1 << POW2_L_BITS) - 1)
+    h2 = POW2_C2[j] + (((big_l >> 13) * POW2_C3[j]) >> 10)
+    h1 = POW2_C1[j] + (((big_l >> 6) * h2) >> 18)
+    return POW2_TJ[j] + ((big_l * h1) >> 24), n
+
+
+def recip_q46(den: np.ndarray, y_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(y0, T): T * 2^-46 ~= (y_m * 2^-30) / (den * 2^-30), for int64 den in [2^30, 2^31] (Q1.30)
+    and y_m in [2^30, 2^31) (Q1.30).
+
+    f = den - 2^30; i = min(f >> 22, 255); dx = (f - (i << 22)) >> 12 (0..1024);
+    y0 = SEED[i] - ((SEED_STEP[i] * dx) >> 10) (chord interpolation, scale 2^-16);
+    E = 2^46 - den * y0 (exact, signed); e = E >> 15 (floor: 1 - den*y0 at scale 2^-31);
+    Z = y_m * y0 (exact, scale 2^-46); T = Z + (Z >> 31) * e (one Newton step, y0 (1 + e))."""
+    den, y_m = np.asarray(den, np.int64), np.asarray(y_m, np.int64)
+    f = den - (1 << 30)
+    i = np.minimum(f >> 22, 2 ** RECIP_SEED_BITS - 1)
+    dx = (f - (i << 22)) >> 12
+    y0 = RECIP_SEED[i] - ((RECIP_SEED_STEP[i] * dx) >> 10)
+    err = ((1 << 46) - den * y0) >> 15
+    z = y_m * y0
+    return y0, z + (z >> 31) * err
+
+
+def _to_f32(t: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """t * 2^s rounded once to fp32 (RNE) for int64 0 < t < 2^53 (exact in float64, and so is the
+    scaling while the result stays in float64's normal range)."""
+    return np.ldexp(np.asarray(t, np.int64).astype(np.float64), s).astype(F32)
 
 
 # --- elementary functions ------------------------------------------------------------------------
@@ -133,46 +192,20 @@ def rsqrt(v: np.ndarray) -> np.ndarray:
 
 
 def reciprocal(d: np.ndarray) -> np.ndarray:
-    """1/d for fp32 d in [2^-125, 2^125] (the contract uses d in [1, 2^24]).
+    """1/d for fp32 d in [2^-125, 2^125] (the contract uses d in [1, 2^24]), in integers.
 
-    d = m * 2^e, m in [1, 2); y = RECIP_SEED[top 5 fraction bits of m];
-    RECIP_STEPS (3) times: a = m*y, b = 1 - a, c = y*b, y = y + c (each rounded);
-    result y * 2^-e (exact).
+    d = M * 2^(e - 23), M the 24-bit integer significand (e = the unbiased exponent);
+    den = M * 2^7 (Q1.30, in [2^30, 2^31)); (y0, T) = :func:`recip_q46` (den, 2^30)
+    (T * 2^-46 ~= 1 / (M 2^-23), T in [2^45, 2^46]); result T * 2^(-46 - e) rounded once
+    to fp32 (RNE; always normal). Powers of two are exact (M = 2^23: y0 = 2^16, E = 0, T = 2^46).
     """
     d = np.asarray(d, F32)
     if not np.all((d >= F32(2.0 ** -125)) & (d <= F32(2.0 ** 125))):
         raise ValueError("reciprocal: the contract's domain is [2^-125, 2^125]")
     m, e = _split(d)
-    y = RECIP_SEED[_seed_index(m)]
-    for _ in range(RECIP_STEPS):
-        a = (m * y).astype(F32)
-        b = (_ONE - a).astype(F32)
-        c = (y * b).astype(F32)
-        y = (y + c).astype(F32)
-    return np.ldexp(y, -e).astype(F32)
-
-
-def _pow2_fixed(u: np.ndarray) -> np.ndarray:
-    """2^(u * 2^-29) for int64 u in [-126 * 2^29, 0].
-
-    n = u >> 29 (arithmetic shift: floor, in [-126, 0]); fr = u & (2^29 - 1);
-    j = fr >> 24 (5 bits); r = fp32(fr & (2^24 - 1)) * 2^-29 (exact, r in [0, 1/32));
-    q = ((C3*r + C2)*r + C1)*r in Horner form, every product and sum rounded;
-    y = T[j] + T[j]*q (product rounded, then the sum); result y * 2^n (exact).
-    """
-    n = u >> EXP2_FRAC_BITS
-    fr = u & ((1 << EXP2_FRAC_BITS) - 1)
-    j = fr >> (EXP2_FRAC_BITS - EXP2_TABLE_BITS)
-    r = ((fr & ((1 << (EXP2_FRAC_BITS - EXP2_TABLE_BITS)) - 1)).astype(F32)
-         * F32(2.0 ** -EXP2_FRAC_BITS)).astype(F32)
-    q = (EXP2_C3 * r).astype(F32)
-    q = (q + EXP2_C2).astype(F32)
-    q = (q * r).astype(F32)
-    q = (q + EXP2_C1).astype(F32)
-    q = (q * r).astype(F32)
-    tj = EXP2_TABLE[j]
-    y = (tj + (tj * q).astype(F32)).astype(F32)
-    return np.ldexp(y, n).astype(F32)
+    big_m = np.ldexp(m.astype(np.float64), 23).astype(np.int64)
+    _, t = recip_q46(big_m << 7, np.full(big_m.shape, 1 << 30, np.int64))
+    return _to_f32(t, -46 - e)
 
 
 def _check_nonpositive(x: np.ndarray, what: str) -> None:
@@ -198,104 +231,53 @@ def _log2e_argument(a: np.ndarray) -> np.ndarray:
     return _rne_shift(big_m * np.int64(LOG2E_Q31), np.clip(26 - e.astype(np.int64), 1, 62))
 
 
+def _pow2(u: np.ndarray) -> np.ndarray:
+    """2^(u * 2^-29) for int64 u in [-126 * 2^29, 0]: (Y, n) = :func:`pow2_q30` (u), then
+    Y * 2^(n - 30) rounded once to fp32 (RNE of Y's 31 bits to 24; always normal, at most 1.0)."""
+    y, n = pow2_q30(u)
+    return _to_f32(y, n - 30)
+
+
 def exp2(t: np.ndarray) -> np.ndarray:
     """2^t for fp32 t <= 0 (including -inf); t < -126 gives +0.0.
     u = round_half_even(t * 2^29) (t * 2^29 is exact; the one rounding is at most
-    2^-30 in t), then :func:`_pow2_fixed`."""
+    2^-30 in t), then :func:`_pow2` (u): the integer core and one rounding to fp32."""
     t = np.asarray(t, F32)
     _check_nonpositive(t, "exp2")
     live = t >= F32(EXP2_MIN)
     ts = np.where(live, t, F32(0.0)).astype(np.float64)
     u = np.rint(ts * float(1 << EXP2_FRAC_BITS)).astype(np.int64)
-    return np.where(live, _pow2_fixed(u), F32(0.0)).astype(F32)
+    return np.where(live, _pow2(u), F32(0.0)).astype(F32)
 
 
 def exp(x: np.ndarray) -> np.ndarray:
-    """e^x for fp32 x <= 0 (including -inf), through the same fixed-point core as exp2.
+    """e^x for fp32 x <= 0 (including -inf), through the same integer core as exp2.
 
     |x| = M * 2^(e-24) with M the 24-bit integer significand (M = 0 for x = 0);
     P = M * LOG2E_Q31 (exact, < 2^56, LOG2E_Q31 = round(log2(e) * 2^31));
     u = -round_half_even(P / 2^(26 - e)) (shift clamped to 62; u is t * 2^29
     for t = x log2(e) with one rounding); u < -126 * 2^29 (or x = -inf) gives
-    +0.0, else :func:`_pow2_fixed` (u).
+    +0.0, else :func:`_pow2` (u).
     """
     x = np.asarray(x, F32)
     _check_nonpositive(x, "exp")
     u = -_log2e_argument(np.where(np.isinf(x), F32(0.0), -x).astype(F32))
     live = (u >= -126 * (1 << EXP2_FRAC_BITS)) & ~np.isinf(x)
     u = np.where(live, u, 0)
-    return np.where(live, _pow2_fixed(u), F32(0.0)).astype(F32)
+    return np.where(live, _pow2(u), F32(0.0)).astype(F32)
 
 
 # --- sigmoid: integer form ----------------------------------------------------------------------
-# Fixed-point integers after the input decode, one RNE rounding to fp32 at the end
-# (docs/numerics.md, "sigmoid(g)"). Scales: Y, TJ: Q1.30; SIG_C1: 2^-25; SIG_C2: 2^-20;
-# SIG_C3: 2^-14; the reciprocal seed y0: 2^-16; T (the result before rounding): 2^-46.
-SIG_J_BITS = 6                         # 2^(j/64), j = the top 6 bits of the 29-bit fraction of u
-SIG_L_BITS = EXP2_FRAC_BITS - SIG_J_BITS                  # 23: r = L * 2^-29 in [0, 2^-6)
 SIG_DEAD_U = 126 << EXP2_FRAC_BITS     # U above this (|g| > 87.34): e^-|g| is taken as 0
-SIG_SEED_BITS = 8                      # the reciprocal seed: 256 intervals of D in [1, 2]
-
-
-def _sig_table(c: float, frac_bits: int) -> np.ndarray:
-    """round(2^(j/64) * c * 2^frac_bits), j = 0..63, in float64 (Python round: half-even)."""
-    return np.array([round(2.0 ** (j / 2 ** SIG_J_BITS) * c * 2.0 ** frac_bits)
-                     for j in range(2 ** SIG_J_BITS)], np.int64)
-
-
-_LN2 = math.log(2.0)
-SIG_TJ = _sig_table(1.0, 30)                    # 2^(j/64), Q1.30 (2^30 .. 2,124,350,982 < 2^31)
-SIG_C1 = _sig_table(_LN2, 25)                   # 2^(j/64) ln2, scale 2^-25 (26 bits)
-SIG_C2 = _sig_table(_LN2 ** 2 / 2.0, 20)        # 2^(j/64) ln2^2/2, scale 2^-20 (19 bits)
-SIG_C3 = _sig_table(_LN2 ** 3 / 6.0, 14)        # 2^(j/64) ln2^3/6, scale 2^-14 (11 bits)
-# 1/(1 + k/256) at the 257 interval ends, scale 2^-16 (SIG_SEED[0] = 2^16, SIG_SEED[256] = 2^15),
-# and the chord steps SIG_SEED[i] - SIG_SEED[i + 1] (<= 256)
-SIG_SEED = np.array([round(2.0 ** 16 / (1.0 + k / 2 ** SIG_SEED_BITS)) for k in range(2 ** SIG_SEED_BITS + 1)],
-                    np.int64)
-SIG_SEED_STEP = SIG_SEED[:-1] - SIG_SEED[1:]
-
-
-def sig_pow2(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(Y, n) with Y * 2^(n - 30) ~= 2^(u * 2^-29), for int64 u in [-126 * 2^29, 0].
-
-    n = u >> 29 (floor); fr = u & (2^29 - 1); j = fr >> 23 (6 bits); L = fr & (2^23 - 1);
-    h2 = C2[j] + (((L >> 13) * C3[j]) >> 10); h1 = C1[j] + (((L >> 6) * h2) >> 18);
-    Y = TJ[j] + ((L * h1) >> 24), every shift a floor. Y is in [2^30, 2^31 - 1]."""
-    u = np.asarray(u, np.int64)
-    n = u >> EXP2_FRAC_BITS
-    fr = u & ((1 << EXP2_FRAC_BITS) - 1)
-    j = fr >> SIG_L_BITS
-    big_l = fr & ((1 << SIG_L_BITS) - 1)
-    h2 = SIG_C2[j] + (((big_l >> 13) * SIG_C3[j]) >> 10)
-    h1 = SIG_C1[j] + (((big_l >> 6) * h2) >> 18)
-    return SIG_TJ[j] + ((big_l * h1) >> 24), n
-
-
-def sig_reciprocal(den: np.ndarray, y_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(y0, T): T * 2^-46 ~= (y_m * 2^-30) / (den * 2^-30), for int64 den in [2^30, 2^31] (Q1.30)
-    and y_m in [2^30, 2^31) (Q1.30).
-
-    f = den - 2^30; i = min(f >> 22, 255); dx = (f - (i << 22)) >> 12 (0..1024);
-    y0 = SEED[i] - ((SEED_STEP[i] * dx) >> 10) (chord interpolation, scale 2^-16);
-    E = 2^46 - den * y0 (exact, signed); e = E >> 15 (floor: 1 - den*y0 at scale 2^-31);
-    Z = y_m * y0 (exact, scale 2^-46); T = Z + (Z >> 31) * e (one Newton step, y0 (1 + e))."""
-    den, y_m = np.asarray(den, np.int64), np.asarray(y_m, np.int64)
-    f = den - (1 << 30)
-    i = np.minimum(f >> 22, 2 ** SIG_SEED_BITS - 1)
-    dx = (f - (i << 22)) >> 12
-    y0 = SIG_SEED[i] - ((SIG_SEED_STEP[i] * dx) >> 10)
-    err = ((1 << 46) - den * y0) >> 15
-    z = y_m * y0
-    return y0, z + (z >> 31) * err
 
 
 def sigmoid(g: np.ndarray) -> np.ndarray:
     """1/(1+e^-g) in integer arithmetic (every fp32 g but NaN), one rounding at the end.
 
     neg = g < 0 (-0.0 is not negative); U = :func:`_log2e_argument` (|g|); dead = |g| = inf or
-    U > 126 * 2^29 (e^-|g| < 2^-126 is taken as 0). (Y, n) = :func:`sig_pow2` (-U) (e^-|g| =
+    U > 126 * 2^29 (e^-|g| < 2^-126 is taken as 0). (Y, n) = :func:`pow2_q30` (-U) (e^-|g| =
     Y * 2^(n - 30)); den = 2^30 + (Y >> -n) (Q1.30, in [2^30, 2^31]; 2^30 if dead);
-    (y0, T) = :func:`sig_reciprocal` (den, Y if neg else 2^30). Result: T * 2^(n - 46) if neg,
+    (y0, T) = :func:`recip_q46` (den, Y if neg else 2^30). Result: T * 2^(n - 46) if neg,
     T * 2^-46 if not, rounded once to fp32 (RNE; always normal); neg and dead: +0.0.
     g = +inf gives 1.0, -inf +0.0, +-0 exactly 0.5."""
     g = np.asarray(g, F32)
@@ -306,11 +288,11 @@ def sigmoid(g: np.ndarray) -> np.ndarray:
     inf = np.isinf(a)
     big_u = _log2e_argument(np.where(inf, F32(0.0), a))
     dead = inf | (big_u > SIG_DEAD_U)
-    y, n = sig_pow2(np.where(dead, 0, -big_u))
+    y, n = pow2_q30(np.where(dead, 0, -big_u))
     den = np.where(dead, 1 << 30, (1 << 30) + (y >> np.minimum(-n, 31)))
-    _, t = sig_reciprocal(den, np.where(neg, y, 1 << 30))
+    _, t = recip_q46(den, np.where(neg, y, 1 << 30))
     # T < 2^47 is exact in float64; scaling by 2^(n - 46) too; the one rounding is to fp32
-    out = np.ldexp(t.astype(np.float64), np.where(neg, n, 0) - 46).astype(F32)
+    out = _to_f32(t, np.where(neg, n, 0) - 46)
     return np.where(neg & dead, F32(0.0), out).astype(F32)
 
 
