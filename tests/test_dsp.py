@@ -75,6 +75,7 @@ def _instances(text: str) -> list[str]:
     return re.findall(r"DSP48E2 #\((.*?)\) \w+ \(", text, re.S)
 
 
+@pytest.mark.synth
 def test_one_column_array_synthesizes_to_one_dsp48e2_per_lane():
     cfg = dataclasses.replace(preset("kv260"), engines=1)
     with xilinx_primitives():
@@ -92,6 +93,7 @@ def test_one_column_array_synthesizes_to_one_dsp48e2_per_lane():
     assert _instances(verilog.convert(MacArray(cfg), name="mac_array")) == []
 
 
+@pytest.mark.synth
 def test_multi_column_array_keeps_its_adder_tree_in_fabric():
     with xilinx_primitives():
         text = verilog.convert(MacArray(preset("test-4x4-g32")), name="mac_array")
