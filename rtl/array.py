@@ -146,58 +146,52 @@ class MacArray(wiring.Component):
                         op = w[j] if w[j].shape().signed else Cat(w[j], Const(0, 1)).as_signed()
                     accs.append(mac_slice(m, f"mac_{t}_{j}", a=op, b=a[t], ce_ab=en, ce_m=en,
                                           ce_p=en & ctrl_v, load=fresh, rnd=start, width=acc_w))
-            with m.If(en):
-                m.d.sync += done.eq(ctrl_v & ctrl_last)
-                with m.If(ctrl_v):
-                    m.d.sync += fresh.eq(ctrl_last)
-                    if tag_width:
-                        m.d.sync += done_tag.eq(ctrl_tag)
-            self._output(m, accs, en, done, done_tag, lanes_per_token)
-            return m
+        else:
+            # ---- operand broadcast register -------------------------------------------
+            if "broadcast" in stages:
+                regs = advance(w + a, "bcast")
+                w, a = regs[:R * C], regs[R * C:]
 
-        # ---- operand broadcast register -------------------------------------------
-        if "broadcast" in stages:
-            regs = advance(w + a, "bcast")
-            w, a = regs[:R * C], regs[R * C:]
+            # ---- products, ordered [t][j][c] --------------------------------------------
+            # j indexes rows (plain) or row pairs sharing one multiplier (packed).
+            prods = []
+            for t in range(T):
+                for j in range(lanes_per_token):
+                    for c in range(C):
+                        act = a[t * C + c]
+                        if packed:
+                            prods.append(packed_product(w[c * R + 2 * j], w[c * R + 2 * j + 1], act, S))
+                        else:
+                            prods.append(product(w[c * R + j], act))
+            if "product" in stages:
+                prods = advance(prods, "prod")
 
-        # ---- products, ordered [t][j][c] --------------------------------------------
-        # j indexes rows (plain) or row pairs sharing one multiplier (packed).
-        prods = []
-        for t in range(T):
-            for j in range(lanes_per_token):
-                for c in range(C):
-                    act = a[t * C + c]
-                    if packed:
-                        prods.append(packed_product(w[c * R + 2 * j], w[c * R + 2 * j + 1], act, S))
-                    else:
-                        prods.append(product(w[c * R + j], act))
-        if "product" in stages:
-            prods = advance(prods, "prod")
+            # ---- adder tree over C ---------------------------------------------------------
+            level_vals = [prods[i * C:(i + 1) * C] for i in range(n_lanes)]
+            level = 0
+            while any(len(v) > 1 for v in level_vals):
+                level += 1
+                level_vals = [[v[k] + v[k + 1] if k + 1 < len(v) else v[k] for k in range(0, len(v), 2)]
+                              for v in level_vals]
+                if level in cfg.tree_cuts:
+                    flat = advance([x for v in level_vals for x in v], f"tree{level}")
+                    width = len(level_vals[0])
+                    level_vals = [flat[i * width:(i + 1) * width] for i in range(n_lanes)]
+            sums = [v[0] for v in level_vals]
 
-        # ---- adder tree over C ---------------------------------------------------------
-        level_vals = [prods[i * C:(i + 1) * C] for i in range(n_lanes)]
-        level = 0
-        while any(len(v) > 1 for v in level_vals):
-            level += 1
-            level_vals = [[v[k] + v[k + 1] if k + 1 < len(v) else v[k] for k in range(0, len(v), 2)]
-                          for v in level_vals]
-            if level in cfg.tree_cuts:
-                flat = advance([x for v in level_vals for x in v], f"tree{level}")
-                width = len(level_vals[0])
-                level_vals = [flat[i * width:(i + 1) * width] for i in range(n_lanes)]
-        sums = [v[0] for v in level_vals]
+            # ---- group accumulator: starts from `start` on a group's first beat ---------
+            accs = [Signal(signed(acc_w), name=f"acc_{i}", reset_less=True) for i in range(n_lanes)]
+            with m.If(en & ctrl_v):
+                for acc, s_ in zip(accs, sums):
+                    m.d.sync += acc.eq(Mux(fresh, start, acc) + s_)
 
-        # ---- group accumulator -------------------------------------------------------
-        accs = [Signal(signed(acc_w), name=f"acc_{i}", reset_less=True) for i in range(n_lanes)]
+        # ---- group control (both forms) -------------------------------------------------
         with m.If(en):
             m.d.sync += done.eq(ctrl_v & ctrl_last)
             with m.If(ctrl_v):
                 m.d.sync += fresh.eq(ctrl_last)
-                for acc, s in zip(accs, sums):
-                    m.d.sync += acc.eq(Mux(fresh, start, acc) + s)
                 if tag_width:
                     m.d.sync += done_tag.eq(ctrl_tag)
-
         self._output(m, accs, en, done, done_tag, lanes_per_token)
         return m
 

@@ -23,7 +23,7 @@ from ..contract.commands import ALIGN, LinearCommand
 from ..contract.errors import ConfigError
 from ..contract.fabric_commands import FabricCommand, Opcode
 from .golden_device import GoldenDevice
-from .program import FabricProgram, LinearAddr
+from .program import FINAL_LAYER, FabricProgram, LinearAddr
 
 HOST_S_PER_START = 5e-5     # kriallm bench --device golden --split fabric, median host time per token (x86)
 LM_HEADS = ("int4", "int8")
@@ -39,10 +39,10 @@ class StepEstimate:
     by_class: dict[str, int] = field(default_factory=dict)
 
 
-def _op_class(cmd, lm_head_n: int) -> str:
+def _op_class(cmd) -> str:
     if isinstance(cmd, FabricCommand):
         return "attention" if cmd.opcode == int(Opcode.ATTEND) else "vector"
-    return "lm_head" if cmd.n == lm_head_n else "linears"
+    return "lm_head" if cmd.tag >> 8 == FINAL_LAYER else "linears"      # the list's tags (program.py)
 
 
 class FabricEstimate:
@@ -97,7 +97,7 @@ class FabricEstimate:
                 cycles = ex.linear_cost(c)[0]
             else:
                 cycles = ex.fabric.perf.cost(c, pos)[0]
-            k = _op_class(c, self.cfg.vocab_size)
+            k = _op_class(c)
             by[k] = by.get(k, 0) + cycles
         return StepEstimate(tokens, pos, head, sum(by.values()) + 1, by)   # + 1: the run's last cycle
 

@@ -69,13 +69,15 @@ class FabricPerf:
         return cls(**kw)
 
     def assumptions(self) -> dict:
-        return {"fabric_ops": "analytical: max(bytes / cap, elements / vector_lanes) per vector op; attention "
+        return {"fabric_ops": "analytical: max(bytes / cap, passes x elements / vector_lanes) + the op's fixed and "
+                              "per-row cycles measured on the RTL (vector_overhead) per vector op; attention "
                               "per (row, KV group) positions x (max(steps, head_dim/16) + max(steps, head_dim/16, "
                               "ceil(group/exp_lanes))) + "
                               "attn_command_cycles (the attention unit's measured rule)",
                 "vector_lanes": self.vector_lanes, "attn_macs": self.attn_macs, "attn_exp_lanes": self.exp_lanes,
                 "attn_command_cycles": self.attn_command_cycles,
-                "fixed_cycles_per_fabric_op": self.fixed_cycles}
+                "vector_overhead": {k: {"fixed": f, "per_extra_row": r} for k, (f, r) in VECTOR_OVERHEAD.items()},
+                "fixed_cycles_argmax_attend_or_error": self.fixed_cycles}
 
     def attn_cycles_per_position(self, group: int, hd: int) -> int:
         group = max(group, self.attn_group)
@@ -85,12 +87,10 @@ class FabricPerf:
         mac_pass = max(steps, hd // 16)
         return mac_pass + max(mac_pass, -(-group // self.exp_lanes))
 
-    def vector(self, elements: int, passes: int, nbytes: int, op: str | None = None, rows: int = 1) -> int:
-        """A vector op's cycles; without `op` the generic fixed cost (fixed_cycles)."""
+    def vector(self, op: Opcode, passes: int, elements: int, nbytes: int, rows: int) -> int:
+        """A vector op's cycles: its element (or byte) stream plus its measured overhead."""
         stream = max(-(-passes * elements // self.vector_lanes), int(-(-nbytes // self.cap_bytes_per_cycle)))
-        if op is None:
-            return stream + self.fixed_cycles
-        fixed, per_row = VECTOR_OVERHEAD[op]
+        fixed, per_row = VECTOR_OVERHEAD[op.name]
         return stream + fixed + per_row * (rows - 1)
 
     def argmax(self, n: int) -> int:
@@ -113,29 +113,28 @@ class FabricPerf:
         t, n = c.tokens, c.n
         row = 4 * t * n                                   # one fp32 row block read or written
         op = Opcode(c.opcode)
-        if op == Opcode.EMBED:
-            rd, wr = 4 * t + 2 * t * n, row
-            return self.vector(t * n, 1, rd + wr, "EMBED", t), rd, wr
-        if op == Opcode.RMSNORM:
-            rd, wr = 2 * row + 4 * n, row
-            return self.vector(t * n, 2, rd + wr, "RMSNORM", t), rd, wr
-        if op == Opcode.QUANT:
-            wr = activation_layout(n, c.aux, t).total_bytes
-            return self.vector(t * n, 1, row + wr, "QUANT", t) + -(-2 * n // (3 * c.aux)), row, wr
-        if op == Opcode.ROPE:
-            rd, wr = row + t * 4 * c.aux, row
-            return self.vector(t * n, 1, rd + wr, "ROPE", t), rd, wr
-        if op == Opcode.KV_STORE:
-            wr = t * c.p1 * (c.aux + 4)
-            return self.vector(t * n, 1, row + wr, "KV_STORE", t), row, wr
         if op == Opcode.ATTEND:
             hd, nkv = c.aux, c.p1
             spans = [pos + r + 1 for r in range(t)]
             rd = activation_layout(n, hd, t).total_bytes + nkv * sum(spans) * (2 * hd + 8)
             return self.attend(spans, nkv, (n // hd) // nkv, hd), rd, row
-        if op in (Opcode.ADD, Opcode.SILU_MUL):
-            return self.vector(t * n, 1, 3 * row, op.name, t), 2 * row, row
-        raise ValueError(f"no cost rule for {op.name}")
+        passes, extra = 1, 0
+        if op == Opcode.EMBED:
+            rd, wr = 4 * t + 2 * t * n, row
+        elif op == Opcode.RMSNORM:
+            rd, wr, passes = 2 * row + 4 * n, row, 2
+        elif op == Opcode.QUANT:
+            rd, wr = row, activation_layout(n, c.aux, t).total_bytes
+            extra = -(-2 * n // (3 * c.aux))              # about 2/3 of a cycle per group
+        elif op == Opcode.ROPE:
+            rd, wr = row + t * 4 * c.aux, row
+        elif op == Opcode.KV_STORE:
+            rd, wr = row, t * c.p1 * (c.aux + 4)
+        elif op in (Opcode.ADD, Opcode.SILU_MUL):
+            rd, wr = 2 * row, row
+        else:
+            raise ValueError(f"no cost rule for {op.name}")
+        return self.vector(op, passes, t * n, rd + wr, t) + extra, rd, wr
 
 
 class FabricOps:
