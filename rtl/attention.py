@@ -457,11 +457,12 @@ class AttentionUnit(CheckedComponent):
             big_w.append((q[1:] + (q[0] & (sticky | q[1])))[0:24])
         s2 = _delay_fields(m, dict(vars(s1), w=Cat(*big_w)), 1, "s2")
         # S3: multiplier operands
-        opa = [Mux(s2.pass1, s2.q[8 * l:8 * l + 8].as_signed(),
-                   Cat(s2.w.word_select(l // L, 24), Const(0, 1)).as_signed()) for l in range(M)]
+        # the first operand: q8 on D in pass 1, W on A in pass 2 (the DSP's pre-adder picks one)
+        opq = [s2.q[8 * l:8 * l + 8].as_signed() for l in range(M)]
+        opw = [Cat(s2.w.word_select(l // L, 24), Const(0, 1)).as_signed() for l in range(M)]
         opb = [s2.codes[8 * (l % L):8 * (l % L) + 8].as_signed() for l in range(M)]
-        # S3: the operands in each lane's DSP48E2 (A2, B2); S4: its P register. A lane is one
-        # rtl.dsp.madd_slice, P <= (use_c ? C : 0) + (use_m ? A2 * B2 : 0): in pass 1 P is the
+        # S3: the operands in each lane's DSP48E2 (A2, D2, B2); S4: its P register. A lane is one
+        # rtl.dsp.madd_slice, P <= (use_c ? C : 0) + (use_m ? X2 * B2 : 0): in pass 1 P is the
         # product (q8 x k8) for the adder tree; in pass 2 P is the first register of the lane's
         # accumulator ring (P registers: P and P - 1 fabric shift registers), closed through C,
         # so the 44-bit accumulate is the DSP's ALU, not fabric; the outputs rotate the ring (use_m 0).
@@ -474,9 +475,9 @@ class AttentionUnit(CheckedComponent):
         acc3 = s3.valid & ~s3.pass1                           # a pass-2 step reaches the ALU
         acc_shift = acc3 | out_rotate
         start = s3.j == 0                                    # the first position starts each sum
-        p_regs = [madd_slice(m, f"lane{l}", a=opa[l], b=opb[l], c=tail[l], ce_ab=Const(1),
+        p_regs = [madd_slice(m, f"lane{l}", a=opw[l], d=opq[l], b=opb[l], c=tail[l], ce_ab=Const(1),
                              ce_p=acc_shift | (s3.valid & s3.pass1), use_c=out_rotate | (acc3 & ~start),
-                             use_m=~out_rotate, width=A) for l in range(M)]
+                             use_m=~out_rotate, use_d=s3.pass1, width=A) for l in range(M)]
         for l in range(M):
             m.d.comb += tail[l].eq(ring[-1][l] if P > 1 else p_regs[l])
             if P > 1:

@@ -24,7 +24,7 @@ async def slices_agree(dut):
     a_bits, b_bits = len(dut.a), len(dut.b)
     madd = os.environ.get("DSP_KIND", "mac") == "madd"     # madd_slice: C, use_c, use_m; no M register
     dut.rst.value = 0
-    p_ce = ({"ce_ab": 0.8, "ce_p": 0.7, "use_c": 0.7, "use_m": 0.8} if madd else
+    p_ce = ({"ce_ab": 0.8, "ce_p": 0.7, "use_c": 0.7, "use_m": 0.8, "use_d": 0.5} if madd else
             {"ce_ab": 0.8, "ce_m": 0.8, "ce_p": 0.7, "load": 0.1})
     for s in p_ce:
         getattr(dut, s).value = 1
@@ -33,6 +33,7 @@ async def slices_agree(dut):
     if madd:
         dut.use_c.value = 0
         dut.c.value = 0
+        dut.d.value = 0
     # Prime every register with defined values: 4 cycles with every enable (and load) high.
     for _ in range(4):
         await FallingEdge(dut.clk)
@@ -50,7 +51,9 @@ async def slices_agree(dut):
         if madd:        # C: near P's range so that sums carry into the top bits, both signs
             c_bits = len(dut.c)
             dut.c.value = rng.randrange(-(1 << (c_bits - 2)), 1 << (c_bits - 2))
+            d_bits = len(dut.d)
+            dut.d.value = rng.randrange(-(1 << (d_bits - 1)), 1 << (d_bits - 1))
         for s, p in p_ce.items():
-            getattr(dut, s).value = int(rng.random() < (p if s in ("load", "use_c") or not burst else 1.0))
+            getattr(dut, s).value = int(rng.random() < (p if s in ("load", "use_c", "use_d") or not burst else 1.0))
     assert mismatches == 0, f"{mismatches} of {compared} cycles differ"
     dut._log.info("DSP48E2 model and Amaranth slice agree on %d cycles", compared)

@@ -72,17 +72,18 @@ def test_amaranth_slice_is_the_dsp48e2_register_pipeline():
 
 
 def test_amaranth_madd_slice_is_the_dsp48e2_multiply_add():
-    """P <= (use_c ? C : 0) + (use_m ? A2*B2 : 0), A2/B2 under ce_ab, no M register; as a ring
-    through C it accumulates."""
+    """P <= (use_c ? C : 0) + (use_m ? X2*B2 : 0), X2 = use_d ? D2 : A2, A2/B2/D2 under ce_ab, no M
+    register; as a ring through C it accumulates."""
     rng = random.Random(11)
     steps = []
     for i in range(3000):
         ring = (i // 300) % 2 == 1           # C = P two cycles ago: an accumulator ring of two
         steps.append(dict(a=rng.randrange(0, 1 << (MADD_A_BITS - 1)), b=rng.randrange(-127, 128),
-                          c=None if ring else rng.randrange(-(1 << 42), 1 << 42),
+                          c=None if ring else rng.randrange(-(1 << 42), 1 << 42), d=rng.randrange(-128, 128),
                           ce_ab=int(rng.random() < 0.8), ce_p=int(rng.random() < 0.8),
-                          use_c=int(rng.random() < 0.9), use_m=int(rng.random() < 0.85)))
-    a2 = b2 = 0
+                          use_c=int(rng.random() < 0.9), use_m=int(rng.random() < 0.85),
+                          use_d=int(rng.random() < 0.3)))
+    a2 = b2 = d2 = 0
     hist = [0, 0]
     p = 0
     want = []
@@ -90,10 +91,11 @@ def test_amaranth_madd_slice_is_the_dsp48e2_multiply_add():
         if s["c"] is None:
             s["c"] = hist[-2]
         want.append(p)
-        n_a2, n_b2 = (s["a"], s["b"]) if s["ce_ab"] else (a2, b2)
-        n_p = _wrap((s["c"] if s["use_c"] else 0) + (a2 * b2 if s["use_m"] else 0), MADD_P_BITS) \
+        n_a2, n_b2, n_d2 = (s["a"], s["b"], s["d"]) if s["ce_ab"] else (a2, b2, d2)
+        x2 = d2 if s["use_d"] else a2
+        n_p = _wrap((s["c"] if s["use_c"] else 0) + (x2 * b2 if s["use_m"] else 0), MADD_P_BITS) \
             if s["ce_p"] else p
-        a2, b2, p = n_a2, n_b2, n_p
+        a2, b2, d2, p = n_a2, n_b2, n_d2, n_p
         hist.append(p)
     dut = MaddDut()
     got = []
