@@ -35,10 +35,11 @@ class BusFault(Exception):
 # unit's pipeline fill, and for RMSNORM each row's reduction, rsqrt and second pass (117 per row).
 # QUANT adds about 2/3 of a cycle per group of the row (measured at group 128: 0.65).
 # An op with QUANT_OUT ("+Q") writes its quantized activation buffer instead of fp32 rows: the
-# producer's stream, then the last group's divide and read-back, plus QUANT's 2/3 cycle per group.
+# producer's stream, then the last group's divide and read-back (about 48 cycles more than the
+# producer alone), plus QUANT's 2/3 cycle per group; measured the same way (docs/rtl.md, group 64).
 VECTOR_OVERHEAD = {"EMBED": (136, 3), "RMSNORM": (212, 117), "QUANT": (164, 1), "ROPE": (147, 28),
                    "KV_STORE": (141, 2), "ADD": (101, 2), "SILU_MUL": (134, 2),
-                   "RMSNORM+Q": (262, 117), "ROPE+Q": (197, 28), "SILU_MUL+Q": (184, 2)}
+                   "RMSNORM+Q": (260, 117), "ROPE+Q": (195, 28), "SILU_MUL+Q": (182, 2)}
 
 
 @dataclass(frozen=True)
