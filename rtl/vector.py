@@ -119,7 +119,7 @@ class VecOp(enum.Enum, shape=3):
 
 def command_layout(length_width: int, group_width: int) -> data.StructLayout:
     return data.StructLayout({"op": VecOp, "length": unsigned(length_width), "c0": unsigned(32),
-                              "c1": unsigned(32), "group": unsigned(group_width)})
+                              "c1": unsigned(32), "group": unsigned(group_width), "quant": 1})
 
 
 def stats_layout() -> data.StructLayout:
@@ -239,18 +239,24 @@ class VectorUnit(CheckedComponent):
         m.submodules.codes_fifo = codes_fifo = SyncFIFOBuffered(width=8 * L, depth=codes_depth)
         stats_depth = 4
         m.submodules.stats_fifo = stats_fifo = SyncFIFOBuffered(width=64, depth=stats_depth)
-        for fifo, port in ((out_fifo, self.out), (codes_fifo, self.codes), (stats_fifo, self.stats)):
+        fused = Signal()          # the current command's result goes to the quantizer, not to `out`
+        q_load_fused = Signal()   # fused: the quantizer takes the out FIFO's head beat
+        for fifo, port in ((codes_fifo, self.codes), (stats_fifo, self.stats)):
             m.d.comb += [port.valid.eq(fifo.r_rdy), port.payload.eq(fifo.r_data), fifo.r_en.eq(port.ready)]
+        m.d.comb += [self.out.valid.eq(out_fifo.r_rdy & ~fused), self.out.payload.eq(out_fifo.r_data),
+                     out_fifo.r_en.eq(Mux(fused, q_load_fused, self.out.ready))]
 
-        def credit(name, depth, port):
+        def credit(name, depth, fifo):
+            """Beats taken and not yet read out of `fifo` (in flight or in it)."""
             used = Signal(range(depth + 1), name=f"{name}_used")
             take = Signal(name=f"{name}_take")
-            m.d.sync += used.eq(used + take - (port.valid & port.ready))
-            return used < depth, take
+            m.d.sync += used.eq(used + take - (fifo.r_rdy & fifo.r_en))
+            return used, take
 
-        out_room, out_take = credit("out", out_depth, self.out)
-        codes_room, codes_take = credit("codes", codes_depth, self.codes)
-        stats_room, stats_take = credit("stats", stats_depth, self.stats)
+        out_used, out_take = credit("out", out_depth, out_fifo)
+        codes_used, codes_take = credit("codes", codes_depth, codes_fifo)
+        stats_used, stats_take = credit("stats", stats_depth, stats_fifo)
+        out_room, codes_room, stats_room = out_used < out_depth, codes_used < codes_depth, stats_used < stats_depth
 
         # --- which streams the current step takes -------------------------------------------------
         run = state == _State.RUN
@@ -262,17 +268,20 @@ class VectorUnit(CheckedComponent):
         q_load_ok = Signal()                                 # QUANT: the ring has a free slot
         in_ok = (self.a.valid & (~uses_b | self.b.valid) & (~uses_cd | (self.c.valid & self.d.valid)))
         issue = Signal()      # lane pipelines take a beat
-        q_load = Signal()     # QUANT takes a beat into the group ring
+        q_load_a = Signal()   # QUANT takes an a beat into the group ring
+        q_load = Signal()     # the group ring takes a beat (an a beat, or fused: an out FIFO beat)
         m.d.comb += [
             issue.eq(lane_step & in_ok & ((state == _State.RMS_SUM) | out_room)),
-            q_load.eq(run & is_[VecOp.QUANT] & (beat != beats) & self.a.valid & q_load_ok),
+            q_load_a.eq(run & is_[VecOp.QUANT] & (beat != beats) & self.a.valid & q_load_ok),
+            q_load_fused.eq(fused & out_fifo.r_rdy & q_load_ok),
+            q_load.eq(q_load_a | q_load_fused),
             out_take.eq(issue & to_out & run),
-            self.a.ready.eq(issue | q_load),
+            self.a.ready.eq(issue | q_load_a),
             self.b.ready.eq(issue & uses_b),
             self.c.ready.eq(issue & uses_cd),
             self.d.ready.eq(issue & uses_cd),
         ]
-        with m.If(issue | q_load):
+        with m.If(issue | q_load_a):
             m.d.sync += beat.eq(beat + 1)
         with m.If(issue):       # the cycles until this beat's result is in its FIFO (or partial)
             m.d.sync += timer.eq(Mux(state == _State.RMS_SUM, 1 + M + A, Array(
@@ -314,10 +323,11 @@ class VectorUnit(CheckedComponent):
         for l in range(L):
             m1 = Fp32Multiply(M)
             m2 = Fp32Multiply(M)
+            m3 = Fp32Multiply(M)
             add = Fp32Add(A)
             sig = Sigmoid()
             toint = Fp32ToInt(8, QMAX_A)
-            for name, unit in (("m1", m1), ("m2", m2), ("add", add), ("sig", sig), ("toint", toint)):
+            for name, unit in (("m1", m1), ("m2", m2), ("m3", m3), ("add", add), ("sig", sig), ("toint", toint)):
                 m.submodules[f"lane{l}_{name}"] = unit
             a_s = _delay(m, a0[l], S, f"a_sig{l}")
             b_m = _delay(m, b0[l], M, f"b_mul{l}")
@@ -331,8 +341,6 @@ class VectorUnit(CheckedComponent):
                     m.d.comb += [m1.i_valid.eq(v0), m1.a.eq(a0[l]), m1.b.eq(Mux(sum0, a0[l], r_scale))]
                 with m.Case(VecOp.ROPE):
                     m.d.comb += [m1.i_valid.eq(v0), m1.a.eq(a0[l]), m1.b.eq(c0r[l])]
-                with m.Case(VecOp.QUANT):
-                    m.d.comb += [m1.i_valid.eq(q_v1), m1.a.eq(q_x1[l]), m1.b.eq(q_inv1)]
             # M2
             with m.Switch(op):
                 with m.Case(VecOp.SILU_MUL):
@@ -356,8 +364,9 @@ class VectorUnit(CheckedComponent):
                     m.d.comb += [add.i_valid.eq(m1.o_valid & sum_m), add.a.eq(read), add.b.eq(m1.o)]
             with m.If(wb):
                 m.d.sync += Array(mine)[slot_a].eq(add.o)
-            # QUANT: x * inv -> int8
-            m.d.comb += [toint.i_valid.eq(m1.o_valid & is_[VecOp.QUANT]), toint.a.eq(m1.o)]
+            # the quantizer's read side (QUANT, or a fused producer's result): M3(x, inv) -> int8
+            m.d.comb += [m3.i_valid.eq(q_v1), m3.a.eq(q_x1[l]), m3.b.eq(q_inv1),
+                         toint.i_valid.eq(m3.o_valid), toint.a.eq(m3.o)]
             codes_lanes.append(toint.o)
             # the lane's result
             res = Signal(32, name=f"res{l}")
@@ -376,7 +385,7 @@ class VectorUnit(CheckedComponent):
                         m.d.comb += out_valid.eq(v0)
             out_lanes.append(res)
             if l == 0:
-                m.d.comb += codes_valid.eq(toint.o_valid & is_[VecOp.QUANT])
+                m.d.comb += codes_valid.eq(toint.o_valid)
         m.d.comb += [out_fifo.w_en.eq(out_valid), out_fifo.w_data.eq(Cat(*out_lanes))]
 
         # --- RMSNORM: tree, scale, eps, rsqrt (scalar units) ---------------------------------------------
@@ -399,16 +408,26 @@ class VectorUnit(CheckedComponent):
         # --- the command sequencer ----------------------------------------------------------------------
         cmd = self.cmd.payload
         beats_of = (cmd.length >> lane_bits)
-        same_op = ((cmd.op == op) & (op != VecOp.RMSNORM)
-                   & ((op != VecOp.QUANT) | (cmd.group == Cat(Const(0, lane_bits), group_beats))))
-        quiet = Signal()
-        q_busy = Signal()
-        m.d.comb += quiet.eq((timer == 0) & ~q_busy)
+        cmd_fused = cmd.quant & ((cmd.op == VecOp.RMSNORM) | (cmd.op == VecOp.SILU_MUL) | (cmd.op == VecOp.ROPE))
+        same_group = cmd.group == Cat(Const(0, lane_bits), group_beats)
+        # the quantizer's configuration (fused or not, G) may change only when it is empty
+        same_quant = (cmd_fused == fused) & ((~fused & (op != VecOp.QUANT)) | same_group)
+        same_op = (cmd.op == op) & (op != VecOp.RMSNORM) & same_quant
+        out_empty = out_used == 0             # nothing in flight to the out FIFO nor in it
+        lane_quiet = timer == 0
+        quiet = Signal()          # the command is complete
+        q_busy = Signal()         # the quantizer holds a group (loaded, partly loaded or being read)
+        m.d.comb += quiet.eq(lane_quiet & ~q_busy & (~fused | out_empty))
+        # A fused command after an unfused one: the out FIFO must be empty of the earlier results
+        # (they belong to `out`). After a fused one with the same G: the quantizer may still be busy.
+        fifo_ok = ~cmd_fused | fused | out_empty
+        follow = (fused & cmd_fused & same_group & lane_quiet) | same_op
+        can_start = ((quiet & fifo_ok) | follow)
 
         def start_command():
             m.d.sync += [op.eq(cmd.op), beats.eq(beats_of), beat.eq(0),
                          half_beats.eq(cmd.length >> (lane_bits + 1)), c0.eq(cmd.c0), c1.eq(cmd.c1),
-                         group_beats.eq(cmd.group >> lane_bits)]
+                         group_beats.eq(cmd.group >> lane_bits), fused.eq(cmd_fused)]
             with m.If(cmd.op == VecOp.RMSNORM):
                 m.d.sync += [state.eq(_State.RMS_SUM)] + [p.eq(0) for p in partials]
             with m.Else():
@@ -416,8 +435,8 @@ class VectorUnit(CheckedComponent):
 
         with m.Switch(state):
             with m.Case(_State.IDLE):
-                m.d.comb += self.cmd.ready.eq(1)
-                with m.If(self.cmd.valid):
+                m.d.comb += self.cmd.ready.eq(fifo_ok)
+                with m.If(self.cmd.valid & fifo_ok):
                     start_command()
             with m.Case(_State.RUN):
                 with m.If(beat == beats):
@@ -454,8 +473,8 @@ class VectorUnit(CheckedComponent):
                         with m.If(rsqrt.o_valid):
                             m.d.sync += [r_scale.eq(rsqrt.o), state.eq(_State.RUN), beat.eq(0)]
             with m.Case(_State.DRAIN):
-                m.d.comb += self.cmd.ready.eq(quiet | same_op)
-                with m.If(self.cmd.valid & (quiet | same_op)):
+                m.d.comb += self.cmd.ready.eq(can_start)
+                with m.If(self.cmd.valid & can_start):
                     start_command()
                 with m.Elif(quiet):
                     m.d.sync += state.eq(_State.IDLE)
@@ -478,7 +497,8 @@ class VectorUnit(CheckedComponent):
         w_beat = Signal(range(gbm))
         amax_run = Signal(31)
         m.d.comb += q_load_ok.eq(~full.bit_select(w_slot, 1))
-        mags = [self.a.payload[l][0:31] for l in range(L)]
+        q_src = [Mux(fused, out_fifo.r_data[32 * l:32 * l + 32], self.a.payload[l]) for l in range(L)]
+        mags = [q_src[l][0:31] for l in range(L)]
         beat_max = mags[0]
         for v in mags[1:]:
             beat_max = Mux(v > beat_max, v, beat_max)
@@ -487,7 +507,7 @@ class VectorUnit(CheckedComponent):
         for l, mem in enumerate(mems):
             wp = mem.write_port()
             m.d.comb += [wp.en.eq(q_load), wp.addr.eq(Cat(w_beat[:gb_bits], w_slot[:slot_bits])),
-                         wp.data.eq(self.a.payload[l])]
+                         wp.data.eq(q_src[l])]
         div_req = Signal(2)        # bit 0: issue inv next, bit 1: then s_a
         div_slot = Signal(range(slots))
         group_done = q_load & (w_beat + 1 == group_beats)
@@ -523,11 +543,14 @@ class VectorUnit(CheckedComponent):
         m.d.comb += [codes_take.eq(q_issue), stats_take.eq(q_issue & r_first)]
         clear = Mux(q_issue & r_last, 1 << r_slot, 0)
         m.d.sync += [full.eq((full | set_full) & ~clear), ready_.eq((ready_ | set_ready) & ~clear)]
+        q_timer = Signal(range(q_lat + 3))          # cycles until the last issued read is in the FIFOs
+        with m.If(q_timer != 0):
+            m.d.sync += q_timer.eq(q_timer - 1)
         with m.If(q_issue):
-            m.d.sync += [r_beat.eq(r_beat + 1), timer.eq(q_lat + 2)]
+            m.d.sync += [r_beat.eq(r_beat + 1), q_timer.eq(q_lat + 2)]
             with m.If(r_last):
                 m.d.sync += [r_beat.eq(0), r_slot.eq(Mux(r_slot == slots - 1, 0, r_slot + 1))]
-        m.d.comb += q_busy.eq(full.any())
+        m.d.comb += q_busy.eq(full.any() | (w_beat != 0) | (q_timer != 0))
         for l, mem in enumerate(mems):
             rp = mem.read_port()
             m.d.comb += [rp.addr.eq(Cat(r_beat[:gb_bits], r_slot[:slot_bits])), rp.en.eq(1),
