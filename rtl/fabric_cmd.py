@@ -88,12 +88,14 @@ class FabricDescriptorChecker(wiring.Component):
             m.d.comb += sig.eq(op == o)
         token_reg = d.flags[0]
         binary = is_[Opcode.ADD] | is_[Opcode.SILU_MUL]
+        can_quant_out = is_[Opcode.RMSNORM] | is_[Opcode.SILU_MUL] | is_[Opcode.ROPE]
+        qout = d.flags[2] & can_quant_out                  # QUANT_OUT: dst is an activation buffer
 
         # _fields_used: which addresses and strides an op uses, which fields must be 0.
         use_src0 = ~(is_[Opcode.EMBED] & token_reg)
         use_src1 = ~(is_[Opcode.QUANT] | is_[Opcode.KV_STORE])
         use_src_stride = ~(is_[Opcode.EMBED] | is_[Opcode.ATTEND])
-        use_dst_stride = ~(is_[Opcode.QUANT] | is_[Opcode.KV_STORE])
+        use_dst_stride = ~(is_[Opcode.QUANT] | is_[Opcode.KV_STORE] | qout)
         use_p0 = ~is_[Opcode.QUANT]
         use_p1 = ~(is_[Opcode.EMBED] | is_[Opcode.QUANT] | is_[Opcode.ROPE] | binary)
         unused_nonzero = Cat(
@@ -103,7 +105,8 @@ class FabricDescriptorChecker(wiring.Component):
             ~use_p0 & (d.p0 != 0), ~use_p1 & (d.p1 != 0)).any()
         defined = Signal(16)
         m.d.comb += defined.eq(Mux(is_[Opcode.EMBED], FABRIC_FLAGS_DEFINED[Opcode.EMBED],
-                                   Mux(is_[Opcode.KV_STORE], FABRIC_FLAGS_DEFINED[Opcode.KV_STORE], 0)))
+                                   Mux(is_[Opcode.KV_STORE], FABRIC_FLAGS_DEFINED[Opcode.KV_STORE],
+                                       Mux(can_quant_out, FABRIC_FLAGS_DEFINED[Opcode.RMSNORM], 0))))
         flags_bad = (d.flags & ~defined) != 0
 
         addrs = [(d.dst, Const(1)), (d.src0, use_src0), (d.src1, use_src1)]
@@ -130,7 +133,7 @@ class FabricDescriptorChecker(wiring.Component):
         headed_ok = aux_head & ~n_mod_aux & (d.p0 != 0) & (d.p0 <= lim.max_context) & Mux(
             is_[Opcode.KV_STORE], d.p1 == heads,
             Mux(is_[Opcode.ATTEND], p1_small & (rem == 0), 1))
-        shape_ok = Mux(is_[Opcode.QUANT], aux_group & ~n_mod_aux,
+        shape_ok = Mux(is_[Opcode.QUANT] | (qout & ~is_[Opcode.ROPE]), aux_group & ~n_mod_aux,
                        Mux(headed, headed_ok,
                            Mux(is_[Opcode.EMBED], (d.aux == 0) & (d.p0 != 0) & (d.n[:3] == 0) &
                                    (~token_reg | (d.tokens == 1)),

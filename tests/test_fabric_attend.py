@@ -263,7 +263,7 @@ def report(sc: Scenario, results, name: str) -> list[dict]:
 
 # ---- scenarios ---------------------------------------------------------------------------------------
 def functional_scenario(shape: dict, seed: int) -> Scenario:
-    D, G, N, TM = shape["head_dim"], shape["group"], shape["max_positions"], shape["max_tokens"]
+    D, N, TM = shape["head_dim"], shape["max_positions"], shape["max_tokens"]
     sc = Scenario(shape, 1 << 20, seed)
     capA = N - 19 if (N - 19) % 4 else N - 18          # odd capacities: scale rows start mid-beat
     capA |= 1

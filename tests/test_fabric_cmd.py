@@ -62,6 +62,10 @@ def _random(rng: random.Random, hw: HardwareLimits = HW) -> fc.FabricCommand:
         kw.update(aux=0, p1=0, p0=row)
     else:   # RMSNORM
         kw.update(aux=0, p1=0)
+    if op in fc.QUANT_OUT_OPS and rng.random() < 0.4:      # the fused quantization: dst an activation buffer
+        kw.update(flags=int(fc.FabricFlags.QUANT_OUT), dst_stride=0)
+        if op != Opcode.ROPE:
+            kw.update(aux=rng.choice(fc.QUANT_GROUPS), n=rng.choice(fc.QUANT_GROUPS) * heads)
     cmd = fc.FabricCommand(**kw)
     mutations = {
         "version": lambda: rng.choice([0, 2, 255]),
@@ -97,6 +101,9 @@ def test_checker_matches_the_contract_on_random_descriptors(hw):
                         ErrorCode.BAD_FIELD}, outcomes
     for op in OPS:    # every op both accepted and refused
         codes = {w for c, w in zip(cmds, want) if c.opcode == op}
+        assert 0 in codes and len(codes) > 1, (op, codes)
+    for op in fc.QUANT_OUT_OPS:   # and with QUANT_OUT
+        codes = {w for c, w in zip(cmds, want) if c.opcode == op and c.flags & fc.FabricFlags.QUANT_OUT}
         assert 0 in codes and len(codes) > 1, (op, codes)
     dut = FabricDescriptorChecker(hw)
     got = []

@@ -40,9 +40,10 @@ def _bits(a):
     return np.ascontiguousarray(a, np.float32).view(U32)
 
 
-def test_prefill_chunks_and_decode_are_bit_identical_to_the_fabric_golden_model(tiny):
+@pytest.mark.parametrize("fuse", [True, False], ids=["quant-fused", "quant-separate"])
+def test_prefill_chunks_and_decode_are_bit_identical_to_the_fabric_golden_model(tiny, fuse):
     path, ref = tiny
-    model = FabricModel(path, GoldenDevice(FABRIC))
+    model = FabricModel(path, GoldenDevice(FABRIC), fuse_quant=fuse)
     cache, rcache = model.new_cache(), ref.new_cache()
     got = model.forward(PROMPT, cache)
     want = ref.forward(PROMPT, rcache)
@@ -56,6 +57,8 @@ def test_prefill_chunks_and_decode_are_bit_identical_to_the_fabric_golden_model(
         assert np.array_equal(_bits(got), _bits(want))
         nxt = ref.next_token(want)
     assert cache.length == rcache.length == 20
+    # per layer 18 commands fused (norms, RoPE of q and SiLU x up quantize their results), else 22
+    assert {s.commands for s in model.timings[1:]} == {1 + 18 * 2 + 2 if fuse else 1 + 22 * 2 + 3}
 
 
 def test_greedy_reads_only_the_token_id_with_one_start_and_few_registers(tiny):

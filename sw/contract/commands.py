@@ -783,6 +783,9 @@ def render_registers_markdown() -> str:
         "`pack_activations` builds it from sw.contract.numerics.quantize_activations' outputs.",
         "- **Bias** (with HAS_BIAS): fp32 [N_pad], zero padded (`pack_bias`).",
         "- **Outputs**: fp32 [T][N_pad], row stride 4*N_pad rounded up to 64 bytes (`output_layout`).",
+    ]
+    out += _render_fabric_markdown()
+    out += [
         "",
         "## Error codes (STATUS.error_code)",
         "",
@@ -814,6 +817,7 @@ def _render_fabric_markdown() -> list[str]:
     out += ["", "| opcode | op | what it does |", "|---|---|---|"]
     for op, doc in fc.OP_DOCS.items():
         out.append(f"| {int(op)} | {op.name} | {doc} |")
+    out += ["", fc.QUANT_OUT_DOC]
     out += ["", "Buffers: fp32 row buffers have 64-byte aligned rows (`row_stride`); the KV cache of a layer "
             "is `kv_cache_layout` (K codes, V codes int8 [kv_heads][capacity][head_dim], then K and V scales "
             "fp32 [kv_heads][capacity]); the RoPE table is `rope_table_layout` (row p: cos then sin, fp32 "

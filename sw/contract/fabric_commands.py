@@ -57,24 +57,30 @@ FABRIC_MAX_N = 1 << 16            # elements per token row of a fabric op (Qwen2
 class FabricFlags(enum.IntFlag):
     TOKEN_REG = 1 << 0    # EMBED: the one token id is RUN_TOKEN (tokens must be 1), not read from src0
     VALUE = 1 << 1        # KV_STORE: store into the V half of the layer's cache (else K)
+    QUANT_OUT = 1 << 2    # RMSNORM, SILU_MUL, ROPE: dst is the activation buffer of the result, group aux
 
 
-FABRIC_FLAGS_DEFINED = {Opcode.EMBED: int(FabricFlags.TOKEN_REG), Opcode.KV_STORE: int(FabricFlags.VALUE)}
+FABRIC_FLAGS_DEFINED = {Opcode.EMBED: int(FabricFlags.TOKEN_REG), Opcode.KV_STORE: int(FabricFlags.VALUE),
+                        Opcode.RMSNORM: int(FabricFlags.QUANT_OUT), Opcode.SILU_MUL: int(FabricFlags.QUANT_OUT),
+                        Opcode.ROPE: int(FabricFlags.QUANT_OUT)}
+QUANT_OUT_OPS = (Opcode.RMSNORM, Opcode.ROPE, Opcode.SILU_MUL)
 
 # (name, byte offset, struct format, doc)
 FABRIC_FIELDS: tuple[tuple[str, int, str, str], ...] = (
     ("opcode", 0, "B", "2 EMBED, 3 RMSNORM, 4 QUANT, 5 ROPE, 6 KV_STORE, 7 ATTEND, 8 ADD, 9 SILU_MUL"),
     ("version", 1, "B", f"descriptor format, must be {DESCRIPTOR_VERSION}"),
-    ("flags", 2, "H", "EMBED bit 0 TOKEN_REG; KV_STORE bit 1 VALUE; other bits reserved (0)"),
+    ("flags", 2, "H", "EMBED bit 0 TOKEN_REG; KV_STORE bit 1 VALUE; RMSNORM, ROPE, SILU_MUL bit 2 QUANT_OUT; "
+                      "other bits reserved (0)"),
     ("n", 4, "I", "elements per token row (hidden size, heads x head_dim, ...), at most FABRIC_MAX_N = 65536"),
     ("tokens", 8, "H", "T: token rows, 1..HW_PARAMS0.tokens; row t is at position RUN_POS + t"),
-    ("aux", 10, "H", "QUANT: group size; ROPE, KV_STORE, ATTEND: head_dim; others 0"),
+    ("aux", 10, "H", "QUANT, and RMSNORM/SILU_MUL with QUANT_OUT: group size; ROPE, KV_STORE, ATTEND: head_dim "
+                     "(with QUANT_OUT also the group); others 0"),
     ("tag", 12, "I", "free for the driver (layer and op id)"),
     ("src0", 16, "Q", "first input (see the op)"),
     ("src1", 24, "Q", "second input (see the op), 0 when unused"),
     ("dst", 32, "Q", "output (see the op)"),
     ("src_stride", 40, "I", "bytes between token rows of src0 (and src1 of ADD/SILU_MUL), a multiple of 64"),
-    ("dst_stride", 44, "I", "bytes between token rows of a row-strided dst, a multiple of 64"),
+    ("dst_stride", 44, "I", "bytes between token rows of a row-strided dst, a multiple of 64 (0 with QUANT_OUT)"),
     ("p0", 48, "I", "op parameter (see the op)"),
     ("p1", 52, "I", "op parameter"),
     ("p2", 56, "I", "op parameter"),
@@ -111,6 +117,15 @@ OP_DOCS: dict[Opcode, str] = {
     Opcode.SILU_MUL: "dst rows = fabric_ops.silu_mul(src0 rows (gate), src1 rows (up)); src1 rows are p0 bytes "
                      "apart.",
 }
+QUANT_OUT_DOC = ("RMSNORM, ROPE, SILU_MUL with flag QUANT_OUT: the result rows are not written; dst is the "
+                 "activation buffer (commands.activation_layout(n, aux, T)) of numerics.quantize_activations(result "
+                 "rows, group aux), exactly what a QUANT of them would write; dst_stride is 0. RMSNORM and SILU_MUL "
+                 "take the group in aux; ROPE's group is its head_dim (fabric_ops.quantize_heads).")
+
+
+def quant_out(cmd: "FabricCommand") -> bool:
+    """The descriptor writes the quantized activation buffer of its result (flag QUANT_OUT)."""
+    return bool(cmd.flags & FabricFlags.QUANT_OUT) and cmd.op in QUANT_OUT_OPS
 
 _ROW_OPS = (Opcode.EMBED, Opcode.RMSNORM, Opcode.QUANT, Opcode.ROPE, Opcode.KV_STORE, Opcode.ATTEND,
             Opcode.ADD, Opcode.SILU_MUL)
@@ -244,7 +259,7 @@ def embed_table_bytes(vocab: int, n: int) -> int:
 
 def _shape_ok(cmd: FabricCommand, hw: HardwareLimits) -> bool:
     op, n, aux = cmd.op, cmd.n, cmd.aux
-    if op in (Opcode.QUANT,):
+    if op == Opcode.QUANT or (quant_out(cmd) and op != Opcode.ROPE):
         return aux in QUANT_GROUPS and n % aux == 0
     if op in (Opcode.ROPE, Opcode.KV_STORE, Opcode.ATTEND):
         if aux not in HEAD_DIMS or n % aux or not 0 < cmd.p0 <= hw.max_context:
@@ -275,21 +290,21 @@ def _fields_used(cmd: FabricCommand) -> tuple[list[int], list[int], list[str]]:
     op = cmd.op
     addrs = [cmd.dst]
     strides = []
-    unused = ["p2", "p3"]
+    unused = ["p2", "p3"] + (["dst_stride"] if quant_out(cmd) else [])
     if op == Opcode.EMBED:
         addrs += [cmd.src1] + ([] if cmd.flags & FabricFlags.TOKEN_REG else [cmd.src0])
         strides += [cmd.dst_stride]
         unused += ["p1", "src_stride"] + (["src0"] if cmd.flags & FabricFlags.TOKEN_REG else [])
     elif op == Opcode.RMSNORM:
         addrs += [cmd.src0, cmd.src1]
-        strides += [cmd.src_stride, cmd.dst_stride]
+        strides += [cmd.src_stride] + ([] if quant_out(cmd) else [cmd.dst_stride])
     elif op == Opcode.QUANT:
         addrs += [cmd.src0]
         strides += [cmd.src_stride]
         unused += ["p0", "p1", "src1", "dst_stride"]
     elif op == Opcode.ROPE:
         addrs += [cmd.src0, cmd.src1]
-        strides += [cmd.src_stride, cmd.dst_stride]
+        strides += [cmd.src_stride] + ([] if quant_out(cmd) else [cmd.dst_stride])
         unused += ["p1"]
     elif op == Opcode.KV_STORE:
         addrs += [cmd.src0]
@@ -301,7 +316,7 @@ def _fields_used(cmd: FabricCommand) -> tuple[list[int], list[int], list[str]]:
         unused += ["src_stride"]
     else:   # ADD, SILU_MUL
         addrs += [cmd.src0, cmd.src1]
-        strides += [cmd.src_stride, cmd.dst_stride, cmd.p0]
+        strides += [cmd.src_stride, cmd.p0] + ([] if quant_out(cmd) else [cmd.dst_stride])
         unused += ["p1"]
     return addrs, strides, unused
 

@@ -23,7 +23,7 @@ from ..contract.commands import ALIGN, LinearCommand
 from ..contract.errors import ConfigError
 from ..contract.fabric_commands import FabricCommand, Opcode
 from .golden_device import GoldenDevice
-from .program import FINAL_LAYER, FabricProgram, LinearAddr
+from .program import FINAL_LAYER, FUSE_QUANT, FabricProgram, LinearAddr
 
 HOST_S_PER_START = 5e-5     # kriallm bench --device golden --split fabric, median host time per token (x86)
 LM_HEADS = ("int4", "int8")
@@ -50,7 +50,7 @@ class FabricEstimate:
     (an ArrayConfig with max_context > 0), without weights."""
 
     def __init__(self, cfg, hw, *, lm_head: str = "int4", capacity: int | None = None,
-                 host_s_per_start: float = HOST_S_PER_START):
+                 host_s_per_start: float = HOST_S_PER_START, fuse_quant: bool = FUSE_QUANT):
         if not getattr(hw, "max_context", 0):
             raise ConfigError("the hardware config has no fabric decoder (max_context 0): estimate times the "
                               "fabric split; choose a config with the fabric engines, e.g. --hw-config kv260-fabric")
@@ -62,7 +62,7 @@ class FabricEstimate:
         self.host_s_per_start = float(host_s_per_start)
         self.dev = GoldenDevice(hw)          # its cost rules; no memory is touched
         self.clock_hz = hw.clock_mhz * 1e6
-        self.program = FabricProgram(cfg, self.dev.limits, capacity)
+        self.program = FabricProgram(cfg, self.dev.limits, capacity, fuse_quant=fuse_quant)
         self.capacity = self.program.capacity
         addr, nxt = {}, GoldenDevice.DDR_BASE
         for name, size in self.program.sizes.items():          # placeholder addresses, in plan order
@@ -89,7 +89,7 @@ class FabricEstimate:
                               f"{self.capacity} positions the design holds")
         cmds = self._commands(tokens)
         if not head:
-            cmds = cmds[:len(cmds) - FabricProgram.HEAD_COMMANDS]
+            cmds = cmds[:len(cmds) - self.program.head_commands]
         ex = self.dev.executor
         by: dict[str, int] = {}
         for c in cmds:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..contract import fabric_ops as fo
 from ..contract.commands import ErrorCode, activation_layout, pack_activations
-from ..contract.fabric_commands import FabricCommand, FabricFlags, Opcode, kv_cache_layout
+from ..contract.fabric_commands import FabricCommand, FabricFlags, Opcode, kv_cache_layout, quant_out
 from ..contract.numerics import quantize_activations
 
 F32 = np.float32
@@ -34,8 +34,11 @@ class BusFault(Exception):
 # fabric vector engine": T = 1 and 8, n = 896 and 4864): the command's fetch-to-done latency, the
 # unit's pipeline fill, and for RMSNORM each row's reduction, rsqrt and second pass (117 per row).
 # QUANT adds about 2/3 of a cycle per group of the row (measured at group 128: 0.65).
+# An op with QUANT_OUT ("+Q") writes its quantized activation buffer instead of fp32 rows: the
+# producer's stream, then the last group's divide and read-back, plus QUANT's 2/3 cycle per group.
 VECTOR_OVERHEAD = {"EMBED": (136, 3), "RMSNORM": (212, 117), "QUANT": (164, 1), "ROPE": (147, 28),
-                   "KV_STORE": (141, 2), "ADD": (101, 2), "SILU_MUL": (134, 2)}
+                   "KV_STORE": (141, 2), "ADD": (101, 2), "SILU_MUL": (134, 2),
+                   "RMSNORM+Q": (262, 117), "ROPE+Q": (197, 28), "SILU_MUL+Q": (184, 2)}
 
 
 @dataclass(frozen=True)
@@ -87,10 +90,11 @@ class FabricPerf:
         mac_pass = max(steps, hd // 16)
         return mac_pass + max(mac_pass, -(-group // self.exp_lanes))
 
-    def vector(self, op: Opcode, passes: int, elements: int, nbytes: int, rows: int) -> int:
-        """A vector op's cycles: its element (or byte) stream plus its measured overhead."""
+    def vector(self, op: Opcode, passes: int, elements: int, nbytes: int, rows: int, fused: bool = False) -> int:
+        """A vector op's cycles: its element (or byte) stream plus its measured overhead (``fused``:
+        the op with QUANT_OUT)."""
         stream = max(-(-passes * elements // self.vector_lanes), int(-(-nbytes // self.cap_bytes_per_cycle)))
-        fixed, per_row = VECTOR_OVERHEAD[op.name]
+        fixed, per_row = VECTOR_OVERHEAD[op.name + ("+Q" if fused else "")]
         return stream + fixed + per_row * (rows - 1)
 
     def argmax(self, n: int) -> int:
@@ -134,7 +138,11 @@ class FabricPerf:
             rd, wr = 2 * row, row
         else:
             raise ValueError(f"no cost rule for {op.name}")
-        return self.vector(op, passes, t * n, rd + wr, t) + extra, rd, wr
+        fused = quant_out(c)
+        if fused:
+            wr = activation_layout(n, c.aux, t).total_bytes
+            extra = -(-2 * n // (3 * c.aux))
+        return self.vector(op, passes, t * n, rd + wr, t, fused) + extra, rd, wr
 
 
 class FabricOps:
@@ -164,6 +172,20 @@ class FabricOps:
             buf[r * stride:r * stride + 4 * n] = np.ascontiguousarray(y[r], "<f4").view(np.uint8)
         return 4 * t * n
 
+    def _put_activations(self, addr: int, x: np.ndarray, group: int) -> None:
+        """The activation buffer of x [t, n] quantized per group (what QUANT writes)."""
+        t, n = x.shape
+        q, s, qsum = quantize_activations(x, group)
+        data = np.frombuffer(pack_activations(q, s, qsum, group), np.uint8)
+        self._view(addr, activation_layout(n, group, t).total_bytes, ErrorCode.WRITE_ERROR)[:] = data
+
+    def _put_result(self, c: FabricCommand, y: np.ndarray) -> None:
+        """An op's result rows: fp32 rows at dst, or with QUANT_OUT their activation buffer (group aux)."""
+        if quant_out(c):
+            self._put_activations(c.dst, y, c.aux)
+        else:
+            self._put_rows(c.dst, c.dst_stride, y)
+
     # ---- ops ---------------------------------------------------------------------------------
     def execute(self, cmd: FabricCommand, pos: int, token: int) -> tuple[ErrorCode, int, int, int]:
         """(error, cycles, bytes read, bytes written) of one validated descriptor."""
@@ -191,14 +213,11 @@ class FabricOps:
         x = self._rows(c.src0, c.src_stride, t, n)
         gamma = self._view(c.src1, 4 * n, ErrorCode.READ_ERROR).view("<f4").astype(F32)
         inv_n, eps = np.uint32(c.p0).view(F32), np.uint32(c.p1).view(F32)
-        self._put_rows(c.dst, c.dst_stride, fo.rms_norm_consts(x, gamma, inv_n, eps))
+        self._put_result(c, fo.rms_norm_consts(x, gamma, inv_n, eps))
 
     def _quant(self, c: FabricCommand, pos: int, token: int):
         t, n = c.tokens, c.n
-        x = self._rows(c.src0, c.src_stride, t, n)
-        q, s, qsum = quantize_activations(x, c.aux)
-        data = np.frombuffer(pack_activations(q, s, qsum, c.aux), np.uint8)
-        self._view(c.dst, activation_layout(n, c.aux, t).total_bytes, ErrorCode.WRITE_ERROR)[:] = data
+        self._put_activations(c.dst, self._rows(c.src0, c.src_stride, t, n), c.aux)
 
     def _check_span(self, c: FabricCommand, pos: int) -> None:
         if pos + c.tokens > c.p0:
@@ -211,7 +230,7 @@ class FabricOps:
         cos, sin = table[:, :hd // 2].astype(F32), table[:, hd // 2:].astype(F32)
         x = self._rows(c.src0, c.src_stride, t, n).reshape(t, n // hd, hd).transpose(1, 0, 2)
         y = fo.apply_rope(x, cos, sin).transpose(1, 0, 2).reshape(t, n)
-        self._put_rows(c.dst, c.dst_stride, y)
+        self._put_result(c, y)
 
     def _kv_store(self, c: FabricCommand, pos: int, token: int):
         self._check_span(c, pos)
@@ -257,7 +276,7 @@ class FabricOps:
         t, n = c.tokens, c.n
         a = self._rows(c.src0, c.src_stride, t, n)
         b = self._rows(c.src1, c.p0, t, n)
-        self._put_rows(c.dst, c.dst_stride, fn(a, b))
+        self._put_result(c, fn(a, b))
 
     def _add(self, c: FabricCommand, pos: int, token: int):
         self._binary(c, fo.residual_add)

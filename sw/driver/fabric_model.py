@@ -28,7 +28,7 @@ from ..contract.errors import ConfigError, DeviceError
 from ..contract.fabric_commands import pack_any_list
 from ..contract import fabric_ops as fo
 from .device import Device, ExpectedHardware, check_model
-from .program import FabricProgram, LinearAddr
+from .program import FUSE_QUANT, FabricProgram, LinearAddr
 from .runner import StepTiming, load_tokenizer, upload_linear
 
 F32 = np.float32
@@ -57,7 +57,8 @@ class FabricModel:
     split = "fabric"
 
     def __init__(self, kq_path, device: Device, *, expected: ExpectedHardware | None = None,
-                 timeout_s: float = 5.0, capacity: int | None = None, last_logits_only: bool = False):
+                 timeout_s: float = 5.0, capacity: int | None = None, last_logits_only: bool = False,
+                 fuse_quant: bool = FUSE_QUANT):
         from ..kq import KqFile
         self.source = Path(kq_path)
         self.dev = device
@@ -77,7 +78,7 @@ class FabricModel:
                                   f"(HW_PARAMS3.max_context is 0): it runs the linear layers only; use --split hybrid")
             self.tokens_max = lim.tokens
             self.tokenizer = load_tokenizer(kq)
-            self.program = FabricProgram(cfg, lim, capacity)
+            self.program = FabricProgram(cfg, lim, capacity, fuse_quant=fuse_quant)
             self.capacity = self.program.capacity
             self.timings: list[StepTiming] = []
             self.host_linears: list[str] = []
@@ -182,7 +183,7 @@ class FabricModel:
         dev.write32("RUN_POS", cache.length)
         base, count = self._list(t, token_reg, all_logits)
         if not head:
-            count -= self.program.HEAD_COMMANDS
+            count -= self.program.head_commands
         stats = dev.run(base, count, self.timeout_s)
         cache.length += t
         step.device_wall_s += stats.wall_s

@@ -1,10 +1,14 @@
 """The fabric decoder's command list: one start per token (issue 11, step 3).
 
 :class:`FabricProgram` plans every buffer the whole-decoder list uses and
-writes the list for T token rows: EMBED, then per layer 22 commands (norm,
-quantize, q/k/v, RoPE, KV stores, attention, o_proj, residual, norm, gate/up,
-SiLU x up, down, residual), then the final norm, the LM head with the ARGMAX
-flag. Positions come from RUN_POS, so the same list serves every decode step;
+writes the list for T token rows: EMBED, then per layer 18 commands (norm
+into the activation buffer, q/k/v, RoPE of q into its per-head activation
+buffer, RoPE of k, KV stores, attention, quantize, o_proj, residual, norm,
+gate/up, SiLU x up into its activation buffer, down, residual), then the final
+norm and the LM head with the ARGMAX flag. The norms, the RoPE of q and SiLU x
+up quantize their results themselves (flag QUANT_OUT); with ``fuse_quant=False``
+each writes fp32 rows and a QUANT follows (22 commands per layer), the same
+bytes in every activation buffer. Positions come from RUN_POS, so the same list serves every decode step;
 the host writes RUN_POS (and RUN_TOKEN for one token), starts, waits and reads
 RESULT_INDEX. The arithmetic each op stands for is sw/fabric.py's FabricRunner,
 op for op, which is what makes the golden device's results bit-identical to it.
@@ -28,6 +32,7 @@ OP_IDS = ("norm_in", "quant_in", "q_proj", "k_proj", "v_proj", "rope_q", "rope_k
           "quant_q", "attend", "quant_att", "o_proj", "add_att", "norm_post", "quant_post", "gate_proj",
           "up_proj", "silu_mul", "quant_mlp", "down_proj", "add_mlp")
 FINAL_LAYER = 0xFFFF       # tag layer of the EMBED and the final norm / LM head
+FUSE_QUANT = False         # the lists' default: producers quantize their results (flag QUANT_OUT)
 
 
 def _bits(x) -> int:
@@ -48,7 +53,7 @@ class FabricProgram:
     capacity: KV-cache positions to allocate (at most limits.max_context).
     """
 
-    def __init__(self, cfg, limits: HardwareLimits, capacity: int | None = None):
+    def __init__(self, cfg, limits: HardwareLimits, capacity: int | None = None, *, fuse_quant: bool = FUSE_QUANT):
         if not limits.fabric_ops:
             raise ConfigError("the design has no fabric decoder (HW_PARAMS3.max_context is 0): it runs the "
                               "linear layers only; use --split hybrid")
@@ -72,6 +77,7 @@ class FabricProgram:
         if not 0 < cap <= limits.max_context:
             raise ConfigError(f"KV cache capacity {cap} must be 1..{limits.max_context} (the design's max_context)")
         self.cfg, self.limits, self.capacity = cfg, limits, cap
+        self.fuse_quant = fuse_quant
         self.T = limits.tokens
         R, G, T = limits.tile_rows, limits.group_size, self.T
         h, i, q, kv, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, cfg.kv_dim, cfg.vocab_size
@@ -127,6 +133,20 @@ class FabricProgram:
         def F(op, n, tag, **kw):
             cmds.append(FabricCommand(opcode=int(op), n=n, tokens=kw.pop("tokens", T), tag=tag, **kw))
 
+        fuse = self.fuse_quant
+        QOUT = int(FabricFlags.QUANT_OUT)
+
+        def norm(n, tag, src, gamma, act, quant_tag, tokens=T):
+            """RMSNORM of `tokens` rows at src into the activation buffer `act` (group G): with
+            QUANT_OUT in one command, or through xn and a QUANT."""
+            kw = dict(tokens=tokens, src0=src, src1=norms + self.norm_offset(gamma), src_stride=sh,
+                      p0=_bits(inv_n), p1=_bits(eps))
+            if fuse:
+                F(Opcode.RMSNORM, n, tag, dst=addr[act], aux=G, flags=QOUT, **kw)
+            else:
+                F(Opcode.RMSNORM, n, tag, dst=addr["xn"], dst_stride=sh, **kw)
+                F(Opcode.QUANT, n, quant_tag, tokens=tokens, src0=addr["xn"], dst=addr[act], src_stride=sh, aux=G)
+
         def L(name, act_addr, out_addr, n, k, tag, tokens=T, flags_argmax=False):
             la = linears[name]
             c = linear_command(n=n, k=k, group_size=G, tokens=tokens, tile_rows=R, weight_addr=la.weight,
@@ -142,37 +162,41 @@ class FabricProgram:
             pre = f"model.layers.{layer}"
             tag = {op: (layer << 8) | k for k, op in enumerate(OP_IDS)}
             cache = addr[f"kv{layer}"]
-            F(Opcode.RMSNORM, h, tag["norm_in"], src0=addr["h"], src1=norms + self.norm_offset(
-                f"{pre}.input_layernorm.weight"), dst=addr["xn"], src_stride=sh, dst_stride=sh,
-              p0=_bits(inv_n), p1=_bits(eps))
-            F(Opcode.QUANT, h, tag["quant_in"], src0=addr["xn"], dst=addr["act_h"], src_stride=sh, aux=G)
+            norm(h, tag["norm_in"], addr["h"], f"{pre}.input_layernorm.weight", "act_h", tag["quant_in"])
             L(f"{pre}.self_attn.q_proj", addr["act_h"], addr["q"], q, h, tag["q_proj"])
             L(f"{pre}.self_attn.k_proj", addr["act_h"], addr["k"], kv, h, tag["k_proj"])
             L(f"{pre}.self_attn.v_proj", addr["act_h"], addr["v"], kv, h, tag["v_proj"])
-            F(Opcode.ROPE, q, tag["rope_q"], src0=addr["q"], src1=addr["rope"], dst=addr["q"], src_stride=so(q),
-              dst_stride=so(q), aux=hd, p0=cap)
+            if fuse:
+                F(Opcode.ROPE, q, tag["rope_q"], src0=addr["q"], src1=addr["rope"], dst=addr["q_act"],
+                  src_stride=so(q), aux=hd, p0=cap, flags=QOUT)
+            else:
+                F(Opcode.ROPE, q, tag["rope_q"], src0=addr["q"], src1=addr["rope"], dst=addr["q"], src_stride=so(q),
+                  dst_stride=so(q), aux=hd, p0=cap)
             F(Opcode.ROPE, kv, tag["rope_k"], src0=addr["k"], src1=addr["rope"], dst=addr["k"],
               src_stride=so(kv), dst_stride=so(kv), aux=hd, p0=cap)
             F(Opcode.KV_STORE, kv, tag["store_k"], src0=addr["k"], dst=cache, src_stride=so(kv), aux=hd,
               p0=cap, p1=nkv)
             F(Opcode.KV_STORE, kv, tag["store_v"], src0=addr["v"], dst=cache, src_stride=so(kv), aux=hd,
               p0=cap, p1=nkv, flags=int(FabricFlags.VALUE))
-            F(Opcode.QUANT, q, tag["quant_q"], src0=addr["q"], dst=addr["q_act"], src_stride=so(q), aux=hd)
+            if not fuse:
+                F(Opcode.QUANT, q, tag["quant_q"], src0=addr["q"], dst=addr["q_act"], src_stride=so(q), aux=hd)
             F(Opcode.ATTEND, q, tag["attend"], src0=addr["q_act"], src1=cache, dst=addr["att"], dst_stride=sq,
               aux=hd, p0=cap, p1=nkv)
             F(Opcode.QUANT, q, tag["quant_att"], src0=addr["att"], dst=addr["act_att"], src_stride=sq, aux=G)
             L(f"{pre}.self_attn.o_proj", addr["act_att"], addr["o"], h, q, tag["o_proj"])
             F(Opcode.ADD, h, tag["add_att"], src0=addr["h"], src1=addr["o"], dst=addr["h"], src_stride=sh,
               dst_stride=sh, p0=so(h))
-            F(Opcode.RMSNORM, h, tag["norm_post"], src0=addr["h"], src1=norms + self.norm_offset(
-                f"{pre}.post_attention_layernorm.weight"), dst=addr["xn"], src_stride=sh, dst_stride=sh,
-              p0=_bits(inv_n), p1=_bits(eps))
-            F(Opcode.QUANT, h, tag["quant_post"], src0=addr["xn"], dst=addr["act_h"], src_stride=sh, aux=G)
+            norm(h, tag["norm_post"], addr["h"], f"{pre}.post_attention_layernorm.weight", "act_h",
+                 tag["quant_post"])
             L(f"{pre}.mlp.gate_proj", addr["act_h"], addr["gate"], i, h, tag["gate_proj"])
             L(f"{pre}.mlp.up_proj", addr["act_h"], addr["up"], i, h, tag["up_proj"])
-            F(Opcode.SILU_MUL, i, tag["silu_mul"], src0=addr["gate"], src1=addr["up"], dst=addr["mlp"],
-              src_stride=so(i), dst_stride=si, p0=so(i))
-            F(Opcode.QUANT, i, tag["quant_mlp"], src0=addr["mlp"], dst=addr["act_mlp"], src_stride=si, aux=G)
+            if fuse:
+                F(Opcode.SILU_MUL, i, tag["silu_mul"], src0=addr["gate"], src1=addr["up"], dst=addr["act_mlp"],
+                  src_stride=so(i), p0=so(i), aux=G, flags=QOUT)
+            else:
+                F(Opcode.SILU_MUL, i, tag["silu_mul"], src0=addr["gate"], src1=addr["up"], dst=addr["mlp"],
+                  src_stride=so(i), dst_stride=si, p0=so(i))
+                F(Opcode.QUANT, i, tag["quant_mlp"], src0=addr["mlp"], dst=addr["act_mlp"], src_stride=si, aux=G)
             L(f"{pre}.mlp.down_proj", addr["act_mlp"], addr["down"], h, i, tag["down_proj"])
             F(Opcode.ADD, h, tag["add_mlp"], src0=addr["h"], src1=addr["down"], dst=addr["h"], src_stride=sh,
               dst_stride=sh, p0=so(h))
@@ -180,15 +204,18 @@ class FabricProgram:
         rows = T if all_logits else 1
         first = addr["h"] + (0 if all_logits else (T - 1) * sh)
         tag = FINAL_LAYER << 8
-        F(Opcode.RMSNORM, h, tag | 1, tokens=rows, src0=first, src1=norms + self.norm_offset("model.norm.weight"),
-          dst=addr["xn"], src_stride=sh, dst_stride=sh, p0=_bits(inv_n), p1=_bits(eps))
-        F(Opcode.QUANT, h, tag | 2, tokens=rows, src0=addr["xn"], dst=addr["act_last"], src_stride=sh, aux=G)
+        norm(h, tag | 1, first, "model.norm.weight", "act_last", tag | 2, tokens=rows)
         L("lm_head", addr["act_last"], addr["logits"], cfg.vocab_size, h, tag | 3, tokens=rows,
           flags_argmax=True)
         return cmds
 
-    HEAD_COMMANDS = 3          # the list's tail: final RMSNORM, QUANT, LM head (a prefix without them is valid)
+    @property
+    def head_commands(self) -> int:
+        """The list's tail: the final RMSNORM (with QUANT_OUT, or then a QUANT) and the LM head; a prefix
+        without them is a valid list."""
+        return 2 if self.fuse_quant else 3
 
     @property
     def commands_per_token_list(self) -> int:
-        return 1 + 22 * self.cfg.num_hidden_layers + self.HEAD_COMMANDS
+        per_layer = 18 if self.fuse_quant else 22
+        return 1 + per_layer * self.cfg.num_hidden_layers + self.head_commands
