@@ -1,7 +1,7 @@
 """FabricVectorEngine: the fabric decoder's vector opcodes, DDR to DDR, on one VectorUnit.
 
-Executes EMBED, RMSNORM, QUANT, ROPE, KV_STORE, ADD and SILU_MUL (sw/contract/fabric_commands.py,
-OP_DOCS) exactly as sw/driver/fabric_exec.py's ``FabricOps`` does: the same bytes in memory and
+Executes EMBED, RMSNORM, QUANT, ROPE, KV_STORE, ADD and SILU_MUL, and RMSNORM, SILU_MUL and ROPE
+with QUANT_OUT (sw/contract/fabric_commands.py, OP_DOCS, QUANT_OUT_DOC) exactly as sw/driver/fabric_exec.py's ``FabricOps`` does: the same bytes in memory and
 the same error code. ATTEND is another engine's.
 
 Ports
@@ -29,7 +29,14 @@ ROPE     src0 row t -> head buffer -> a, b        table row pos+t -> table buffe
                                                   -> c, d (replayed per head)
 EMBED    table row id_t (8 bf16 per beat, two a   ids (once, unless TOKEN_REG)     dst row t
          beats per memory beat)
++Q       as the op                                as the op                        as QUANT (group aux)
 ======== ======================================== ================================ ======================
+
+"+Q" is RMSNORM, SILU_MUL or ROPE with flag QUANT_OUT (flags bit 2): the VectorUnit command carries
+``quant`` = 1 and group = aux (ROPE: the head_dim), the unit quantizes the result as it leaves
+the producer's pipelines, and the write generator writes the activation buffer
+commands.activation_layout(n, aux, T) exactly as QUANT does (codes, scales, qsums rows, padding
+included); no fp32 row is written and dst_stride is unused.
 
 * Four independent sequencers (rd0 commands, rd1 commands, VectorUnit commands, write segments)
   walk the same (row, head, segment) loops, so reads run ahead of the compute by the masters'

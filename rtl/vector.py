@@ -15,18 +15,27 @@ QUANT    per-group symmetric INT8 codes, scale, qsum       numerics.quantize_act
 BF16     out = bf16 bits << 16                             fabric_ops.embedding (one row)
 ======== ================================================= ===========================================
 
+Fused quantization: RMSNORM, SILU_MUL and ROPE with the command's ``quant`` bit set quantize their
+result per group of ``group`` (G) instead of sending it out: ``codes`` and ``stats`` carry exactly
+what a QUANT of the result with group G would (numerics.quantize_activations(result, G); a ROPE
+head with G = head_dim is one group), and ``out`` stays silent. The arithmetic is that of the two
+ops in sequence, bit for bit.
+
 Interface (every valid/ready port is an ``amaranth.lib.stream`` of the payload given; L = lanes;
 "lane l" of a beat is bits [32 l, 32 l + 32) of the payload unless stated):
 
 ``cmd`` (In): one beat per command, :func:`command_layout`:
     ``op`` (:class:`VecOp`), ``length`` (n, the elements of the command), ``c0``, ``c1`` (fp32 bit
-    patterns; RMSNORM only: c0 = fp32(1/n), c1 = fp32(eps)), ``group`` (QUANT only: the group size G).
+    patterns; RMSNORM only: c0 = fp32(1/n), c1 = fp32(eps)), ``group`` (QUANT, and a fused op: the
+    group size G), ``quant`` (RMSNORM, SILU_MUL, ROPE: quantize the result, see above; ignored on
+    the other ops).
 ``a``, ``b``, ``c``, ``d`` (In): operand streams, L fp32 lanes per beat (``ArrayLayout(32, L)``).
 ``out`` (Out): L fp32 lanes per beat (``unsigned(32 L)``).
-``codes`` (Out): QUANT's int8 codes, L per beat (``unsigned(8 L)``, lane l = bits [8 l, 8 l + 8), two's
+``codes`` (Out): QUANT's (or a fused op's) int8 codes, L per beat (``unsigned(8 L)``, lane l = bits [8 l, 8 l + 8), two's
     complement). The output payloads are plain bit vectors, not ArrayLayouts: see the note in
     ``VectorUnit.__init__`` (Yosys's abc9 cannot synthesize the unit alone with array output ports).
-``stats`` (Out): QUANT's per-group {``scale``: fp32 s_a bits, ``qsum``: signed(32)}, one beat per group.
+``stats`` (Out): QUANT's (or a fused op's) per-group {``scale``: fp32 s_a bits, ``qsum``: signed(32)},
+    one beat per group.
 
 Beat orders (every stream is one or two contiguous fp32 arrays read in ascending element order, L
 elements per beat, element j of an array in lane j mod L of beat j // L):
@@ -44,6 +53,8 @@ QUANT    a: x[0..n)  (n = T * K for T rows of K: the groups run across rows)  co
                                                                               stats: group g -> (s_a, qsum)
 BF16     a: bf16 bit patterns row[0..n): lane l of a beat is bits [16 l, 16 l + 16)  out: n fp32 values
          (the upper half of the beat is ignored)
+fused    the producer's operand beats (RMSNORM, SILU_MUL, ROPE above)         codes: q[0..n), stats: one
+         (``quant`` = 1)                                                      beat per group (as QUANT)
 ======== ==================================================================== ============================
 
 So QUANT's ``codes`` are the int8 [T][K] codes section of sw.contract.commands.ActivationLayout
@@ -52,12 +63,12 @@ sections (beat g = row g // ng, group g % ng). Operand beats of one op are taken
 handshake cycle for all the streams the op uses); streams an op does not use are never taken.
 
 Preconditions (the unit does not check them): n is a multiple of L and at least L; ROPE: n is a
-multiple of 2 L; QUANT: G is one of ``groups`` and n a multiple of G; RMSNORM: c0, c1 as
+multiple of 2 L; QUANT and fused: G is one of ``groups`` and n a multiple of G (fused ROPE: G = n); RMSNORM: c0, c1 as
 fabric_ops.rms_constants gives them (the sum of squares times c0 plus c1 must be > 0, the
-rsqrt domain). Finite inputs.
+rsqrt domain). Finite inputs (and, fused, finite results).
 
-Datapath: per lane two Fp32Multiply (M1, M2), one Fp32Add (A), a Sigmoid and an Fp32ToInt;
-one scalar Fp32Add, Fp32Multiply, Rsqrt and Fp32Divide. Per op:
+Datapath: per lane three Fp32Multiply (M1, M2 for the ops, M3 for the quantizer), one Fp32Add (A),
+a Sigmoid and an Fp32ToInt; one scalar Fp32Add, Fp32Multiply, Rsqrt and Fp32Divide. Per op:
 
 * ADD: A(a, b). BF16: a register.
 * SILU_MUL: Sigmoid(a); M1(a, sig); M2(., b) (a, b delayed in reset-less shift registers).
@@ -68,18 +79,28 @@ one scalar Fp32Add, Fp32Multiply, Rsqrt and Fp32Divide. Per op:
   add latency <= 32/L is hazard-free. Then the fixed balanced tree on the scalar adder, level by level
   (pairs (2j, 2j+1) -> j, in place), s*c0 (scalar multiply), + c1 (scalar add), Rsqrt. Pass 2:
   M1(x, r), M2(., gamma). This is fabric_ops.fixed_sum's order exactly.
-* QUANT: groups are written into a ring of ``quant_slots`` group buffers (a memory per lane) while
-  their amax = max |x| (exact, on the magnitude bits) is found; a loaded group gets inv =
-  127/safe and s_a = safe/127 from the scalar divider (safe = amax, or 1.0 below
-  numerics.AMAX_MIN); then its beats are read back: M1(x, inv), Fp32ToInt (round half even, clip
+* QUANT (the quantizer): groups are written into a ring of ``quant_slots`` group buffers (a memory
+  per lane) while their amax = max |x| (exact, on the magnitude bits) is found; a loaded group gets
+  inv = 127/safe and s_a = safe/127 from the scalar divider (safe = amax, or 1.0 below
+  numerics.AMAX_MIN); then its beats are read back: M3(x, inv), Fp32ToInt (round half even, clip
   to +-127), codes forced to 0 for a dead group, qsum summed exactly. Loading overlaps the division
-  and the quantization of earlier groups.
+  and the quantization of earlier groups. The ring loads QUANT's a beats, or, fused, the beats the
+  producer's pipelines put into the out FIFO (its read side feeds the ring instead of ``out``), so
+  the producer's M1 and the quantizer's M3 work at the same time.
 
 Flow control: every fixed-latency pipeline writes into an output FIFO; a beat is issued only when
-the FIFO has room for it counting every beat already in flight (a credit counter per output
-stream), so back-pressure on an output never loses data and never stalls a pipeline. Between two
-commands the pipelines drain (``latency`` cycles), except when the next command has the same op
-(and, for QUANT, the same group) and is not RMSNORM: then it follows without a gap.
+the FIFO has room for it counting every beat already in flight (a credit counter per output FIFO:
+beats taken and not yet read out of it), so back-pressure on an output never loses data and never
+stalls a pipeline. Fused, the out FIFO is read by the ring, so a full ring (``codes`` or ``stats``
+back-pressured, or the divider behind) fills the out FIFO and the credits stall the producer.
+
+Between commands: a command is complete when its pipelines have drained (``latency`` cycles after
+the last issue) and the quantizer is empty (no loaded or partly loaded group, no read-back in
+flight), fused also the out FIFO. The next command follows without that drain when it has the same
+op, the same ``quant`` and (QUANT or fused) the same group, and is not RMSNORM (so ROPE heads
+stream back to back); a fused command after a fused one with the same group waits only for the
+pipelines (an RMSNORM row's sums start while the previous row's last groups are quantized). A
+fused command never starts while the out FIFO still holds an unfused command's results.
 """
 
 from __future__ import annotations
