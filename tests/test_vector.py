@@ -489,10 +489,10 @@ def test_vector_unit_verilator(lanes, presets, full, tmp_path):
     scenarios = {}
     for k, (preset, group) in enumerate(presets):
         p_in, p_out = [(0.7, 0.6), (0.9, 0.4), (0.5, 0.9)][k % 3]
-        name = f"{preset.replace('.', '_').replace('-', '_')}_g{group}"
-        scenarios[name] = (make_program(lanes, preset, group, rng, full_intermediate=full), p_in, p_out)
+        sname = f"{preset.replace('.', '_').replace('-', '_')}_g{group}"
+        scenarios[sname] = (make_program(lanes, preset, group, rng, full_intermediate=full), p_in, p_out)
         cfg = PRESETS[preset]            # the fused ops at the preset's hidden size and head_dim
-        scenarios[f"{name}_fused"] = (fused_program(lanes, cfg.hidden_size, cfg.head_dim, group, rng),
+        scenarios[f"{sname}_fused"] = (fused_program(lanes, cfg.hidden_size, cfg.head_dim, group, rng),
                                       p_out, p_in)
     run_programs(unit, src, name, scenarios, tmp_path, seed)
 
