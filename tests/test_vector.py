@@ -299,6 +299,8 @@ def fused_program(lanes, n, hd, group, rng, rows=2, eps=1e-6) -> Program:
     p.rope(realistic(rng, hd), cos_h[-2], sin_h[-2])                             # fused -> unfused
     p.rope(realistic(rng, hd), cos_h[-1], sin_h[-1], quant=True)                 # unfused -> fused
     p.rms_norm(realistic(rng, n), gamma, eps, quant=group)                       # ROPE(g=hd) -> RMSNORM(g)
+    p.silu_mul(realistic(rng, 2 * n, 3.0), realistic(rng, 2 * n), quant=group)   # the quantizer still busy
+    p.rms_norm(realistic(rng, 2 * n), realistic(rng, 2 * n), eps, quant=group)   # with SILU_MUL's groups
     p.add(realistic(rng, n), realistic(rng, n))
     return p
 
