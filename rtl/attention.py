@@ -52,7 +52,10 @@ Passes of one command ("position" = one of the n visible positions):
    start only when it has room for the position's words. Each V row is read once; per step the
    H weights W = RNE(M(w) >> (B - x(w))) (24 bits) multiply L V codes each in the same M
    multipliers (25 x 8 bits) into exact accumulators (44 bits at N = 4096) kept in a ring of P
-   registers per lane (shift registers). max(P, D/16, ceil(G/E)) cycles per position.
+   registers per lane. max(P, D/16, ceil(G/E)) cycles per position. Each lane is one DSP48E2
+   (rtl.dsp.madd_slice): its P register is the ring's first register and its ALU the
+   accumulator's adder, the ring closing through C from P - 1 fabric shift registers; in pass 1
+   the same P register holds the q.k product for the adder tree.
 3. fixed_sum's tree (the E banks side by side, one bank row of E heads at a time, each head in
    the contract's pair order) and one reciprocal per head (in head order): about
    31 ceil(G/E) + 35 + G + 50 cycles after pass 2.
@@ -88,6 +91,7 @@ from sw.contract.errors import ConfigError
 from .component import CheckedComponent
 from .fp32 import Fp32Add, Fp32Multiply, IntToFp32, _PipelinedUnit, _round_and_pack, leading_zeros, \
     shift_right_sticky
+from .dsp import madd_slice
 from .fpfunc import Exp2, Reciprocal
 
 __all__ = ["AttentionUnit", "AttentionGeometry", "ScaledIntToFp32", "accumulator_bits"]
@@ -453,30 +457,35 @@ class AttentionUnit(CheckedComponent):
             big_w.append((q[1:] + (q[0] & (sticky | q[1])))[0:24])
         s2 = _delay_fields(m, dict(vars(s1), w=Cat(*big_w)), 1, "s2")
         # S3: multiplier operands
-        opa = [Mux(s2.pass1, s2.q[8 * l:8 * l + 8].as_signed(),
-                   Cat(s2.w.word_select(l // L, 24), Const(0, 1)).as_signed()) for l in range(M)]
+        # the first operand: q8 on D in pass 1, W on A in pass 2 (the DSP's pre-adder picks one)
+        opq = [s2.q[8 * l:8 * l + 8].as_signed() for l in range(M)]
+        opw = [Cat(s2.w.word_select(l // L, 24), Const(0, 1)).as_signed() for l in range(M)]
         opb = [s2.codes[8 * (l % L):8 * (l % L) + 8].as_signed() for l in range(M)]
+        # S3: the operands in each lane's DSP48E2 (A2, D2, B2); S4: its P register. A lane is one
+        # rtl.dsp.madd_slice, P <= (use_c ? C : 0) + (use_m ? X2 * B2 : 0): in pass 1 P is the
+        # product (q8 x k8) for the adder tree; in pass 2 P is the first register of the lane's
+        # accumulator ring (P registers: P and P - 1 fabric shift registers), closed through C,
+        # so the 44-bit accumulate is the DSP's ALU, not fabric; the outputs rotate the ring (use_m 0).
         s3 = _delay_fields(m, {k: v for k, v in vars(s2).items() if k not in ("w", "q", "codes")}, 1, "s3")
-        a3 = [_delay(m, v, 1, f"opa{l}") for l, v in enumerate(opa)]
-        b3 = [_delay(m, v, 1, f"opb{l}") for l, v in enumerate(opb)]
-        # S4: products
         s4 = _delay_fields(m, vars(s3), 1, "s4")
-        prod = [_delay(m, a3[l] * b3[l], 1, f"prod{l}") for l in range(M)]
-
-        # pass 2: the accumulator ring (P registers of M lanes); the outputs rotate it
         ring = [[Signal(signed(A), name=f"acc_ring{i}_{l}", reset_less=True) for l in range(M)]
-                for i in range(P)]
-        tail = ring[P - 1]
+                for i in range(1, P)]
+        tail = [Signal(signed(A), name=f"acc_tail{l}") for l in range(M)]     # the ring's last register
         out_rotate = Signal()
-        acc_shift = (s4.valid & ~s4.pass1) | out_rotate
-        first = s4.j == 0
-        with m.If(acc_shift):
-            for l in range(M):
-                m.d.sync += ring[0][l].eq(Mux(out_rotate, tail[l], Mux(first, 0, tail[l]) + prod[l]))
-                m.d.sync += [ring[i][l].eq(ring[i - 1][l]) for i in range(1, P)]
+        acc3 = s3.valid & ~s3.pass1                           # a pass-2 step reaches the ALU
+        acc_shift = acc3 | out_rotate
+        start = s3.j == 0                                    # the first position starts each sum
+        p_regs = [madd_slice(m, f"lane{l}", a=opw[l], d=opq[l], b=opb[l], c=tail[l], ce_ab=Const(1),
+                             ce_p=acc_shift | (s3.valid & s3.pass1), use_c=out_rotate | (acc3 & ~start),
+                             use_m=~out_rotate, use_d=s3.pass1, width=A) for l in range(M)]
+        for l in range(M):
+            m.d.comb += tail[l].eq(ring[-1][l] if P > 1 else p_regs[l])
+            if P > 1:
+                with m.If(acc_shift):
+                    m.d.sync += [ring[0][l].eq(p_regs[l])] + [ring[i][l].eq(ring[i - 1][l]) for i in range(1, P - 1)]
 
         # pass 1: adder tree per head slot (a register every 3 levels), then the chunk sum
-        level = [[prod[k * L + i][0:16].as_signed() for i in range(L)] for k in range(H)]
+        level = [[p_regs[k * L + i][0:16].as_signed() for i in range(L)] for k in range(H)]
         tree_regs = 0
         depth = 0
         while len(level[0]) > 1:

@@ -1,4 +1,5 @@
-"""The multiply-accumulate slice of a DSP48E2, in two forms with one behaviour.
+"""The multiply-accumulate slice of a DSP48E2 (and its multiply-add form, :func:`madd_slice`), in two
+forms with one behaviour.
 
     P <= (load ? RND : P) + A2 * B2,   A2 <= A, B2 <= B, M <= A2 * B2  (each under its clock enable)
 
@@ -26,7 +27,8 @@ import contextvars
 
 from amaranth.hdl import C, ClockSignal, Instance, Module, Mux, Signal, Value, signed
 
-__all__ = ["xilinx_primitives", "primitives_enabled", "mac_slice", "dsp48e2_stub_verilog", "DSP48E2_PORTS"]
+__all__ = ["xilinx_primitives", "primitives_enabled", "mac_slice", "madd_slice", "dsp48e2_stub_verilog",
+           "DSP48E2_PORTS"]
 
 _PRIMITIVES = contextvars.ContextVar("kriallm_xilinx_primitives", default=False)
 
@@ -45,6 +47,12 @@ DSP48E2_PORTS = {
 # OPMODE = W[8:7] Z[6:4] Y[3:2] X[1:0]: X = Y = M (01, 01), Z = 0 (000), W = P (01) or RND (10)
 OPMODE_ACCUMULATE = 0b01_000_01_01
 OPMODE_LOAD = 0b10_000_01_01
+# madd_slice: W = C (11) or 0 (00); X = Y = M (01, 01) or 0 (00, 00); Z = 0
+OPMODE_W_C = 0b11_000_00_00
+OPMODE_XY_M = 0b00_000_01_01
+# INMODE (with AMULTSEL = AD): [2] D into the pre-adder, [1] A zeroed: AD = D; or AD = A2
+INMODE_D = 0b00110
+INMODE_A = 0b00000
 
 
 @contextlib.contextmanager
@@ -104,6 +112,71 @@ def mac_slice(m: Module, name: str, *, a: Value, b: Value, ce_ab: Value, ce_m: V
         m.d.sync += prod.eq(a2 * b2)
     with m.If(ce_p):
         m.d.sync += p.eq(Mux(load, rnd, p) + prod)
+    return p
+
+
+def madd_slice(m: Module, name: str, *, a: Value, b: Value, c: Value, ce_ab: Value, ce_p: Value,
+               use_c: Value, use_m: Value, width: int, d: Value | None = None, use_d: Value = C(0)) -> Value:
+    """P (its low `width` bits, signed) of a DSP48E2 used as a multiply-add with the addend on C:
+
+        P <= (use_c ? C : 0) + (use_m ? X2 * B2 : 0)   under ce_p;   X2 = use_d ? D2 : A2;
+        A2 <= A, D2 <= D, B2 <= B under ce_ab
+
+    (AREG = BREG = DREG = 1, MREG = 0, PREG = 1, CREG = 0: the product is not registered, C is taken
+    as it is). With `d`, the multiplier's first operand is chosen between the A and D registers by
+    the pre-adder (AMULTSEL = AD, INMODE: D on and A zeroed, or D off: AD = D or A2), so two operand
+    sources cost no fabric multiplexer. An accumulator ring closes through C (the attention unit's P.V
+    accumulators: P is the ring's first register, the rest are fabric shift registers); use_m = 0
+    rotates the ring, use_c = 0 starts a sum. a, d: signed, at most 27 bits; b: signed, at most 18
+    bits; c: signed, at most `width` bits. The caller guarantees that the true value of P fits `width`
+    bits."""
+    a, b, c = Value.cast(a), Value.cast(b), Value.cast(c)
+    if len(a) > A_BITS or len(b) > B_BITS or not a.shape().signed or not b.shape().signed:
+        raise ValueError(f"madd_slice {name}: A and B must be signed, at most {A_BITS} and {B_BITS} bits")
+    if d is not None:
+        d = Value.cast(d)
+        if len(d) > A_BITS or not d.shape().signed:
+            raise ValueError(f"madd_slice {name}: D must be signed, at most {A_BITS} bits")
+    if not 0 < width <= P_BITS or len(c) > width or not c.shape().signed:
+        raise ValueError(f"madd_slice {name}: width {width} or C ({len(c)} bits) does not fit the {P_BITS}-bit P")
+    p = Signal(signed(width), name=f"{name}_p", reset_less=True)
+    if primitives_enabled():
+        p48 = Signal(P_BITS, name=f"{name}_p48")
+        ports = {k: C(0, w) for k, w in DSP48E2_PORTS.items()}
+        ports.update(CLK=ClockSignal(), A=a, B=b, C=c, CEA2=ce_ab, CEB2=ce_ab, CEP=ce_p,
+                     OPMODE=Mux(use_c, OPMODE_W_C, 0) | Mux(use_m, OPMODE_XY_M, 0))
+        if d is not None:      # INMODE[2] D into the pre-adder, INMODE[1] A zeroed
+            ports.update(D=d, CED=ce_ab, INMODE=Mux(use_d, INMODE_D, INMODE_A))
+        params = dict(
+            AREG=1, BREG=1, ACASCREG=1, BCASCREG=1, MREG=0, PREG=1, CREG=0, DREG=int(d is not None), ADREG=0,
+            OPMODEREG=0, ALUMODEREG=0, INMODEREG=0, CARRYINREG=0, CARRYINSELREG=0,
+            A_INPUT="DIRECT", B_INPUT="DIRECT", AMULTSEL="AD" if d is not None else "A", BMULTSEL="B",
+            PREADDINSEL="A",
+            USE_MULT="MULTIPLY", USE_SIMD="ONE48", USE_WIDEXOR="FALSE", XORSIMD="XOR24_48_96",
+            USE_PATTERN_DETECT="NO_PATDET", AUTORESET_PATDET="NO_RESET", AUTORESET_PRIORITY="RESET",
+            RND=C(0, P_BITS), MASK=C((1 << P_BITS) - 1, P_BITS), PATTERN=C(0, P_BITS),
+            SEL_MASK="MASK", SEL_PATTERN="PATTERN",
+        )
+        m.submodules[name] = Instance(
+            "DSP48E2",
+            *[("p", k, v) for k, v in params.items()],
+            *[("i", k, _port(m, f"{name}_{k}", v, DSP48E2_PORTS[k])) for k, v in ports.items()],
+            ("o", "P", p48),
+        )
+        m.d.comb += p.eq(p48[:width])
+        return p
+    a2 = Signal(a.shape(), name=f"{name}_a2", reset_less=True)
+    b2 = Signal(b.shape(), name=f"{name}_b2", reset_less=True)
+    with m.If(ce_ab):
+        m.d.sync += [a2.eq(a), b2.eq(b)]
+    x2 = a2
+    if d is not None:
+        d2 = Signal(d.shape(), name=f"{name}_d2", reset_less=True)
+        with m.If(ce_ab):
+            m.d.sync += d2.eq(d)
+        x2 = Mux(use_d, d2, a2)
+    with m.If(ce_p):
+        m.d.sync += p.eq(Mux(use_c, c, 0) + Mux(use_m, x2 * b2, 0))
     return p
 
 

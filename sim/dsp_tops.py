@@ -24,9 +24,10 @@ from amaranth.hdl import Module, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from rtl.dsp import mac_slice, xilinx_primitives
+from rtl.dsp import mac_slice, madd_slice, xilinx_primitives
 
-__all__ = ["SliceDut", "dsp_check_sources", "SLICE_A_BITS", "SLICE_B_BITS", "SLICE_P_BITS", "SLICE_RND"]
+__all__ = ["SliceDut", "MaddDut", "dsp_check_sources", "SLICE_A_BITS", "SLICE_B_BITS", "SLICE_P_BITS", "SLICE_RND",
+           "MADD_A_BITS", "MADD_B_BITS", "MADD_D_BITS", "MADD_P_BITS"]
 
 SLICE_A_BITS, SLICE_B_BITS, SLICE_P_BITS = 23, 8, 40     # the kv260 packed operand and int8 activation
 SLICE_RND = 1 << 17                                      # the kv260 pack bias 2^(S-1), S = 18
@@ -43,6 +44,40 @@ class SliceDut(wiring.Component):
                                         ce_p=self.ce_p, load=self.load, rnd=SLICE_RND, width=SLICE_P_BITS))
         return m
 
+
+# the attention unit's lanes: W (24 bits, A) or a q8 code (D) times a code, 44-bit sums (D wider here)
+MADD_A_BITS, MADD_B_BITS, MADD_D_BITS, MADD_P_BITS = 25, 8, 16, 44
+
+
+class MaddDut(wiring.Component):
+    def __init__(self):
+        super().__init__({"a": In(signed(MADD_A_BITS)), "b": In(signed(MADD_B_BITS)), "c": In(signed(MADD_P_BITS)),
+                          "d": In(signed(MADD_D_BITS)), "ce_ab": In(1), "ce_p": In(1), "use_c": In(1),
+                          "use_m": In(1), "use_d": In(1), "p": Out(signed(MADD_P_BITS))})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.p.eq(madd_slice(m, "madd", a=self.a, b=self.b, c=self.c, d=self.d, ce_ab=self.ce_ab,
+                                         ce_p=self.ce_p, use_c=self.use_c, use_m=self.use_m, use_d=self.use_d,
+                                         width=MADD_P_BITS))
+        return m
+
+
+_MADD_BENCH = """\
+module glbl;
+  wire GSR = 1'b0;
+endmodule
+
+module dsp_bench(input clk, input rst, input signed [{a1}:0] a, input signed [{b1}:0] b, input signed [{p1}:0] c,
+                 input signed [{d1}:0] d, input ce_ab, input ce_p, input use_c, input use_m, input use_d,
+                 output signed [{p1}:0] p_prim, output signed [{p1}:0] p_beh);
+  glbl glbl();
+  madd_prim prim(.clk(clk), .rst(rst), .a(a), .b(b), .c(c), .d(d), .ce_ab(ce_ab), .ce_p(ce_p), .use_c(use_c),
+                 .use_m(use_m), .use_d(use_d), .p(p_prim));
+  madd_beh beh(.clk(clk), .rst(rst), .a(a), .b(b), .c(c), .d(d), .ce_ab(ce_ab), .ce_p(ce_p), .use_c(use_c),
+               .use_m(use_m), .use_d(use_d), .p(p_beh));
+endmodule
+"""
 
 _BENCH = """\
 module glbl;
@@ -68,19 +103,25 @@ def adapt_unisim(text: str) -> str:
     return text
 
 
-def dsp_check_sources(unisim_src: Path) -> tuple[list[Path], str, str]:
-    """(sources, build name, toplevel) of the side-by-side bench; unisim_src is the library's
-    verilog/src directory."""
+def dsp_check_sources(unisim_src: Path, kind: str = "mac") -> tuple[list[Path], str, str]:
+    """(sources, build name, toplevel) of the side-by-side bench of one slice kind ("mac":
+    mac_slice, "madd": madd_slice); unisim_src is the library's verilog/src directory."""
     from amaranth.back import verilog
 
     from .runner import write_verilog
     model = Path(unisim_src) / "unisims" / "DSP48E2.v"
     if not model.is_file():
         raise FileNotFoundError(f"{model}: not Xilinx's DSP48E2 simulation model")
-    beh = verilog.convert(SliceDut(), name="slice_beh")
-    with xilinx_primitives():
-        prim = verilog.convert(SliceDut(), name="slice_prim")
-    bench = _BENCH.format(a1=SLICE_A_BITS - 1, b1=SLICE_B_BITS - 1, p1=SLICE_P_BITS - 1)
+    if kind == "madd":
+        beh = verilog.convert(MaddDut(), name="madd_beh")
+        with xilinx_primitives():
+            prim = verilog.convert(MaddDut(), name="madd_prim")
+        bench = _MADD_BENCH.format(a1=MADD_A_BITS - 1, b1=MADD_B_BITS - 1, d1=MADD_D_BITS - 1, p1=MADD_P_BITS - 1)
+    else:
+        beh = verilog.convert(SliceDut(), name="slice_beh")
+        with xilinx_primitives():
+            prim = verilog.convert(SliceDut(), name="slice_prim")
+        bench = _BENCH.format(a1=SLICE_A_BITS - 1, b1=SLICE_B_BITS - 1, p1=SLICE_P_BITS - 1)
     text = beh + "\n" + prim + "\n" + bench
     src = write_verilog(text, "dsp_bench")
     unisim = write_verilog(adapt_unisim(model.read_text()), "DSP48E2")

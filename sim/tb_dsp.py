@@ -22,16 +22,22 @@ async def slices_agree(dut):
     cocotb.start_soon(Clock(dut.clk, 4, unit="ns").start())
     rng = random.Random(int(os.environ.get("DSP_SEED", "1")))
     a_bits, b_bits = len(dut.a), len(dut.b)
+    madd = os.environ.get("DSP_KIND", "mac") == "madd"     # madd_slice: C, use_c, use_m; no M register
     dut.rst.value = 0
-    for s in ("ce_ab", "ce_m", "ce_p", "load"):
+    p_ce = ({"ce_ab": 0.8, "ce_p": 0.7, "use_c": 0.7, "use_m": 0.8, "use_d": 0.5} if madd else
+            {"ce_ab": 0.8, "ce_m": 0.8, "ce_p": 0.7, "load": 0.1})
+    for s in p_ce:
         getattr(dut, s).value = 1
     dut.a.value = 0
     dut.b.value = 0
-    # Prime every register with defined values: 4 cycles with every enable and load high.
+    if madd:
+        dut.use_c.value = 0
+        dut.c.value = 0
+        dut.d.value = 0
+    # Prime every register with defined values: 4 cycles with every enable (and load) high.
     for _ in range(4):
         await FallingEdge(dut.clk)
     compared = mismatches = 0
-    p_ce = {"ce_ab": 0.8, "ce_m": 0.8, "ce_p": 0.7, "load": 0.1}
     for cyc in range(CYCLES):
         await FallingEdge(dut.clk)
         prim, beh = dut.p_prim.value, dut.p_beh.value
@@ -42,7 +48,12 @@ async def slices_agree(dut):
         burst = (cyc // 500) % 4 == 3          # every fourth stretch: everything enabled (a group streaming)
         dut.a.value = rng.randrange(-(1 << (a_bits - 1)), 1 << (a_bits - 1))
         dut.b.value = rng.randrange(-(1 << (b_bits - 1)), 1 << (b_bits - 1))
+        if madd:        # C: near P's range so that sums carry into the top bits, both signs
+            c_bits = len(dut.c)
+            dut.c.value = rng.randrange(-(1 << (c_bits - 2)), 1 << (c_bits - 2))
+            d_bits = len(dut.d)
+            dut.d.value = rng.randrange(-(1 << (d_bits - 1)), 1 << (d_bits - 1))
         for s, p in p_ce.items():
-            getattr(dut, s).value = int(rng.random() < (p if s == "load" or not burst else 1.0))
+            getattr(dut, s).value = int(rng.random() < (p if s in ("load", "use_c", "use_d") or not burst else 1.0))
     assert mismatches == 0, f"{mismatches} of {compared} cycles differ"
     dut._log.info("DSP48E2 model and Amaranth slice agree on %d cycles", compared)

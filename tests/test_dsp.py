@@ -24,7 +24,7 @@ from amaranth.sim import Simulator
 
 from rtl.array import MacArray
 from rtl.dsp import DSP48E2_PORTS, OPMODE_ACCUMULATE, OPMODE_LOAD, dsp48e2_stub_verilog, xilinx_primitives
-from sim.dsp_tops import SLICE_P_BITS, SLICE_RND, SliceDut, dsp_check_sources
+from sim.dsp_tops import MADD_A_BITS, MADD_P_BITS, SLICE_P_BITS, SLICE_RND, MaddDut, SliceDut, dsp_check_sources
 from sw.contract.config import preset
 
 
@@ -71,6 +71,50 @@ def test_amaranth_slice_is_the_dsp48e2_register_pipeline():
     assert len(set(got[first:])) > 100          # it did accumulate
 
 
+def test_amaranth_madd_slice_is_the_dsp48e2_multiply_add():
+    """P <= (use_c ? C : 0) + (use_m ? X2*B2 : 0), X2 = use_d ? D2 : A2, A2/B2/D2 under ce_ab, no M
+    register; as a ring through C it accumulates."""
+    rng = random.Random(11)
+    steps = []
+    for i in range(3000):
+        ring = (i // 300) % 2 == 1           # C = P two cycles ago: an accumulator ring of two
+        steps.append(dict(a=rng.randrange(0, 1 << (MADD_A_BITS - 1)), b=rng.randrange(-127, 128),
+                          c=None if ring else rng.randrange(-(1 << 42), 1 << 42), d=rng.randrange(-128, 128),
+                          ce_ab=int(rng.random() < 0.8), ce_p=int(rng.random() < 0.8),
+                          use_c=int(rng.random() < 0.9), use_m=int(rng.random() < 0.85),
+                          use_d=int(rng.random() < 0.3)))
+    a2 = b2 = d2 = 0
+    hist = [0, 0]
+    p = 0
+    want = []
+    for s in steps:
+        if s["c"] is None:
+            s["c"] = hist[-2]
+        want.append(p)
+        n_a2, n_b2, n_d2 = (s["a"], s["b"], s["d"]) if s["ce_ab"] else (a2, b2, d2)
+        x2 = d2 if s["use_d"] else a2
+        n_p = _wrap((s["c"] if s["use_c"] else 0) + (x2 * b2 if s["use_m"] else 0), MADD_P_BITS) \
+            if s["ce_p"] else p
+        a2, b2, d2, p = n_a2, n_b2, n_d2, n_p
+        hist.append(p)
+    dut = MaddDut()
+    got = []
+
+    async def bench(ctx):
+        for s in steps:
+            for k, v in s.items():
+                ctx.set(getattr(dut, k), v)
+            got.append(ctx.get(dut.p))
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    assert got[2:] == want[2:]
+    assert max(abs(v) for v in got) > 1 << 40 and len(set(got)) > 2000
+
+
 def _instances(text: str) -> list[str]:
     return re.findall(r"DSP48E2 #\((.*?)\) \w+ \(", text, re.S)
 
@@ -109,12 +153,13 @@ def test_the_lint_stub_declares_every_port_the_instance_ties():
 
 
 @pytest.mark.sim
-def test_slice_matches_xilinx_dsp48e2_model():
+@pytest.mark.parametrize("kind", ["mac", "madd"])
+def test_slice_matches_xilinx_dsp48e2_model(kind):
     src = os.environ.get("KRIALLM_UNISIM")
     if not src:
         pytest.skip("KRIALLM_UNISIM (XilinxUnisimLibrary verilog/src) is not set: the DSP48E2 model is not here")
     from sim.runner import run_cocotb
-    sources, build, top = dsp_check_sources(Path(src))
+    sources, build, top = dsp_check_sources(Path(src), kind)
     run_cocotb(sources=sources, toplevel=top, test_module="sim.tb_dsp", build_name=build,
-               extra_env={"DSP_CYCLES": "20000", "DSP_SEED": "3"},
+               extra_env={"DSP_CYCLES": "20000", "DSP_SEED": "3", "DSP_KIND": kind},
                build_args=["--timing", "-CFLAGS", "-fcoroutines"])   # the model waits #1 at time 0
