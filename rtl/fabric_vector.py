@@ -1,7 +1,7 @@
 """FabricVectorEngine: the fabric decoder's vector opcodes, DDR to DDR, on one VectorUnit.
 
-Executes EMBED, RMSNORM, QUANT, ROPE, KV_STORE, ADD and SILU_MUL (sw/contract/fabric_commands.py,
-OP_DOCS) exactly as sw/driver/fabric_exec.py's ``FabricOps`` does: the same bytes in memory and
+Executes EMBED, RMSNORM, QUANT, ROPE, KV_STORE, ADD and SILU_MUL, and RMSNORM, SILU_MUL and ROPE
+with QUANT_OUT (sw/contract/fabric_commands.py, OP_DOCS, QUANT_OUT_DOC) exactly as sw/driver/fabric_exec.py's ``FabricOps`` does: the same bytes in memory and
 the same error code. ATTEND is another engine's.
 
 Ports
@@ -29,7 +29,14 @@ ROPE     src0 row t -> head buffer -> a, b        table row pos+t -> table buffe
                                                   -> c, d (replayed per head)
 EMBED    table row id_t (8 bf16 per beat, two a   ids (once, unless TOKEN_REG)     dst row t
          beats per memory beat)
++Q       as the op                                as the op                        as QUANT (group aux)
 ======== ======================================== ================================ ======================
+
+"+Q" is RMSNORM, SILU_MUL or ROPE with flag QUANT_OUT (flags bit 2): the VectorUnit command carries
+``quant`` = 1 and group = aux (ROPE: the head_dim), the unit quantizes the result as it leaves
+the producer's pipelines, and the write generator writes the activation buffer
+commands.activation_layout(n, aux, T) exactly as QUANT does (codes, scales, qsums rows, padding
+included); no fp32 row is written and dst_stride is unused.
 
 * Four independent sequencers (rd0 commands, rd1 commands, VectorUnit commands, write segments)
   walk the same (row, head, segment) loops, so reads run ahead of the compute by the masters'
@@ -281,6 +288,8 @@ class FabricVectorEngine(CheckedComponent):
         c = Signal(fabric_op_layout(aw))
         opc = c.opcode
         is_op = {o: opc == int(o) for o in VECTOR_OPCODES}
+        # QUANT_OUT (flags bit 2): the producer's result is quantized (group aux) and written as QUANT writes
+        qout = c.flags[2] & (is_op[Opcode.RMSNORM] | is_op[Opcode.SILU_MUL] | is_op[Opcode.ROPE])
         n = Signal(nw)
         T = Signal(tw)
         lg = Signal(3)                        # log2(aux)
@@ -336,6 +345,7 @@ class FabricVectorEngine(CheckedComponent):
             vu.cmd.valid.eq(g_vu.valid), g_vu.ready.eq(vu.cmd.ready),
             vu.cmd.payload.op.eq(vu_op), vu.cmd.payload.length.eq(vu_len),
             vu.cmd.payload.c0.eq(c.p0), vu.cmd.payload.c1.eq(c.p1), vu.cmd.payload.group.eq(vu_group),
+            vu.cmd.payload.quant.eq(qout),
         ]
 
         # ROPE: head buffer (x -> a, b) and table buffer (cos, sin -> c, d)
@@ -385,7 +395,7 @@ class FabricVectorEngine(CheckedComponent):
         m.d.comb += ids_data_take.eq(ids_phase & rd1.data.valid)
 
         # QUANT / KV_STORE outputs: codes 4 x 4 -> one beat; stats -> scale and qsum beats
-        quant = is_op[Opcode.QUANT]
+        quant = is_op[Opcode.QUANT] | qout           # the stats carry qsums too (not KV_STORE)
         codes_fifo = dp.submodules.codes_fifo = SyncFIFOBuffered(width=BEAT_BITS, depth=32)
         cidx = Signal(2)
         cacc = [Signal(32, name=f"cacc{i}") for i in range(3)]
@@ -536,7 +546,7 @@ class FabricVectorEngine(CheckedComponent):
                 m.d.sync += tot.eq(al64(qo + tms))
                 m.next = "PARAMS"
             with m.State("PARAMS"):
-                self._params(m, c, is_op, g_rd0, g_rd1, g_vu, g_wr, n=n, T=T, lg=lg, nb=nb, nh=nh, hd=hd,
+                self._params(m, c, is_op, qout, g_rd0, g_rd1, g_vu, g_wr, n=n, T=T, lg=lg, nb=nb, nh=nh, hd=hd,
                              tn=tn, ms=ms, tms=tms, so_=so_, qo=qo, tot=tot, cbytes=cbytes, sbytes=sbytes,
                              vu_op=vu_op, vu_len=vu_len, vu_group=vu_group, words_per_row=words_per_row,
                              hbuf=hbuf, tbuf=tbuf)
@@ -608,7 +618,7 @@ class FabricVectorEngine(CheckedComponent):
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE") | masters_busy)
         return m
 
-    def _params(self, m, c, is_op, g_rd0, g_rd1, g_vu, g_wr, *, n, T, lg, nb, nh, hd, tn, ms, tms, so_, qo,
+    def _params(self, m, c, is_op, qout, g_rd0, g_rd1, g_vu, g_wr, *, n, T, lg, nb, nh, hd, tn, ms, tms, so_, qo,
                 tot, cbytes, sbytes, vu_op, vu_len, vu_group, words_per_row, hbuf, tbuf):
         """The generators' parameters for the op in `c` (one cycle, registered)."""
         s = m.d.sync
@@ -622,6 +632,16 @@ class FabricVectorEngine(CheckedComponent):
         s += [hbuf.B.eq(hd >> 2), hbuf.R.eq(1), tbuf.B.eq(hd >> 2), tbuf.R.eq(nh)]
         row0 = [g_rd0.base[0].eq(c.src0), g_rd0.st_t[0].eq(c.src_stride)]
         out_rows = [g_wr.base[0].eq(c.dst), g_wr.st_t[0].eq(c.dst_stride)]
+        # the activation buffer activation_layout(n, aux, T) per row: codes, scales, qsums (QUANT, QUANT_OUT)
+        activations = [
+            g_wr.n_k.eq(3),
+            g_wr.base[0].eq(c.dst), g_wr.st_t[0].eq(n), g_wr.beats[0].eq(n >> 4),
+            g_wr.dbeats[0].eq(n >> 4), g_wr.pad[0].eq((so_ - tn) >> 4), g_wr.src[0].eq(_CODES),
+            g_wr.base[1].eq(c.dst + so_), g_wr.st_t[1].eq(ms), g_wr.beats[1].eq(ms >> 4),
+            g_wr.dbeats[1].eq(ms >> 4), g_wr.pad[1].eq((qo - so_ - tms) >> 4), g_wr.src[1].eq(_SCALES),
+            g_wr.base[2].eq(c.dst + qo), g_wr.st_t[2].eq(ms), g_wr.beats[2].eq(ms >> 4),
+            g_wr.dbeats[2].eq(ms >> 4), g_wr.pad[2].eq((tot - qo - tms) >> 4), g_wr.src[2].eq(_QSUMS),
+        ]
         with m.Switch(c.opcode):
             with m.Case(int(Opcode.ADD), int(Opcode.SILU_MUL)):
                 s += row0 + out_rows
@@ -640,14 +660,7 @@ class FabricVectorEngine(CheckedComponent):
                       g_rd1.st_t[0].eq(hd << 2), g_rd1.beats[0].eq(hd >> 2)]
                 s += [vu_op.eq(VecOp.ROPE), vu_len.eq(hd), g_vu.n_g.eq(nh)]
             with m.Case(int(Opcode.QUANT)):
-                s += row0 + [vu_op.eq(VecOp.QUANT), vu_len.eq(n)]
-                s += [g_wr.n_k.eq(3)]
-                s += [g_wr.base[0].eq(c.dst), g_wr.st_t[0].eq(n), g_wr.beats[0].eq(n >> 4),
-                      g_wr.dbeats[0].eq(n >> 4), g_wr.pad[0].eq((so_ - tn) >> 4), g_wr.src[0].eq(_CODES)]
-                s += [g_wr.base[1].eq(c.dst + so_), g_wr.st_t[1].eq(ms), g_wr.beats[1].eq(ms >> 4),
-                      g_wr.dbeats[1].eq(ms >> 4), g_wr.pad[1].eq((qo - so_ - tms) >> 4), g_wr.src[1].eq(_SCALES)]
-                s += [g_wr.base[2].eq(c.dst + qo), g_wr.st_t[2].eq(ms), g_wr.beats[2].eq(ms >> 4),
-                      g_wr.dbeats[2].eq(ms >> 4), g_wr.pad[2].eq((tot - qo - tms) >> 4), g_wr.src[2].eq(_QSUMS)]
+                s += row0 + [vu_op.eq(VecOp.QUANT), vu_len.eq(n)] + activations
             with m.Case(int(Opcode.KV_STORE)):
                 value = c.flags[1]
                 co = Mux(value, cbytes, 0)
@@ -660,3 +673,5 @@ class FabricVectorEngine(CheckedComponent):
                 s += [g_wr.base[1].eq(c.dst + sof + (c.run_pos << 2)), g_wr.st_t[1].eq(4),
                       g_wr.st_g[1].eq(c.p0 << 2), g_wr.beats[1].eq(1), g_wr.dbeats[1].eq(1),
                       g_wr.src[1].eq(_KVSCALE)]
+        with m.If(qout):          # RMSNORM, SILU_MUL, ROPE with QUANT_OUT: written as QUANT writes
+            s += activations

@@ -15,18 +15,27 @@ QUANT    per-group symmetric INT8 codes, scale, qsum       numerics.quantize_act
 BF16     out = bf16 bits << 16                             fabric_ops.embedding (one row)
 ======== ================================================= ===========================================
 
+Fused quantization: RMSNORM, SILU_MUL and ROPE with the command's ``quant`` bit set quantize their
+result per group of ``group`` (G) instead of sending it out: ``codes`` and ``stats`` carry exactly
+what a QUANT of the result with group G would (numerics.quantize_activations(result, G); a ROPE
+head with G = head_dim is one group), and ``out`` stays silent. The arithmetic is that of the two
+ops in sequence, bit for bit.
+
 Interface (every valid/ready port is an ``amaranth.lib.stream`` of the payload given; L = lanes;
 "lane l" of a beat is bits [32 l, 32 l + 32) of the payload unless stated):
 
 ``cmd`` (In): one beat per command, :func:`command_layout`:
     ``op`` (:class:`VecOp`), ``length`` (n, the elements of the command), ``c0``, ``c1`` (fp32 bit
-    patterns; RMSNORM only: c0 = fp32(1/n), c1 = fp32(eps)), ``group`` (QUANT only: the group size G).
+    patterns; RMSNORM only: c0 = fp32(1/n), c1 = fp32(eps)), ``group`` (QUANT, and a fused op: the
+    group size G), ``quant`` (RMSNORM, SILU_MUL, ROPE: quantize the result, see above; ignored on
+    the other ops).
 ``a``, ``b``, ``c``, ``d`` (In): operand streams, L fp32 lanes per beat (``ArrayLayout(32, L)``).
 ``out`` (Out): L fp32 lanes per beat (``unsigned(32 L)``).
-``codes`` (Out): QUANT's int8 codes, L per beat (``unsigned(8 L)``, lane l = bits [8 l, 8 l + 8), two's
+``codes`` (Out): QUANT's (or a fused op's) int8 codes, L per beat (``unsigned(8 L)``, lane l = bits [8 l, 8 l + 8), two's
     complement). The output payloads are plain bit vectors, not ArrayLayouts: see the note in
     ``VectorUnit.__init__`` (Yosys's abc9 cannot synthesize the unit alone with array output ports).
-``stats`` (Out): QUANT's per-group {``scale``: fp32 s_a bits, ``qsum``: signed(32)}, one beat per group.
+``stats`` (Out): QUANT's (or a fused op's) per-group {``scale``: fp32 s_a bits, ``qsum``: signed(32)},
+    one beat per group.
 
 Beat orders (every stream is one or two contiguous fp32 arrays read in ascending element order, L
 elements per beat, element j of an array in lane j mod L of beat j // L):
@@ -44,6 +53,8 @@ QUANT    a: x[0..n)  (n = T * K for T rows of K: the groups run across rows)  co
                                                                               stats: group g -> (s_a, qsum)
 BF16     a: bf16 bit patterns row[0..n): lane l of a beat is bits [16 l, 16 l + 16)  out: n fp32 values
          (the upper half of the beat is ignored)
+fused    the producer's operand beats (RMSNORM, SILU_MUL, ROPE above)         codes: q[0..n), stats: one
+         (``quant`` = 1)                                                      beat per group (as QUANT)
 ======== ==================================================================== ============================
 
 So QUANT's ``codes`` are the int8 [T][K] codes section of sw.contract.commands.ActivationLayout
@@ -52,12 +63,12 @@ sections (beat g = row g // ng, group g % ng). Operand beats of one op are taken
 handshake cycle for all the streams the op uses); streams an op does not use are never taken.
 
 Preconditions (the unit does not check them): n is a multiple of L and at least L; ROPE: n is a
-multiple of 2 L; QUANT: G is one of ``groups`` and n a multiple of G; RMSNORM: c0, c1 as
+multiple of 2 L; QUANT and fused: G is one of ``groups`` and n a multiple of G (fused ROPE: G = n); RMSNORM: c0, c1 as
 fabric_ops.rms_constants gives them (the sum of squares times c0 plus c1 must be > 0, the
-rsqrt domain). Finite inputs.
+rsqrt domain). Finite inputs (and, fused, finite results).
 
-Datapath: per lane two Fp32Multiply (M1, M2), one Fp32Add (A), a Sigmoid and an Fp32ToInt;
-one scalar Fp32Add, Fp32Multiply, Rsqrt and Fp32Divide. Per op:
+Datapath: per lane three Fp32Multiply (M1, M2 for the ops, M3 for the quantizer), one Fp32Add (A),
+a Sigmoid and an Fp32ToInt; one scalar Fp32Add, Fp32Multiply, Rsqrt and Fp32Divide. Per op:
 
 * ADD: A(a, b). BF16: a register.
 * SILU_MUL: Sigmoid(a); M1(a, sig); M2(., b) (a, b delayed in reset-less shift registers).
@@ -68,18 +79,28 @@ one scalar Fp32Add, Fp32Multiply, Rsqrt and Fp32Divide. Per op:
   add latency <= 32/L is hazard-free. Then the fixed balanced tree on the scalar adder, level by level
   (pairs (2j, 2j+1) -> j, in place), s*c0 (scalar multiply), + c1 (scalar add), Rsqrt. Pass 2:
   M1(x, r), M2(., gamma). This is fabric_ops.fixed_sum's order exactly.
-* QUANT: groups are written into a ring of ``quant_slots`` group buffers (a memory per lane) while
-  their amax = max |x| (exact, on the magnitude bits) is found; a loaded group gets inv =
-  127/safe and s_a = safe/127 from the scalar divider (safe = amax, or 1.0 below
-  numerics.AMAX_MIN); then its beats are read back: M1(x, inv), Fp32ToInt (round half even, clip
+* QUANT (the quantizer): groups are written into a ring of ``quant_slots`` group buffers (a memory
+  per lane) while their amax = max |x| (exact, on the magnitude bits) is found; a loaded group gets
+  inv = 127/safe and s_a = safe/127 from the scalar divider (safe = amax, or 1.0 below
+  numerics.AMAX_MIN); then its beats are read back: M3(x, inv), Fp32ToInt (round half even, clip
   to +-127), codes forced to 0 for a dead group, qsum summed exactly. Loading overlaps the division
-  and the quantization of earlier groups.
+  and the quantization of earlier groups. The ring loads QUANT's a beats, or, fused, the beats the
+  producer's pipelines put into the out FIFO (its read side feeds the ring instead of ``out``), so
+  the producer's M1 and the quantizer's M3 work at the same time.
 
 Flow control: every fixed-latency pipeline writes into an output FIFO; a beat is issued only when
-the FIFO has room for it counting every beat already in flight (a credit counter per output
-stream), so back-pressure on an output never loses data and never stalls a pipeline. Between two
-commands the pipelines drain (``latency`` cycles), except when the next command has the same op
-(and, for QUANT, the same group) and is not RMSNORM: then it follows without a gap.
+the FIFO has room for it counting every beat already in flight (a credit counter per output FIFO:
+beats taken and not yet read out of it), so back-pressure on an output never loses data and never
+stalls a pipeline. Fused, the out FIFO is read by the ring, so a full ring (``codes`` or ``stats``
+back-pressured, or the divider behind) fills the out FIFO and the credits stall the producer.
+
+Between commands: a command is complete when its pipelines have drained (``latency`` cycles after
+the last issue) and the quantizer is empty (no loaded or partly loaded group, no read-back in
+flight), fused also the out FIFO. The next command follows without that drain when it has the same
+op, the same ``quant`` and (QUANT or fused) the same group, and is not RMSNORM (so ROPE heads
+stream back to back); a fused command after a fused one with the same group waits only for the
+pipelines (an RMSNORM row's sums start while the previous row's last groups are quantized). A
+fused command never starts while the out FIFO still holds an unfused command's results.
 """
 
 from __future__ import annotations
@@ -119,7 +140,7 @@ class VecOp(enum.Enum, shape=3):
 
 def command_layout(length_width: int, group_width: int) -> data.StructLayout:
     return data.StructLayout({"op": VecOp, "length": unsigned(length_width), "c0": unsigned(32),
-                              "c1": unsigned(32), "group": unsigned(group_width)})
+                              "c1": unsigned(32), "group": unsigned(group_width), "quant": 1})
 
 
 def stats_layout() -> data.StructLayout:
@@ -239,18 +260,24 @@ class VectorUnit(CheckedComponent):
         m.submodules.codes_fifo = codes_fifo = SyncFIFOBuffered(width=8 * L, depth=codes_depth)
         stats_depth = 4
         m.submodules.stats_fifo = stats_fifo = SyncFIFOBuffered(width=64, depth=stats_depth)
-        for fifo, port in ((out_fifo, self.out), (codes_fifo, self.codes), (stats_fifo, self.stats)):
+        fused = Signal()          # the current command's result goes to the quantizer, not to `out`
+        q_load_fused = Signal()   # fused: the quantizer takes the out FIFO's head beat
+        for fifo, port in ((codes_fifo, self.codes), (stats_fifo, self.stats)):
             m.d.comb += [port.valid.eq(fifo.r_rdy), port.payload.eq(fifo.r_data), fifo.r_en.eq(port.ready)]
+        m.d.comb += [self.out.valid.eq(out_fifo.r_rdy & ~fused), self.out.payload.eq(out_fifo.r_data),
+                     out_fifo.r_en.eq(Mux(fused, q_load_fused, self.out.ready))]
 
-        def credit(name, depth, port):
+        def credit(name, depth, fifo):
+            """Beats taken and not yet read out of `fifo` (in flight or in it)."""
             used = Signal(range(depth + 1), name=f"{name}_used")
             take = Signal(name=f"{name}_take")
-            m.d.sync += used.eq(used + take - (port.valid & port.ready))
-            return used < depth, take
+            m.d.sync += used.eq(used + take - (fifo.r_rdy & fifo.r_en))
+            return used, take
 
-        out_room, out_take = credit("out", out_depth, self.out)
-        codes_room, codes_take = credit("codes", codes_depth, self.codes)
-        stats_room, stats_take = credit("stats", stats_depth, self.stats)
+        out_used, out_take = credit("out", out_depth, out_fifo)
+        codes_used, codes_take = credit("codes", codes_depth, codes_fifo)
+        stats_used, stats_take = credit("stats", stats_depth, stats_fifo)
+        out_room, codes_room, stats_room = out_used < out_depth, codes_used < codes_depth, stats_used < stats_depth
 
         # --- which streams the current step takes -------------------------------------------------
         run = state == _State.RUN
@@ -262,17 +289,20 @@ class VectorUnit(CheckedComponent):
         q_load_ok = Signal()                                 # QUANT: the ring has a free slot
         in_ok = (self.a.valid & (~uses_b | self.b.valid) & (~uses_cd | (self.c.valid & self.d.valid)))
         issue = Signal()      # lane pipelines take a beat
-        q_load = Signal()     # QUANT takes a beat into the group ring
+        q_load_a = Signal()   # QUANT takes an a beat into the group ring
+        q_load = Signal()     # the group ring takes a beat (an a beat, or fused: an out FIFO beat)
         m.d.comb += [
             issue.eq(lane_step & in_ok & ((state == _State.RMS_SUM) | out_room)),
-            q_load.eq(run & is_[VecOp.QUANT] & (beat != beats) & self.a.valid & q_load_ok),
+            q_load_a.eq(run & is_[VecOp.QUANT] & (beat != beats) & self.a.valid & q_load_ok),
+            q_load_fused.eq(fused & out_fifo.r_rdy & q_load_ok),
+            q_load.eq(q_load_a | q_load_fused),
             out_take.eq(issue & to_out & run),
-            self.a.ready.eq(issue | q_load),
+            self.a.ready.eq(issue | q_load_a),
             self.b.ready.eq(issue & uses_b),
             self.c.ready.eq(issue & uses_cd),
             self.d.ready.eq(issue & uses_cd),
         ]
-        with m.If(issue | q_load):
+        with m.If(issue | q_load_a):
             m.d.sync += beat.eq(beat + 1)
         with m.If(issue):       # the cycles until this beat's result is in its FIFO (or partial)
             m.d.sync += timer.eq(Mux(state == _State.RMS_SUM, 1 + M + A, Array(
@@ -314,10 +344,11 @@ class VectorUnit(CheckedComponent):
         for l in range(L):
             m1 = Fp32Multiply(M)
             m2 = Fp32Multiply(M)
+            m3 = Fp32Multiply(M)
             add = Fp32Add(A)
             sig = Sigmoid()
             toint = Fp32ToInt(8, QMAX_A)
-            for name, unit in (("m1", m1), ("m2", m2), ("add", add), ("sig", sig), ("toint", toint)):
+            for name, unit in (("m1", m1), ("m2", m2), ("m3", m3), ("add", add), ("sig", sig), ("toint", toint)):
                 m.submodules[f"lane{l}_{name}"] = unit
             a_s = _delay(m, a0[l], S, f"a_sig{l}")
             b_m = _delay(m, b0[l], M, f"b_mul{l}")
@@ -331,8 +362,6 @@ class VectorUnit(CheckedComponent):
                     m.d.comb += [m1.i_valid.eq(v0), m1.a.eq(a0[l]), m1.b.eq(Mux(sum0, a0[l], r_scale))]
                 with m.Case(VecOp.ROPE):
                     m.d.comb += [m1.i_valid.eq(v0), m1.a.eq(a0[l]), m1.b.eq(c0r[l])]
-                with m.Case(VecOp.QUANT):
-                    m.d.comb += [m1.i_valid.eq(q_v1), m1.a.eq(q_x1[l]), m1.b.eq(q_inv1)]
             # M2
             with m.Switch(op):
                 with m.Case(VecOp.SILU_MUL):
@@ -356,8 +385,9 @@ class VectorUnit(CheckedComponent):
                     m.d.comb += [add.i_valid.eq(m1.o_valid & sum_m), add.a.eq(read), add.b.eq(m1.o)]
             with m.If(wb):
                 m.d.sync += Array(mine)[slot_a].eq(add.o)
-            # QUANT: x * inv -> int8
-            m.d.comb += [toint.i_valid.eq(m1.o_valid & is_[VecOp.QUANT]), toint.a.eq(m1.o)]
+            # the quantizer's read side (QUANT, or a fused producer's result): M3(x, inv) -> int8
+            m.d.comb += [m3.i_valid.eq(q_v1), m3.a.eq(q_x1[l]), m3.b.eq(q_inv1),
+                         toint.i_valid.eq(m3.o_valid), toint.a.eq(m3.o)]
             codes_lanes.append(toint.o)
             # the lane's result
             res = Signal(32, name=f"res{l}")
@@ -376,7 +406,7 @@ class VectorUnit(CheckedComponent):
                         m.d.comb += out_valid.eq(v0)
             out_lanes.append(res)
             if l == 0:
-                m.d.comb += codes_valid.eq(toint.o_valid & is_[VecOp.QUANT])
+                m.d.comb += codes_valid.eq(toint.o_valid)
         m.d.comb += [out_fifo.w_en.eq(out_valid), out_fifo.w_data.eq(Cat(*out_lanes))]
 
         # --- RMSNORM: tree, scale, eps, rsqrt (scalar units) ---------------------------------------------
@@ -399,16 +429,26 @@ class VectorUnit(CheckedComponent):
         # --- the command sequencer ----------------------------------------------------------------------
         cmd = self.cmd.payload
         beats_of = (cmd.length >> lane_bits)
-        same_op = ((cmd.op == op) & (op != VecOp.RMSNORM)
-                   & ((op != VecOp.QUANT) | (cmd.group == Cat(Const(0, lane_bits), group_beats))))
-        quiet = Signal()
-        q_busy = Signal()
-        m.d.comb += quiet.eq((timer == 0) & ~q_busy)
+        cmd_fused = cmd.quant & ((cmd.op == VecOp.RMSNORM) | (cmd.op == VecOp.SILU_MUL) | (cmd.op == VecOp.ROPE))
+        same_group = cmd.group == Cat(Const(0, lane_bits), group_beats)
+        # the quantizer's configuration (fused or not, G) may change only when it is empty
+        same_quant = (cmd_fused == fused) & ((~fused & (op != VecOp.QUANT)) | same_group)
+        same_op = (cmd.op == op) & (op != VecOp.RMSNORM) & same_quant
+        out_empty = out_used == 0             # nothing in flight to the out FIFO nor in it
+        lane_quiet = timer == 0
+        quiet = Signal()          # the command is complete
+        q_busy = Signal()         # the quantizer holds a group (loaded, partly loaded or being read)
+        m.d.comb += quiet.eq(lane_quiet & ~q_busy & (~fused | out_empty))
+        # A fused command after an unfused one: the out FIFO must be empty of the earlier results
+        # (they belong to `out`). After a fused one with the same G: the quantizer may still be busy.
+        fifo_ok = ~cmd_fused | fused | out_empty
+        follow = (fused & cmd_fused & same_group & lane_quiet) | same_op
+        can_start = ((quiet & fifo_ok) | follow)
 
         def start_command():
             m.d.sync += [op.eq(cmd.op), beats.eq(beats_of), beat.eq(0),
                          half_beats.eq(cmd.length >> (lane_bits + 1)), c0.eq(cmd.c0), c1.eq(cmd.c1),
-                         group_beats.eq(cmd.group >> lane_bits)]
+                         group_beats.eq(cmd.group >> lane_bits), fused.eq(cmd_fused)]
             with m.If(cmd.op == VecOp.RMSNORM):
                 m.d.sync += [state.eq(_State.RMS_SUM)] + [p.eq(0) for p in partials]
             with m.Else():
@@ -416,8 +456,8 @@ class VectorUnit(CheckedComponent):
 
         with m.Switch(state):
             with m.Case(_State.IDLE):
-                m.d.comb += self.cmd.ready.eq(1)
-                with m.If(self.cmd.valid):
+                m.d.comb += self.cmd.ready.eq(fifo_ok)
+                with m.If(self.cmd.valid & fifo_ok):
                     start_command()
             with m.Case(_State.RUN):
                 with m.If(beat == beats):
@@ -454,8 +494,8 @@ class VectorUnit(CheckedComponent):
                         with m.If(rsqrt.o_valid):
                             m.d.sync += [r_scale.eq(rsqrt.o), state.eq(_State.RUN), beat.eq(0)]
             with m.Case(_State.DRAIN):
-                m.d.comb += self.cmd.ready.eq(quiet | same_op)
-                with m.If(self.cmd.valid & (quiet | same_op)):
+                m.d.comb += self.cmd.ready.eq(can_start)
+                with m.If(self.cmd.valid & can_start):
                     start_command()
                 with m.Elif(quiet):
                     m.d.sync += state.eq(_State.IDLE)
@@ -478,7 +518,8 @@ class VectorUnit(CheckedComponent):
         w_beat = Signal(range(gbm))
         amax_run = Signal(31)
         m.d.comb += q_load_ok.eq(~full.bit_select(w_slot, 1))
-        mags = [self.a.payload[l][0:31] for l in range(L)]
+        q_src = [Mux(fused, out_fifo.r_data[32 * l:32 * l + 32], self.a.payload[l]) for l in range(L)]
+        mags = [q_src[l][0:31] for l in range(L)]
         beat_max = mags[0]
         for v in mags[1:]:
             beat_max = Mux(v > beat_max, v, beat_max)
@@ -487,7 +528,7 @@ class VectorUnit(CheckedComponent):
         for l, mem in enumerate(mems):
             wp = mem.write_port()
             m.d.comb += [wp.en.eq(q_load), wp.addr.eq(Cat(w_beat[:gb_bits], w_slot[:slot_bits])),
-                         wp.data.eq(self.a.payload[l])]
+                         wp.data.eq(q_src[l])]
         div_req = Signal(2)        # bit 0: issue inv next, bit 1: then s_a
         div_slot = Signal(range(slots))
         group_done = q_load & (w_beat + 1 == group_beats)
@@ -523,11 +564,14 @@ class VectorUnit(CheckedComponent):
         m.d.comb += [codes_take.eq(q_issue), stats_take.eq(q_issue & r_first)]
         clear = Mux(q_issue & r_last, 1 << r_slot, 0)
         m.d.sync += [full.eq((full | set_full) & ~clear), ready_.eq((ready_ | set_ready) & ~clear)]
+        q_timer = Signal(range(q_lat + 3))          # cycles until the last issued read is in the FIFOs
+        with m.If(q_timer != 0):
+            m.d.sync += q_timer.eq(q_timer - 1)
         with m.If(q_issue):
-            m.d.sync += [r_beat.eq(r_beat + 1), timer.eq(q_lat + 2)]
+            m.d.sync += [r_beat.eq(r_beat + 1), q_timer.eq(q_lat + 2)]
             with m.If(r_last):
                 m.d.sync += [r_beat.eq(0), r_slot.eq(Mux(r_slot == slots - 1, 0, r_slot + 1))]
-        m.d.comb += q_busy.eq(full.any())
+        m.d.comb += q_busy.eq(full.any() | (w_beat != 0) | (q_timer != 0))
         for l, mem in enumerate(mems):
             rp = mem.read_port()
             m.d.comb += [rp.addr.eq(Cat(r_beat[:gb_bits], r_slot[:slot_bits])), rp.en.eq(1),

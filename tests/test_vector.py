@@ -52,7 +52,7 @@ def test_impossible_parameters(kwargs, match):
 
 
 def test_layouts():
-    assert command_layout(14, 8).size == 3 + 14 + 32 + 32 + 8
+    assert command_layout(14, 8).size == 3 + 14 + 32 + 32 + 8 + 1
     assert stats_layout().size == 64
     unit = VectorUnit(4)
     Fragment.get(unit, None)
@@ -86,10 +86,22 @@ class Program:
         self.scales: list[np.ndarray] = []
         self.qsums: list[np.ndarray] = []
         self.ops: list[str] = []
+        self.out_len: list[int] = []                # out values per command (0: QUANT, fused)
 
-    def _cmd(self, op: VecOp, n: int, c0=0, c1=0, group=0):
-        self.cmds.append(dict(op=op.value, length=n, c0=int(c0), c1=int(c1), group=group))
-        self.ops.append(op.name)
+    def _cmd(self, op: VecOp, n: int, c0=0, c1=0, group=0, quant=0):
+        self.cmds.append(dict(op=op.value, length=n, c0=int(c0), c1=int(c1), group=group, quant=int(bool(quant))))
+        self.ops.append(op.name + (f"+QUANT(g{group})" if quant else ""))
+        self.out_len.append(0 if quant or op == VecOp.QUANT else n)
+
+    def _result(self, y, quant: int):
+        """The producer's result: to `out`, or (quant = the group G) quantized as a following QUANT."""
+        if quant:
+            q, s, qsum = quantize_activations(np.asarray(y, F32)[None], quant)
+            self.codes.append(np.asarray(q, np.int8).reshape(-1))
+            self.scales.append(bits(s).reshape(-1))
+            self.qsums.append(np.asarray(qsum, np.int64).reshape(-1))
+        else:
+            self.out.append(bits(y))
 
     def add(self, h, y):
         self._cmd(VecOp.ADD, len(h))
@@ -97,28 +109,29 @@ class Program:
         self.ins["b"].append(bits(y))
         self.out.append(bits(fo.residual_add(h, y)))
 
-    def silu_mul(self, g, u):
-        self._cmd(VecOp.SILU_MUL, len(g))
+    def silu_mul(self, g, u, quant: int = 0):
+        self._cmd(VecOp.SILU_MUL, len(g), group=quant, quant=quant)
         self.ins["a"].append(bits(g))
         self.ins["b"].append(bits(u))
-        self.out.append(bits(fo.silu_mul(g, u)))
+        self._result(fo.silu_mul(g, u), quant)
 
-    def rms_norm(self, x, gamma, eps):
+    def rms_norm(self, x, gamma, eps, quant: int = 0):
         inv_n, eps32 = fo.rms_constants(len(x), eps)
-        self._cmd(VecOp.RMSNORM, len(x), bits(inv_n), bits(eps32))
+        self._cmd(VecOp.RMSNORM, len(x), bits(inv_n), bits(eps32), group=quant, quant=quant)
         self.ins["a"] += [bits(x), bits(x)]
         self.ins["b"].append(bits(gamma))
-        self.out.append(bits(fo.rms_norm(x, gamma, eps)))
+        self._result(fo.rms_norm(x, gamma, eps), quant)
 
-    def rope(self, x, cos_h, sin_h):
+    def rope(self, x, cos_h, sin_h, quant: bool = False):
+        """One head; quant: quantize it as one group (G = head_dim, QUANT with aux = head_dim)."""
         n = len(x)
         h = n // 2
-        self._cmd(VecOp.ROPE, n)
+        self._cmd(VecOp.ROPE, n, group=n if quant else 0, quant=quant)
         self.ins["a"].append(bits(x))
         self.ins["b"].append(bits(np.concatenate([x[h:], x[:h]])))
         self.ins["c"].append(bits(np.concatenate([cos_h, cos_h])))
         self.ins["d"].append(bits(np.concatenate([sin_h, sin_h])))
-        self.out.append(bits(fo.apply_rope(x[None], cos_h[None], sin_h[None])[0]))
+        self._result(fo.apply_rope(x[None], cos_h[None], sin_h[None])[0], n if quant else 0)
 
     def quant(self, x, group, heads=False):
         self._cmd(VecOp.QUANT, len(x), group=group)
@@ -142,7 +155,7 @@ class Program:
         """Payload bytes per stream: cmd beats, and L uint32 lanes per operand beat."""
         from sim.tb_array import pack_payloads
         cmd = pack_payloads(unit.cmd.payload.shape(), {k: np.array([c[k] for c in self.cmds], np.int64)
-                                                      for k in ("op", "length", "c0", "c1", "group")},
+                                                      for k in ("op", "length", "c0", "c1", "group", "quant")},
                             len(self.cmds))
         out = {"cmd": cmd}
         for s in "abcd":
@@ -229,27 +242,153 @@ def make_program(lanes, preset, group, rng, full_intermediate=True) -> Program:
     return p
 
 
-TIMED_OPS = ("ADD", "SILU_MUL", "RMSNORM", "ROPE", "QUANT", "BF16")
+TIMED_OPS = ("ADD", "SILU_MUL", "RMSNORM", "ROPE", "QUANT", "BF16", "RMSNORM+Q", "SILU_MUL+Q", "ROPE+Q")
 
 
 def timed_program(lanes, op, n, hd, group, rng) -> Program:
     """One op, no edge cases: its stall-free cycle count."""
     p = Program(lanes)
+    op, fused = op.removesuffix("+Q"), op.endswith("+Q")       # "+Q": with the quantizer fused (group)
+    g = group if fused else 0
     if op == "ADD":
         p.add(realistic(rng, n), realistic(rng, n))
     elif op == "SILU_MUL":
-        p.silu_mul(realistic(rng, n, 3.0), realistic(rng, n))
+        p.silu_mul(realistic(rng, n, 3.0), realistic(rng, n), quant=g)
     elif op == "RMSNORM":
-        p.rms_norm(realistic(rng, n), realistic(rng, n) + F32(1), 1e-6)
+        p.rms_norm(realistic(rng, n), realistic(rng, n) + F32(1), 1e-6, quant=g)
     elif op == "ROPE":
         cos_h, sin_h = fo.rope_half_tables(hd, 1e6, np.arange(4))
         for k in range(4):
-            p.rope(realistic(rng, hd), cos_h[k], sin_h[k])
+            p.rope(realistic(rng, hd), cos_h[k], sin_h[k], quant=fused)
     elif op == "QUANT":
         p.quant(realistic(rng, n), group)
     else:
         p.bf16(rng.integers(0, 1 << 16, n).astype(np.uint16))
     return p
+
+
+@np.errstate(over="ignore", under="ignore")
+def fused_program(lanes, n, hd, group, rng, rows=2, eps=1e-6) -> Program:
+    """The fused ops (RMSNORM, SILU_MUL, ROPE with QUANT) over `rows` token rows (one command per row,
+    one per head for ROPE), interleaved with unfused ops and standalone QUANTs so that every switch
+    (unfused -> fused and back, one group to another, QUANT -> fused) is crossed; dead groups (a zero
+    row segment, tiny gates) and results in every magnitude range."""
+    p = Program(lanes)
+    gamma = realistic(rng, n, 0.2) + F32(1.0)
+    other = 64 if group != 64 and 64 >= 2 * lanes and n % 64 == 0 else group
+    p.add(realistic(rng, n), realistic(rng, n))                                  # unfused -> fused
+    for r in range(rows):
+        x = realistic(rng, n, 10.0 ** (r - 1))
+        if r == 1:
+            x[n - group:] = 0.0                                                  # a dead group
+        p.rms_norm(x, gamma, eps, quant=group)
+    p.rms_norm(realistic(rng, n), gamma, eps, quant=other)                       # another group
+    p.rms_norm(realistic(rng, n), gamma, eps)                                    # fused -> unfused
+    for r in range(rows):
+        gate = realistic(rng, n, 3.0)
+        gate[:group] = F32(1e-38) * realistic(rng, group)                        # silu -> below AMAX_MIN
+        gate[-1] = F32(90.0)
+        p.silu_mul(gate, realistic(rng, n, 10.0 ** (2 - 2 * r)), quant=group)
+    p.silu_mul(realistic(rng, n, 3.0), realistic(rng, n))                        # fused -> unfused
+    p.quant(quant_input(rng, n, group), group)                                   # QUANT -> fused
+    p.silu_mul(realistic(rng, n, 3.0), realistic(rng, n), quant=group)
+    cos_h, sin_h = fo.rope_half_tables(hd, 1e6, rng.integers(0, 32768, 2 * rows + 2))
+    for k in range(2 * rows):                                                    # heads back to back
+        x = realistic(rng, hd, 2.0) if k != 1 else np.zeros(hd, F32)
+        p.rope(x, cos_h[k], sin_h[k], quant=True)
+    p.rope(realistic(rng, hd), cos_h[-2], sin_h[-2])                             # fused -> unfused
+    p.rope(realistic(rng, hd), cos_h[-1], sin_h[-1], quant=True)                 # unfused -> fused
+    p.rms_norm(realistic(rng, n), gamma, eps, quant=group)                       # ROPE(g=hd) -> RMSNORM(g)
+    p.silu_mul(realistic(rng, 2 * n, 3.0), realistic(rng, 2 * n), quant=group)   # the quantizer still busy
+    p.rms_norm(realistic(rng, 2 * n), realistic(rng, 2 * n), eps, quant=group)   # with SILU_MUL's groups
+    p.add(realistic(rng, n), realistic(rng, n))
+    return p
+
+
+# ---------------------------------------------------------------------------
+# Amaranth's simulator (the default tier)
+# ---------------------------------------------------------------------------
+
+def run_pysim(unit: VectorUnit, prog: Program, p_in: float, p_out: float, seed: int, max_cycles: int = 20000):
+    """The program through Amaranth's simulator with random valid gaps on every input stream
+    (a valid beat is held until taken) and random ready on every output; returns what `out`,
+    `codes`, `stats` delivered (uint32, int8, (scale bits, qsum)) and the cycles used."""
+    from amaranth.sim import Simulator
+    beats = prog.beats(unit)
+    ins = {s: [int.from_bytes(bytes(row), "little") for row in beats[s]] for s in IN_STREAMS}
+    out, codes, scales, _ = prog.expected()
+    want = {"out": len(out) // unit.lanes, "codes": len(codes) // unit.lanes, "stats": len(scales)}
+    got = {s: [] for s in OUT_STREAMS}
+    rng = np.random.default_rng(seed)
+    cycles = [0]
+
+    async def bench(ctx):
+        idx = {s: 0 for s in IN_STREAMS}
+        valid = {s: 0 for s in IN_STREAMS}
+        extra = 0
+        for cyc in range(max_cycles):
+            for s in IN_STREAMS:
+                port = getattr(unit, s)
+                if not valid[s] and idx[s] < len(ins[s]) and rng.random() < p_in:
+                    valid[s] = 1
+                    ctx.set(port.payload.as_value() if s == "cmd" else port.payload.as_value(), ins[s][idx[s]])
+                ctx.set(port.valid, valid[s])
+            for s in OUT_STREAMS:
+                ctx.set(getattr(unit, s).ready, int(rng.random() < p_out))
+            for s in IN_STREAMS:
+                if valid[s] and ctx.get(getattr(unit, s).ready):
+                    idx[s] += 1
+                    valid[s] = 0
+            for s in OUT_STREAMS:
+                port = getattr(unit, s)
+                if ctx.get(port.valid) and ctx.get(port.ready):
+                    got[s].append(ctx.get(port.payload.as_value() if s == "stats" else port.payload))
+            await ctx.tick()
+            if all(len(got[s]) >= want[s] for s in OUT_STREAMS) and all(
+                    idx[s] == len(ins[s]) for s in IN_STREAMS):
+                extra += 1
+                if extra == 40:          # a few more cycles: nothing more may come out
+                    break
+            cycles[0] = cyc + 1
+
+    sim = Simulator(unit)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    L = unit.lanes
+    got_out = np.array([(v >> (32 * l)) & 0xFFFFFFFF for v in got["out"] for l in range(L)], U32)
+    got_codes = np.array([(v >> (8 * l)) & 0xFF for v in got["codes"] for l in range(L)], np.uint8).view(np.int8)
+    st = [(v & 0xFFFFFFFF, (v >> 32) & 0xFFFFFFFF) for v in got["stats"]]
+    got_scale = np.array([a for a, _ in st], U32)
+    got_qsum = np.array([b for _, b in st], np.uint32).view(np.int32).astype(np.int64)
+    return got_out, got_codes, got_scale, got_qsum, cycles[0]
+
+
+def check_results(prog: Program, got, name: str = "") -> None:
+    out, codes, scales, qsums = prog.expected()
+    got_out, got_codes, got_scale, got_qsum = got[:4]
+    assert got_out.shape == out.shape and np.array_equal(got_out, out), \
+        f"{name}: out {got_out.shape} vs {out.shape}, first differences at {np.flatnonzero(got_out[:len(out)] != out[:len(got_out)])[:8]}"
+    assert got_codes.shape == codes.shape and np.array_equal(got_codes, codes), \
+        f"{name}: codes {got_codes.shape} vs {codes.shape}, differ at {np.flatnonzero(got_codes[:len(codes)] != codes[:len(got_codes)])[:8]}"
+    assert got_scale.shape == scales.shape and np.array_equal(got_scale, scales) and np.array_equal(got_qsum, qsums), \
+        f"{name}: stats {got_scale.shape} vs {scales.shape}: got {got_scale[:8]} / {got_qsum[:8]}, " \
+        f"expected {scales[:8]} / {qsums[:8]}"
+
+
+@pytest.mark.parametrize("lanes, n, hd, group, p_in, p_out", [
+    (4, 128, 64, 64, 0.7, 0.6),
+    (2, 128, 32, 32, 0.9, 0.4),
+    (8, 256, 128, 128, 0.6, 0.9),
+    pytest.param(1, 64, 32, 32, 1.0, 1.0, marks=pytest.mark.slow),
+], ids=["L4-g64", "L2-g32", "L8-g128", "L1-g32-nostall"])
+def test_vector_unit_fused_pysim(lanes, n, hd, group, p_in, p_out):
+    """RMSNORM / SILU_MUL / ROPE fused with QUANT in Amaranth's simulator, mixed with unfused ops
+    and standalone QUANTs, bit for bit against fabric_ops + quantize_activations."""
+    unit = VectorUnit(lanes, max_length=2 * n)
+    rng = np.random.default_rng(100 + lanes)
+    prog = fused_program(lanes, n, hd, group, rng)
+    check_results(prog, run_pysim(unit, prog, p_in, p_out, seed=lanes), f"L{lanes}")
 
 
 # ---------------------------------------------------------------------------
@@ -295,8 +434,7 @@ def _check_scenario(unit, res_dir: Path, name: str, prog: Program):
     # Attribute a mismatch to its command for the message.
     where = []
     for k, op in enumerate(prog.ops):
-        n = prog.cmds[k]["length"]
-        where += [f"cmd {k} {op}"] * (n if op != "QUANT" else 0)
+        where += [f"cmd {k} {op}"] * prog.out_len[k]
     bad = np.flatnonzero(got_out != out)
     assert got_out.shape == out.shape and not len(bad), (
         f"{name}: {len(bad)} of {len(out)} out values differ; first at {bad[:1]} ({where[bad[0]] if len(bad) else ''}): "
@@ -353,8 +491,11 @@ def test_vector_unit_verilator(lanes, presets, full, tmp_path):
     scenarios = {}
     for k, (preset, group) in enumerate(presets):
         p_in, p_out = [(0.7, 0.6), (0.9, 0.4), (0.5, 0.9)][k % 3]
-        scenarios[f"{preset.replace('.', '_').replace('-', '_')}_g{group}"] = (
-            make_program(lanes, preset, group, rng, full_intermediate=full), p_in, p_out)
+        sname = f"{preset.replace('.', '_').replace('-', '_')}_g{group}"
+        scenarios[sname] = (make_program(lanes, preset, group, rng, full_intermediate=full), p_in, p_out)
+        cfg = PRESETS[preset]            # the fused ops at the preset's hidden size and head_dim
+        scenarios[f"{sname}_fused"] = (fused_program(lanes, cfg.hidden_size, cfg.head_dim, group, rng),
+                                      p_out, p_in)
     run_programs(unit, src, name, scenarios, tmp_path, seed)
 
 
@@ -370,13 +511,19 @@ def test_vector_unit_cycles(tmp_path):
     res_dir = run_programs(unit, src, name, scenarios, tmp_path, 7)
     report = {}
     for op in TIMED_OPS:
-        sink = "codes" if op == "QUANT" else "out"
+        sink = "codes" if op == "QUANT" or op.endswith("+Q") else "out"
         r = np.load(res_dir / f"{op.lower()}_{sink}.npz")
-        elements = 4 * hd if op == "ROPE" else n
+        elements = 4 * hd if op.startswith("ROPE") else n
         span = int(r["cycles"][-1] - r["first_input"] + 1)
         report[op] = (span, elements)
-        in_beats = elements // lanes * (2 if op == "RMSNORM" else 1)
+        in_beats = elements // lanes * (2 if op.startswith("RMSNORM") else 1)
         print(f"{op}: {elements} elements, {span} cycles first input to last output, "
               f"{span / elements:.3f} cycles per element, {span - in_beats} over the input beats")
         # Throughput: one beat per cycle plus a bounded fixed cost per command.
         assert span <= in_beats + 4 * 100, f"{op}: {span} cycles for {in_beats} input beats"
+    for op in ("RMSNORM", "SILU_MUL", "ROPE"):
+        # Fused: the quantizer follows the producer at full rate, so it costs about QUANT's latency
+        # (the last group's divide and read-back), not a second pass over the elements.
+        fused, alone = report[f"{op}+Q"][0], report[op][0]
+        print(f"{op}+Q: {fused} cycles; {op} {alone} then QUANT {report['QUANT'][0]} unfused")
+        assert fused <= alone + unit.op_latency(VecOp.QUANT) + 40, (op, fused, alone)
