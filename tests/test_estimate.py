@@ -71,11 +71,13 @@ def test_full_size_estimate_against_the_weight_roofline_and_the_targets():
     assert rep["prefill"]["starts"] == 16 and rep["starts_per_token"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 open: with the vector ops' fixed and per-row cycles measured on "
-                   "the RTL the modeled TTFT of a 128-token prompt is 0.302 s (target 0.3 s)")
 def test_full_size_time_to_first_token_target():
-    rep = FabricEstimate(model_preset("qwen2.5-0.5b"), preset("kv260-fabric")).report(128, [])
-    assert rep["time_to_first_token_s"] <= 0.3, rep["time_to_first_token_s"]
+    """Issue 11: at most 0.3 s for a 128-token prompt. It holds because the norms, the RoPE of q and
+    SiLU x up quantize their own results (QUANT_OUT): with a QUANT pass after each it is 0.302 s."""
+    cfg, hw = model_preset("qwen2.5-0.5b"), preset("kv260-fabric")
+    fused = FabricEstimate(cfg, hw).report(128, [])["time_to_first_token_s"]
+    separate = FabricEstimate(cfg, hw, fuse_quant=False).report(128, [])["time_to_first_token_s"]
+    assert fused <= 0.3 < separate, (fused, separate)
 
 
 def test_cli_estimate_json_and_its_errors(capsys, tmp_path):

@@ -153,11 +153,16 @@ class Program:
     # -- packing ----------------------------------------------------------------------------------
     def beats(self, unit: VectorUnit) -> dict[str, np.ndarray]:
         """Payload bytes per stream: cmd beats, and L uint32 lanes per operand beat."""
-        from sim.tb_array import pack_payloads
-        cmd = pack_payloads(unit.cmd.payload.shape(), {k: np.array([c[k] for c in self.cmds], np.int64)
-                                                      for k in ("op", "length", "c0", "c1", "group", "quant")},
-                            len(self.cmds))
-        out = {"cmd": cmd}
+        layout = unit.cmd.payload.shape()          # packed here: the cocotb side's codec needs cocotb
+        nbytes = -(-layout.size // 8)
+        words = []
+        for c in self.cmds:
+            v = 0
+            for k in ("op", "length", "c0", "c1", "group", "quant"):
+                f = layout[k]
+                v |= (int(c[k]) & ((1 << f.width) - 1)) << f.offset
+            words.append(list(v.to_bytes(nbytes, "little")))
+        out = {"cmd": np.array(words, np.uint8).reshape(len(self.cmds), nbytes)}
         for s in "abcd":
             w = np.concatenate(self.ins[s]).astype(U32) if self.ins[s] else np.zeros(0, U32)
             out[s] = np.ascontiguousarray(w).view(np.uint8).reshape(-1, 4 * self.L)

@@ -119,7 +119,8 @@ OP_DOCS: dict[Opcode, str] = {
 }
 QUANT_OUT_DOC = ("RMSNORM, ROPE, SILU_MUL with flag QUANT_OUT: the result rows are not written; dst is the "
                  "activation buffer (commands.activation_layout(n, aux, T)) of numerics.quantize_activations(result "
-                 "rows, group aux), exactly what a QUANT of them would write; dst_stride is 0. RMSNORM and SILU_MUL "
+                 "rows, group aux), exactly what a QUANT of them would write; dst_stride is 0 and dst must not overlap "
+                 "the sources (the codes of a row may be written before the row is read). RMSNORM and SILU_MUL "
                  "take the group in aux; ROPE's group is its head_dim (fabric_ops.quantize_heads).")
 
 

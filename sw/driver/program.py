@@ -32,7 +32,7 @@ OP_IDS = ("norm_in", "quant_in", "q_proj", "k_proj", "v_proj", "rope_q", "rope_k
           "quant_q", "attend", "quant_att", "o_proj", "add_att", "norm_post", "quant_post", "gate_proj",
           "up_proj", "silu_mul", "quant_mlp", "down_proj", "add_mlp")
 FINAL_LAYER = 0xFFFF       # tag layer of the EMBED and the final norm / LM head
-FUSE_QUANT = False         # the lists' default: producers quantize their results (flag QUANT_OUT)
+FUSE_QUANT = True          # the lists' default: producers quantize their results (flag QUANT_OUT)
 
 
 def _bits(x) -> int:
