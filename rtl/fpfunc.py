@@ -22,14 +22,12 @@ is zero, subnormal, infinite or NaN) and 0 for Fp32ToInt(NaN).
 
 Like rtl/fp32.py every unit is a free-running pipeline with a valid bit and no
 back-pressure (``i_valid``, ``a`` [, ``b``] in; ``o_valid``, ``o`` out, ``o`` appearing
-``latency`` cycles after its operands). The function units are chains of steps:
-Fp32Multiply / Fp32Add sub-units (``mul``/``add``), small integer steps (``g``,
-register or wire) and integer products (``imul``, up to 3 registers: a DSP48E2's M and
-P registers and one more; the operand register is the step before). A latency L is
-spread over the steps in rounds: every step gets a register, then every fp32 unit and
-product a second one, and so on up to its maximum. The default (one register per
-integer step, two per product, every fp32 unit at its own default latency 4) is the
-timing target (250 MHz on UltraScale+); 0 is purely combinational.
+``latency`` cycles after its operands). The function units are chains of steps: small
+integer steps (``g``, register or wire) and integer products (``imul``, up to 3 registers: a
+DSP48E2's M and P registers and one more; the operand register is the step before). A latency
+L is spread over the steps in rounds: every step gets a register, then every product a second
+one, then a third. The default (one register per integer step, two per product) is the timing
+target (250 MHz on UltraScale+); 0 is purely combinational.
 """
 
 from __future__ import annotations
@@ -42,8 +40,7 @@ from amaranth.lib.wiring import In, Out
 from sw.contract import fabric_ops as fo
 from sw.contract.errors import ConfigError
 
-from .fp32 import (CANONICAL_NAN, Fp32Add, Fp32Multiply, _PipelinedUnit, _round_and_pack, leading_zeros,
-                   shift_right_sticky)
+from .fp32 import CANONICAL_NAN, _PipelinedUnit, _round_and_pack, leading_zeros, shift_right_sticky
 
 __all__ = ["Exp2", "Exp", "Reciprocal", "Rsqrt", "Sigmoid", "Fp32Divide", "Fp32ToInt"]
 
@@ -52,13 +49,8 @@ def _bits(x) -> int:
     return int(np.asarray(x, np.float32).view(np.uint32))
 
 
-_ONE, _ONE_HALF = _bits(1.0), _bits(1.5)
 _EXP2_MAX_MAG = _bits(-fo.EXP2_MIN)         # |t| <= 126 is live
 _RECIP_LO, _RECIP_HI = _bits(2.0 ** -125), _bits(2.0 ** 125)
-
-
-def _rom(values) -> Array:
-    return Array(Const(_bits(v), 32) for v in np.asarray(values, np.float32).ravel())
 
 
 def _shift_round(value: Value, amount: Value, max_amount: int):
@@ -68,13 +60,9 @@ def _shift_round(value: Value, amount: Value, max_amount: int):
     return whole, guard & (sticky | whole[0])
 
 
-def _negate_sign(x: Value) -> Value:
-    return Cat(x[0:31], ~x[31])
-
-
 # --- step chains ---------------------------------------------------------------------------------
-_CAP = {"g": 1, "imul": 3, "mul": Fp32Multiply.max_latency(), "add": Fp32Add.max_latency()}
-_DEFAULT = {"g": 1, "imul": 2, "mul": 4, "add": 4}
+_CAP = {"g": 1, "imul": 3}
+_DEFAULT = {"g": 1, "imul": 2}
 
 
 def _spread(slots: tuple[str, ...], latency: int) -> list[int]:
@@ -139,20 +127,6 @@ class _Flow:
         """An integer product step: like :meth:`step`, with up to 3 registers (a DSP48E2's M and P
         registers, then one more; its operand register is the previous step's)."""
         self._int_step("imul", new)
-
-    def _unit(self, kind: str, unit, a: Value, b: Value, name: str) -> None:
-        self.m.submodules[f"{kind}{self._i}"] = unit
-        self.m.d.comb += [unit.i_valid.eq(self.valid), unit.a.eq(a), unit.b.eq(b)]
-        self._delay(unit.latency, {})
-        self.valid = unit.o_valid
-        self.v[name] = unit.o
-
-    def mul(self, name: str, a: Value, b: Value, *, normal_a: bool = False) -> None:
-        """v[name] = a * b (``normal_a``: a is never subnormal)."""
-        self._unit("mul", Fp32Multiply(latency=self._take("mul"), normal_a=normal_a), a, b, name)
-
-    def add(self, name: str, a: Value, b: Value) -> None:
-        self._unit("add", Fp32Add(latency=self._take("add")), a, b, name)
 
     def keep(self, *names: str) -> None:
         """Drop every value but `names`."""
