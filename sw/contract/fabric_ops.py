@@ -145,7 +145,7 @@ RSQRT_J_BITS = 6                       # i = the top 6 fraction bits of M: 64 in
 RSQRT_DX_BITS = 12                     # dx = the next 12 fraction bits
 RSQRT_SEED = np.array([[round(2.0 ** 17 / math.sqrt(2.0 ** p * (1.0 + k / 2 ** RSQRT_J_BITS))) - 1
                         for k in range(2 ** RSQRT_J_BITS + 1)] for p in range(2)], np.int64)
-RSQRT_SEED_STEP = RSQRT_SEED[:, :-1] - RSQRT_SEED[:, 1:]        # [2, 64], 258 .. 1,011 (10 bits)
+RSQRT_SEED_STEP = RSQRT_SEED[:, :-1] - RSQRT_SEED[:, 1:]        # [2, 64], 258 .. 1,012 (10 bits)
 RSQRT_E_BITS = 18                      # e = (2^55 - P) >> 25 is a signed 18-bit integer (every M, p)
 
 
@@ -157,7 +157,7 @@ def rsqrt_q40(big_m: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     y0 = SEED[p, i] - ((SEED_STEP[p, i] * dx) >> 12) (chord interpolation, scale 2^-17, < 2^17);
     S = (y0 * y0) >> 2 (scale 2^-32, 32 bits); P = (M << p) * S (exact, < 2^57, scale 2^-55);
     e = (2^55 - P) >> 25 (1 - x y0^2 at scale 2^-30, signed, 18 bits);
-    Y = (y0 << 23) + ((y0 * e) >> 8) (one Newton step y0 (1 + e/2), scale 2^-40; Y in [2^39, 2^40]).
+    Y = (y0 << 23) + ((y0 * e) >> 8) (one Newton step y0 (1 + e/2), scale 2^-40; Y in [2^39, 2^40)).
     Every >> is a floor."""
     big_m, p = np.asarray(big_m, np.int64), np.asarray(p, np.int64)
     f = big_m - (1 << 23)
@@ -181,7 +181,7 @@ def rsqrt(v: np.ndarray) -> np.ndarray:
 
     v = M * 2^(e - 23), M the 24-bit significand (subnormals normalised), e the exponent;
     p = e & 1, E = e - p (even); Y = :func:`rsqrt_q40` (M, p)[2] (Y * 2^-40 ~= 1/sqrt(M 2^(p - 23)),
-    Y in [2^39, 2^40]); result Y * 2^(-40 - E/2) rounded once to fp32 (RNE; always normal).
+    Y in [2^39, 2^40)); result Y * 2^(-40 - E/2) rounded once to fp32 (RNE; always normal).
     rsqrt(4^k) = 2^-k exactly.
     """
     v = np.asarray(v, F32)
