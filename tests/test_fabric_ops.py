@@ -47,13 +47,14 @@ def _bits(x):
 
 # ---- measured bounds ------------------------------------------------------------------------------
 # (measured max relative error, measured max ulps) -> bounds with ~20 % margin
-RSQRT_REL, RSQRT_ULP = 1.95e-7, 2.5          # exhaustive [1, 4): 1.620e-7, 2.08 ulp
+RSQRT_REL, RSQRT_ULP = 7.2e-8, 0.63          # exhaustive [1, 4): 6.015e-8, 0.520 ulp
 RECIP_REL, RECIP_ULP = 7.4e-8, 0.63          # exhaustive [1, 2): 6.119e-8, 0.519 ulp
 EXP2_REL, EXP2_ULP = 7.3e-8, 0.66            # every 8th fp32 of -[2^-30, 126] and every one of [-2, -1): 6.089e-8, 0.544 ulp
 EXP_REL, EXP_ULP = 8.4e-8, 0.81              # [-87.33, 0], 16M random + every 64th: 6.949e-8, 0.671 ulp
 SIGMOID_REL, SIGMOID_ULP = 8.3e-8, 0.81      # [-87, 87], 16M random + every 64th: 6.949e-8, 0.671 ulp
 POW2_Y_ERR = 5.0                             # |Y - 2^(u 2^-29) 2^30| (Q1.30 units): measured 4.40
 RECIP_T_REL = 3.2e-9                          # T / 2^46 vs 1 / den, every den in [2^30, 2^31]: 2.615e-9
+RSQRT_Y_REL = 1.7e-9                          # Y / 2^40 vs 1 / sqrt(x), every M and p: 1.390e-9
 
 
 def test_rsqrt_bound():
@@ -169,6 +170,49 @@ def test_rsqrt_and_reciprocal_exact_points():
             fo.reciprocal(np.array([bad], F32))
     with pytest.raises(ValueError):
         fo.reciprocal(np.array([2.0 ** 126], F32))
+
+
+def test_rsqrt_steps():
+    """The integer core over every significand of both parities (x = M 2^(p - 23) in [1, 4)): the
+    widths the RTL relies on, and Y against float64."""
+    big_m = np.arange(1 << 23, 1 << 24, dtype=np.int64)
+    worst = 0.0
+    for p in (0, 1):
+        y0, e, y = fo.rsqrt_q40(big_m, np.full(big_m.shape, p))
+        assert np.all(y0 >= 2 ** 16) and np.all(y0 < 2 ** 17)                          # 17 bits
+        assert np.all(((y0 * y0) >> 2) < 2 ** 32)                                       # S: 32 bits
+        assert np.all(np.abs(e) < 2 ** (fo.RSQRT_E_BITS - 1))                           # 18 bits signed
+        assert np.all(y >= 2 ** 39) and np.all(y < 2 ** 40)                             # the leading one at 39
+        x = big_m * 2.0 ** (p - 23)
+        worst = max(worst, float(np.max(np.abs(y / 2.0 ** 40 * np.sqrt(x) - 1.0))))
+    assert worst < RSQRT_Y_REL, worst
+    # x = 1: y0 = SEED[0, 0] = 2^17 - 1; S = (2^34 - 2^18 + 1) >> 2 = 2^32 - 2^16; P = 2^55 - 2^39;
+    # e = 2^39 >> 25 = 2^14; Y = 2^40 - 2^23 + ((2^31 - 2^14) >> 8) = 2^40 - 64, which rounds to 1.0
+    y0, e, y = fo.rsqrt_q40(np.array([1 << 23]), np.array([0]))
+    assert (y0[0], e[0], y[0]) == (2 ** 17 - 1, 2 ** 14, 2 ** 40 - 64)
+    # v = M 2^(e - 23): the result is Y 2^(-40 - (e - p) / 2) rounded once
+    for v in (1.0, 2.0, 3.0, 1.5, 3.9999998, 1e-6, 1e4, 2.0 ** -140, 3e38, 1e-45):
+        m, ex = np.frexp(np.float64(F32(v)))
+        big_m, ex = int(m * 2 ** 24), int(ex) - 1
+        if big_m < 2 ** 23:                                                             # (not for fp32)
+            raise AssertionError(v)
+        _, _, y = fo.rsqrt_q40(np.array([big_m]), np.array([ex & 1]))
+        want = F32(math.ldexp(int(y[0]), -40 - (ex - (ex & 1)) // 2))
+        assert fo.rsqrt(np.array([v], F32))[0] == want, v
+
+
+def test_rsqrt_tables_follow_their_rule():
+    """RSQRT_SEED against its rule in 50-digit decimal arithmetic: no entry near a rounding tie."""
+    from decimal import Decimal, getcontext
+    getcontext().prec = 50
+    for p in range(2):
+        for k in range(65):
+            v = Decimal(2 ** 17) / (Decimal(2 ** p) * (1 + Decimal(k) / 64)).sqrt()
+            assert abs(v - int(v) - Decimal("0.5")) > Decimal("1e-6"), (p, k)
+            assert int(fo.RSQRT_SEED[p, k]) == int(v + Decimal("0.5")) - 1, (p, k)
+    assert fo.RSQRT_SEED[0, 0] == 2 ** 17 - 1 and fo.RSQRT_SEED[0, 64] == fo.RSQRT_SEED[1, 0] == 92681
+    assert fo.RSQRT_SEED[1, 64] == 2 ** 16 - 1 and fo.RSQRT_SEED[0, 32] == 107019
+    assert fo.RSQRT_SEED_STEP.min() == 258 and fo.RSQRT_SEED_STEP.max() == 1012          # 10 bits
 
 
 def test_sigmoid_and_silu_points():

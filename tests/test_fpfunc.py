@@ -194,7 +194,8 @@ def exp_vectors(rng, n):
 
 
 def _seed_edges(lo_exp, hi_exp):
-    """Both ends of each of the 32 seed intervals, at exponents lo_exp..hi_exp (biased)."""
+    """Both ends of each of 32 intervals of the significand (its top 5 fraction bits), at exponents
+    lo_exp..hi_exp (biased)."""
     e = np.arange(lo_exp, hi_exp + 1)
     idx = np.arange(32)
     f_lo = (idx << 18)
@@ -228,12 +229,49 @@ def recip_vectors(rng, n):
     return _fill(parts, rng, n)
 
 
+def _rsqrt_seed_edges(rng, n):
+    """Both ends of the 64 chord intervals per parity (i = the top 6 fraction bits) and of the dx
+    steps (the next 12 bits), at random exponents (normal and subnormal)."""
+    i = rng.integers(0, 64, n)
+    dx = rng.choice([0, 1, 4094, 4095], n)
+    frac = (i << 17) | (dx << 5) | rng.choice([0, 1, 30, 31], n)
+    v = compose(0, rng.integers(1, 255, n), frac)
+    sub = rng.random(n) < 0.1                           # a subnormal with the same significand
+    shift = rng.integers(1, 23, n)
+    v[sub] = (((frac[sub] | (1 << 23)) >> shift[sub])).astype(U32)
+    return v
+
+
+def _rsqrt_special_significands():
+    """Every significand (both parities) whose Y is within 2 of a tie of the final rounding
+    (Y's leading one at bit 39: the guard is bit 15), or at the extremes of y0, e and Y."""
+    m = np.arange(1 << 23, 1 << 24, dtype=np.int64)
+    out = []
+    for p in (0, 1):
+        y0, e, y = fo.rsqrt_q40(m, np.full(m.shape, p))
+        near = np.abs((y & 0xFFFF) - 0x8000) <= 2
+        ext = [int(np.argmin(x)) for x in (y0, e, y)] + [int(np.argmax(x)) for x in (y0, e, y)]
+        out.append((p, m[near | np.isin(np.arange(len(m)), ext)] - (1 << 23)))
+    return out
+
+
+_RSQRT_SPECIAL = None
+
+
 def rsqrt_vectors(rng, n):
-    k = n // 6
+    global _RSQRT_SPECIAL
+    if _RSQRT_SPECIAL is None:
+        _RSQRT_SPECIAL = _rsqrt_special_significands()
+    k = n // 7
+    # the special significands at random exponents of their parity (biased exponent odd: p = 0)
+    ties = [compose(0, 2 * rng.integers(1, 127, len(f)) + 1 - p, f) for p, f in _RSQRT_SPECIAL]
     parts = [SPECIAL, _rand_bits(rng, k),
              compose(0, rng.integers(0, 256, k), _frac(rng, k)),
              _subnormals(rng, k, 0),
-             _near(_seed_edges(0, 255), rng, k, 2),
+             _rsqrt_seed_edges(rng, k),
+             rng.permutation(np.concatenate(ties))[:k],
+             # powers of four (exact) and their neighbours
+             _near(compose(0, np.arange(1, 255, 2), 0), rng, k // 4, 2),
              # rms_norm's v = ms + eps: around 1e-6 .. 1e4
              as_bits((10.0 ** rng.uniform(-7, 5, k)).astype(F32))]
     return _fill(parts, rng, n)
@@ -311,7 +349,8 @@ HAND = {
     "recip": [0x3F800000, 0x40000000, 0x3FFFFFFF, 0x3FC00000, 0x01000000, 0x7E000000, 0x00FFFFFF,
               0x7E000001, 0x4B800000, 0x40400000, 0x00000000, 0xBF800000, 0x7FC00000, 0x3F840000],
     "rsqrt": [0x3F800000, 0x40000000, 0x40800000, 0x7F800000, 0x00000001, 0x00400000, 0x007FFFFF,
-              0x00800000, 0x7F7FFFFF, 0x00000000, 0x80000000, 0xBF800000, 0x7FC00000, 0x358637BD],
+              0x00800000, 0x7F7FFFFF, 0x00000000, 0x80000000, 0xBF800000, 0x7FC00000, 0x358637BD,
+              0x3F800001, 0x3FFFFFFF, 0x407FFFFF, 0x3F820000, 0x4081FFFF, 0x3FC0D0F8, 0x00000002, 0x7F800001],
     "sigmoid": [0x00000000, 0x80000000, 0x3F800000, 0xBF800000, 0x7F800000, 0xFF800000, 0x7FC00000,
                 0x42AEAC50, 0xC2AEAC50, 0x41A00000, 0xC1A00000, 0x00000001, 0x80000001, 0x40490FDB,
                 0x3F317218, 0xBF317218, 0x3C317218, 0xBC317218, 0x41AC5C5A, 0xC1AC5C5A],
@@ -333,6 +372,15 @@ def test_function_units_pysim(op, which):
     latency = {"zero": 0, "default": None, "max": cls.max_latency()}[which]
     a = np.array(HAND[op], dtype=U32)
     _check(op, run_pysim(cls(latency=latency), {"a": a.tolist()}), golden(op, a), a)
+
+
+@pytest.mark.parametrize("latency", [0, None, Rsqrt.max_latency()])
+def test_rsqrt_random_pysim(latency):
+    """Rsqrt in Amaranth's simulator on a few thousand vectors of the bank's classes (random
+    bit patterns, subnormals, chord interval and dx ends, rounding ties, the extremes of y0, e
+    and Y, powers of four and their neighbours)."""
+    a = rsqrt_vectors(np.random.default_rng(20261204), 4000)
+    _check("rsqrt", run_pysim(Rsqrt(latency=latency), {"a": a.tolist()}), golden("rsqrt", a), a)
 
 
 @pytest.mark.parametrize("latency", [0, None, 7])
@@ -368,10 +416,13 @@ def test_parameters_are_validated():
         Fp32ToInt(1, 0)
     with pytest.raises(ConfigError, match="latency"):
         Fp32Divide(latency=30)
-    assert [_latency(Rsqrt(latency=n)) for n in (0, 1, 5, 45)] == [0, 1, 5, 45]
+    assert [_latency(Rsqrt(latency=n)) for n in (0, 1, 5, 20)] == [0, 1, 5, 20]
     assert _latency(Exp2()) == Exp2.default_latency() == 14 and _latency(Reciprocal()) == Reciprocal.default_latency() == 12
     assert _latency(Exp()) == Exp.default_latency() == 18 and _latency(Sigmoid()) == Sigmoid.default_latency() == 29
     assert _latency(Fp32ToInt(8, 127)) == 2 and _latency(Fp32Divide()) == 29
+    assert _latency(Rsqrt()) == Rsqrt.default_latency() == 16 and Rsqrt.max_latency() == 20
+    with pytest.raises(ConfigError, match="latency"):
+        Rsqrt(latency=21)
 
 
 # ---------------------------------------------------------------------------

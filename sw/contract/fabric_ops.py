@@ -22,7 +22,7 @@ Global rules:
   hazard (8 lanes: 4 cycles).
 * Reductions never go through np.sum / np.dot / @ on floats; max is exact.
 * Constants and tables are computed in float64 and rounded once to fp32 (RNE),
-  or to integers for the integer cores (exp2, exp, reciprocal, sigmoid); they are listed (or their
+  or to integers for the integer cores (exp2, exp, reciprocal, rsqrt, sigmoid); they are listed (or their
   exact rules given) in docs/numerics.md and are part of the contract.
 """
 
@@ -63,38 +63,18 @@ def fixed_sum(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 # --- tables and constants ------------------------------------------------------------------------
-SEED_BITS = 5          # mantissa bits that index the rsqrt seed tables
-RSQRT_STEPS = 2        # Newton-Raphson iterations after the seed
 EXP2_MIN = -126.0      # exp2(t) = +0.0 for t < EXP2_MIN (results stay normal)
 EXP2_FRAC_BITS = 29    # t is rounded once to a fixed-point grid of 2^-29
 
 LOG2E_Q31 = round(2 ** 31 / math.log(2.0))              # log2(e) as an unsigned Q1.31 integer (32 bits)
 
-
-def _seed_tables():
-    n = 2 ** SEED_BITS
-    lo = 1.0 + np.arange(n, dtype=np.float64) / n
-    hi = lo + 1.0 / n
-    # minimax-relative seeds over each interval: 2/(sqrt a + sqrt b)
-    rs = np.stack([2.0 / (np.sqrt(lo) + np.sqrt(hi)),              # even exponent: m in [1, 2)
-                   2.0 / (np.sqrt(2 * lo) + np.sqrt(2 * hi))])     # odd exponent: 2m in [2, 4)
-    return rs.astype(F32)
-
-
-RSQRT_SEED = _seed_tables()   # fp32 [2, 32] (parity, index)
-
-_HALF, _ONE, _ONE_HALF, _TWO = F32(0.5), F32(1.0), F32(1.5), F32(2.0)
+_TWO = F32(2.0)
 
 
 def _split(v: np.ndarray):
     """v = m * 2^e with m in [1, 2) exactly (v positive, finite, nonzero)."""
     m, e = np.frexp(v)
     return (m * _TWO).astype(F32), e.astype(np.int64) - 1
-
-
-def _seed_index(m: np.ndarray) -> np.ndarray:
-    """The top SEED_BITS fraction bits of m in [1, 2)."""
-    return ((m.view(np.uint32) >> np.uint32(23 - SEED_BITS)) & np.uint32(2 ** SEED_BITS - 1)).astype(np.int64)
 
 
 # --- the integer cores: 2^x and 1/x in fixed point -----------------------------------------------
@@ -158,6 +138,37 @@ def recip_q46(den: np.ndarray, y_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return y0, z + (z >> 31) * err
 
 
+# 1/sqrt(x) for x = M * 2^(p - 23) in [1, 4) (M the 24-bit significand, p the exponent's parity):
+# a chord-interpolated seed y0 (scale 2^-17) on 64 intervals per parity, then one Newton step in
+# exact integer products (docs/numerics.md, "The integer cores").
+RSQRT_J_BITS = 6                       # i = the top 6 fraction bits of M: 64 intervals per parity
+RSQRT_DX_BITS = 12                     # dx = the next 12 fraction bits
+RSQRT_SEED = np.array([[round(2.0 ** 17 / math.sqrt(2.0 ** p * (1.0 + k / 2 ** RSQRT_J_BITS))) - 1
+                        for k in range(2 ** RSQRT_J_BITS + 1)] for p in range(2)], np.int64)
+RSQRT_SEED_STEP = RSQRT_SEED[:, :-1] - RSQRT_SEED[:, 1:]        # [2, 64], 258 .. 1,012 (10 bits)
+RSQRT_E_BITS = 18                      # e = (2^55 - P) >> 25 is a signed 18-bit integer (every M, p)
+
+
+def rsqrt_q40(big_m: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y0, e, Y): Y * 2^-40 ~= 1/sqrt(x), x = M * 2^(p - 23) in [1, 4), for int64 M in
+    [2^23, 2^24) and p in {0, 1}.
+
+    f = M - 2^23; i = f >> 17; dx = (f >> 5) & 4095;
+    y0 = SEED[p, i] - ((SEED_STEP[p, i] * dx) >> 12) (chord interpolation, scale 2^-17, < 2^17);
+    S = (y0 * y0) >> 2 (scale 2^-32, 32 bits); P = (M << p) * S (exact, < 2^57, scale 2^-55);
+    e = (2^55 - P) >> 25 (1 - x y0^2 at scale 2^-30, signed, 18 bits);
+    Y = (y0 << 23) + ((y0 * e) >> 8) (one Newton step y0 (1 + e/2), scale 2^-40; Y in [2^39, 2^40)).
+    Every >> is a floor."""
+    big_m, p = np.asarray(big_m, np.int64), np.asarray(p, np.int64)
+    f = big_m - (1 << 23)
+    i = f >> (23 - RSQRT_J_BITS)
+    dx = (f >> (23 - RSQRT_J_BITS - RSQRT_DX_BITS)) & ((1 << RSQRT_DX_BITS) - 1)
+    y0 = RSQRT_SEED[p, i] - ((RSQRT_SEED_STEP[p, i] * dx) >> RSQRT_DX_BITS)
+    s = (y0 * y0) >> 2
+    e = ((1 << 55) - (big_m << p) * s) >> 25
+    return y0, e, (y0 << 23) + ((y0 * e) >> 8)
+
+
 def _to_f32(t: np.ndarray, s: np.ndarray) -> np.ndarray:
     """t * 2^s rounded once to fp32 (RNE) for int64 0 < t < 2^53 (exact in float64, and so is the
     scaling while the result stays in float64's normal range)."""
@@ -166,28 +177,22 @@ def _to_f32(t: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 # --- elementary functions ------------------------------------------------------------------------
 def rsqrt(v: np.ndarray) -> np.ndarray:
-    """1/sqrt(v) for fp32 v > 0 (+inf gives +0.0).
+    """1/sqrt(v) for fp32 v > 0, subnormals included (+inf gives +0.0), in integers.
 
-    v = m * 2^e, m in [1, 2); if e is odd, mm = 2m and E = e - 1, else mm = m,
-    E = e (mm in [1, 4), E even). y = RSQRT_SEED[e & 1, top 5 fraction bits of
-    m]; h = mm * 0.5 (exact); RSQRT_STEPS (2) times: a = y*y, b = a*h,
-    c = 1.5 - b, y = y*c (each rounded); result y * 2^(-E/2) (exact).
+    v = M * 2^(e - 23), M the 24-bit significand (subnormals normalised), e the exponent;
+    p = e & 1, E = e - p (even); Y = :func:`rsqrt_q40` (M, p)[2] (Y * 2^-40 ~= 1/sqrt(M 2^(p - 23)),
+    Y in [2^39, 2^40)); result Y * 2^(-40 - E/2) rounded once to fp32 (RNE; always normal).
+    rsqrt(4^k) = 2^-k exactly.
     """
     v = np.asarray(v, F32)
     if not np.all(v > 0):
         raise ValueError("rsqrt: the contract's domain is v > 0")
     inf = np.isinf(v)
-    m, e = _split(np.where(inf, _ONE, v).astype(F32))
-    odd = e & 1
-    mm = np.where(odd == 1, m * _TWO, m).astype(F32)
-    y = RSQRT_SEED[odd, _seed_index(m)]
-    h = (mm * _HALF).astype(F32)
-    for _ in range(RSQRT_STEPS):
-        a = (y * y).astype(F32)
-        b = (a * h).astype(F32)
-        c = (_ONE_HALF - b).astype(F32)
-        y = (y * c).astype(F32)
-    out = np.ldexp(y, -((e - odd) // 2)).astype(F32)
+    m, e = _split(np.where(inf, F32(1.0), v).astype(F32))
+    big_m = np.ldexp(m.astype(np.float64), 23).astype(np.int64)
+    p = e & 1
+    _, _, y = rsqrt_q40(big_m, p)
+    out = _to_f32(y, -40 - (e - p) // 2)
     return np.where(inf, F32(0.0), out).astype(F32)
 
 
