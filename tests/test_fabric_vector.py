@@ -555,6 +555,15 @@ def test_fabric_vector_cycles(tmp_path):
     print(json.dumps(fit, indent=1))
     for row in table:
         assert row["cycles"] < 3 * row["vector_bound"] + 400, row
+    # the cost model (sw/driver/fabric_exec.py VECTOR_OVERHEAD) is these measurements: within 3
+    # cycles fixed and 1 per extra row (QUANT's entry is its group-128 fit; here the groups are 64)
+    from sw.driver.fabric_exec import VECTOR_OVERHEAD
+    for kind, f in fit.items():
+        op = kind.split(" ")[0]
+        if op == "QUANT":
+            continue
+        fixed, per_row = VECTOR_OVERHEAD[op]
+        assert abs(f["fixed"] - fixed) <= 3 and abs(f["per_extra_row"] - per_row) <= 1, (kind, f, (fixed, per_row))
 
 
 # ---------------------------------------------------------------------------

@@ -32,14 +32,14 @@ class BusFault(Exception):
 # Cycles of a vector op beyond its element (or byte) stream: (fixed, per extra token row), measured in
 # Verilator on FabricVectorEngine with the DDR model at the qwen2.5-0.5b sizes (docs/rtl.md, "the
 # fabric vector engine": T = 1 and 8, n = 896 and 4864): the command's fetch-to-done latency, the
-# unit's pipeline fill, and for RMSNORM each row's reduction, rsqrt and second pass (117 per row).
+# unit's pipeline fill, and for RMSNORM each row's reduction, rsqrt and second pass (98 per row).
 # QUANT adds about 2/3 of a cycle per group of the row (measured at group 128: 0.65).
 # An op with QUANT_OUT ("+Q") writes its quantized activation buffer instead of fp32 rows: the
 # producer's stream, then the last group's divide and read-back (about 48 cycles more than the
 # producer alone), plus QUANT's 2/3 cycle per group; measured the same way (docs/rtl.md, group 64).
-VECTOR_OVERHEAD = {"EMBED": (136, 3), "RMSNORM": (212, 117), "QUANT": (164, 1), "ROPE": (147, 28),
+VECTOR_OVERHEAD = {"EMBED": (136, 3), "RMSNORM": (193, 98), "QUANT": (164, 1), "ROPE": (147, 28),
                    "KV_STORE": (141, 2), "ADD": (101, 2), "SILU_MUL": (134, 2),
-                   "RMSNORM+Q": (260, 117), "ROPE+Q": (195, 28), "SILU_MUL+Q": (182, 2)}
+                   "RMSNORM+Q": (241, 98), "ROPE+Q": (195, 28), "SILU_MUL+Q": (182, 2)}
 
 
 @dataclass(frozen=True)
