@@ -82,25 +82,9 @@ def mac_slice(m: Module, name: str, *, a: Value, b: Value, ce_ab: Value, ce_m: V
         raise ValueError(f"mac_slice {name}: width {width} or RND {rnd} does not fit the {P_BITS}-bit P")
     p = Signal(signed(width), name=f"{name}_p", reset_less=True)
     if primitives_enabled():
-        p48 = Signal(P_BITS, name=f"{name}_p48")
-        ports = {k: C(0, w) for k, w in DSP48E2_PORTS.items()}
-        ports.update(CLK=ClockSignal(), A=a, B=b, CEA2=ce_ab, CEB2=ce_ab, CEM=ce_m, CEP=ce_p,
-                     OPMODE=Mux(load, OPMODE_LOAD, OPMODE_ACCUMULATE))
-        params = dict(
-            AREG=1, BREG=1, ACASCREG=1, BCASCREG=1, MREG=1, PREG=1, CREG=0, DREG=0, ADREG=0,
-            OPMODEREG=0, ALUMODEREG=0, INMODEREG=0, CARRYINREG=0, CARRYINSELREG=0,
-            A_INPUT="DIRECT", B_INPUT="DIRECT", AMULTSEL="A", BMULTSEL="B", PREADDINSEL="A",
-            USE_MULT="MULTIPLY", USE_SIMD="ONE48", USE_WIDEXOR="FALSE", XORSIMD="XOR24_48_96",
-            USE_PATTERN_DETECT="NO_PATDET", AUTORESET_PATDET="NO_RESET", AUTORESET_PRIORITY="RESET",
-            RND=C(rnd, P_BITS), MASK=C((1 << P_BITS) - 1, P_BITS), PATTERN=C(0, P_BITS),
-            SEL_MASK="MASK", SEL_PATTERN="PATTERN",
-        )
-        m.submodules[name] = Instance(
-            "DSP48E2",
-            *[("p", k, v) for k, v in params.items()],
-            *[("i", k, _port(m, f"{name}_{k}", v, DSP48E2_PORTS[k])) for k, v in ports.items()],
-            ("o", "P", p48),
-        )
+        p48 = _dsp48e2(m, name, dict(A=a, B=b, CEA2=ce_ab, CEB2=ce_ab, CEM=ce_m, CEP=ce_p,
+                                     OPMODE=Mux(load, OPMODE_LOAD, OPMODE_ACCUMULATE)),
+                       MREG=1, RND=C(rnd, P_BITS))
         m.d.comb += p.eq(p48[:width])
         return p
     a2 = Signal(a.shape(), name=f"{name}_a2", reset_less=True)
@@ -141,28 +125,13 @@ def madd_slice(m: Module, name: str, *, a: Value, b: Value, c: Value, ce_ab: Val
         raise ValueError(f"madd_slice {name}: width {width} or C ({len(c)} bits) does not fit the {P_BITS}-bit P")
     p = Signal(signed(width), name=f"{name}_p", reset_less=True)
     if primitives_enabled():
-        p48 = Signal(P_BITS, name=f"{name}_p48")
-        ports = {k: C(0, w) for k, w in DSP48E2_PORTS.items()}
-        ports.update(CLK=ClockSignal(), A=a, B=b, C=c, CEA2=ce_ab, CEB2=ce_ab, CEP=ce_p,
+        ports = dict(A=a, B=b, C=c, CEA2=ce_ab, CEB2=ce_ab, CEP=ce_p,
                      OPMODE=Mux(use_c, OPMODE_W_C, 0) | Mux(use_m, OPMODE_XY_M, 0))
+        params = dict(MREG=0)
         if d is not None:      # INMODE[2] D into the pre-adder, INMODE[1] A zeroed
             ports.update(D=d, CED=ce_ab, INMODE=Mux(use_d, INMODE_D, INMODE_A))
-        params = dict(
-            AREG=1, BREG=1, ACASCREG=1, BCASCREG=1, MREG=0, PREG=1, CREG=0, DREG=int(d is not None), ADREG=0,
-            OPMODEREG=0, ALUMODEREG=0, INMODEREG=0, CARRYINREG=0, CARRYINSELREG=0,
-            A_INPUT="DIRECT", B_INPUT="DIRECT", AMULTSEL="AD" if d is not None else "A", BMULTSEL="B",
-            PREADDINSEL="A",
-            USE_MULT="MULTIPLY", USE_SIMD="ONE48", USE_WIDEXOR="FALSE", XORSIMD="XOR24_48_96",
-            USE_PATTERN_DETECT="NO_PATDET", AUTORESET_PATDET="NO_RESET", AUTORESET_PRIORITY="RESET",
-            RND=C(0, P_BITS), MASK=C((1 << P_BITS) - 1, P_BITS), PATTERN=C(0, P_BITS),
-            SEL_MASK="MASK", SEL_PATTERN="PATTERN",
-        )
-        m.submodules[name] = Instance(
-            "DSP48E2",
-            *[("p", k, v) for k, v in params.items()],
-            *[("i", k, _port(m, f"{name}_{k}", v, DSP48E2_PORTS[k])) for k, v in ports.items()],
-            ("o", "P", p48),
-        )
+            params.update(DREG=1, AMULTSEL="AD")
+        p48 = _dsp48e2(m, name, ports, **params)
         m.d.comb += p.eq(p48[:width])
         return p
     a2 = Signal(a.shape(), name=f"{name}_a2", reset_less=True)
@@ -178,6 +147,32 @@ def madd_slice(m: Module, name: str, *, a: Value, b: Value, c: Value, ce_ab: Val
     with m.If(ce_p):
         m.d.sync += p.eq(Mux(use_c, c, 0) + Mux(use_m, x2 * b2, 0))
     return p
+
+
+def _dsp48e2(m: Module, name: str, ports: dict, **params) -> Value:
+    """One DSP48E2 instance as the slices use it: every input tied to 0 unless given in `ports`,
+    A/B/P registered once, C/D/AD/OPMODE/INMODE unregistered, no cascade, SIMD or pattern
+    detector; `params` override those defaults. Returns the 48-bit P."""
+    p48 = Signal(P_BITS, name=f"{name}_p48")
+    tied = {k: C(0, w) for k, w in DSP48E2_PORTS.items()}
+    tied.update(CLK=ClockSignal(), **ports)
+    base = dict(
+        AREG=1, BREG=1, ACASCREG=1, BCASCREG=1, MREG=1, PREG=1, CREG=0, DREG=0, ADREG=0,
+        OPMODEREG=0, ALUMODEREG=0, INMODEREG=0, CARRYINREG=0, CARRYINSELREG=0,
+        A_INPUT="DIRECT", B_INPUT="DIRECT", AMULTSEL="A", BMULTSEL="B", PREADDINSEL="A",
+        USE_MULT="MULTIPLY", USE_SIMD="ONE48", USE_WIDEXOR="FALSE", XORSIMD="XOR24_48_96",
+        USE_PATTERN_DETECT="NO_PATDET", AUTORESET_PATDET="NO_RESET", AUTORESET_PRIORITY="RESET",
+        RND=C(0, P_BITS), MASK=C((1 << P_BITS) - 1, P_BITS), PATTERN=C(0, P_BITS),
+        SEL_MASK="MASK", SEL_PATTERN="PATTERN",
+    )
+    base.update(params)
+    m.submodules[name] = Instance(
+        "DSP48E2",
+        *[("p", k, v) for k, v in base.items()],
+        *[("i", k, _port(m, f"{name}_{k}", v, DSP48E2_PORTS[k])) for k, v in tied.items()],
+        ("o", "P", p48),
+    )
+    return p48
 
 
 def _port(m: Module, name: str, v, width: int) -> Value:

@@ -33,6 +33,24 @@ def _wrap(v: int, bits: int) -> int:
     return v - (1 << bits) if v >> (bits - 1) else v
 
 
+def _drive(dut, steps: list[dict]) -> list[int]:
+    """P before each clock edge, with each step's inputs applied, in Amaranth's simulator."""
+    got = []
+
+    async def bench(ctx):
+        for s in steps:
+            for k, v in s.items():
+                ctx.set(getattr(dut, k), v)
+            got.append(ctx.get(dut.p))
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    return got
+
+
 def test_amaranth_slice_is_the_dsp48e2_register_pipeline():
     rng = random.Random(7)
     steps = []
@@ -51,20 +69,7 @@ def test_amaranth_slice_is_the_dsp48e2_register_pipeline():
         n_m = a2 * b2 if s["ce_m"] else m
         n_p = _wrap((SLICE_RND if s["load"] else p) + m, SLICE_P_BITS) if s["ce_p"] else p
         a2, b2, m, p = n_a2, n_b2, n_m, n_p
-    dut = SliceDut()
-    got = []
-
-    async def bench(ctx):
-        for s in steps:
-            for k, v in s.items():
-                ctx.set(getattr(dut, k), v)
-            got.append(ctx.get(dut.p))
-            await ctx.tick()
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
+    got = _drive(SliceDut(), steps)
     # P is undefined (0 in Amaranth) until the first load reaches it; compare from there
     first = next(i for i, s in enumerate(steps) if s["load"] and s["ce_p"]) + 1
     assert got[first:] == want[first:]
@@ -97,20 +102,7 @@ def test_amaranth_madd_slice_is_the_dsp48e2_multiply_add():
             if s["ce_p"] else p
         a2, b2, d2, p = n_a2, n_b2, n_d2, n_p
         hist.append(p)
-    dut = MaddDut()
-    got = []
-
-    async def bench(ctx):
-        for s in steps:
-            for k, v in s.items():
-                ctx.set(getattr(dut, k), v)
-            got.append(ctx.get(dut.p))
-            await ctx.tick()
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
+    got = _drive(MaddDut(), steps)
     assert got[2:] == want[2:]
     assert max(abs(v) for v in got) > 1 << 40 and len(set(got)) > 2000
 
