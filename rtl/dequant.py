@@ -26,6 +26,7 @@ from sw.contract.errors import ConfigError
 
 from .component import CheckedComponent
 from .fp32 import Fp16ToFp32, Fp32Add, Fp32Multiply, IntToFp32
+from .pe import shift_add_product
 
 __all__ = ["DequantParams", "DequantUnit"]
 
@@ -381,7 +382,7 @@ class DequantUnit(DequantParams, CheckedComponent):
 
             # cf = fp32(acc - zero * qsum), exact
             corr = Signal(signed(self.corr_width), name=f"l{lane}_corr", reset_less=True)
-            m.d.sync += corr.eq(acc - zero * qsum)
+            m.d.sync += corr.eq(acc - shift_add_product(zero, qsum))
             to_float = m.submodules[f"l{lane}_int"] = IntToFp32(self.corr_width)
             m.d.comb += [to_float.i_valid.eq(_delay(m, s1_valid, _CORR_LATENCY, f"l{lane}_cv", reset=True)),
                          to_float.a.eq(corr)]

@@ -34,15 +34,32 @@ Both forms are tested against each other in tests/test_array.py.
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Value
+from amaranth.hdl import Cat, Const, Mux, Value
 
-__all__ = ["product", "packed_operand", "packed_product", "split_packed", "split_biased",
+__all__ = ["product", "shift_add_product", "packed_operand", "packed_product", "split_packed", "split_biased",
            "pack_bias", "split_packed_int", "split_biased_int", "pack_int"]
 
 
 def product(w: Value, a: Value) -> Value:
     """One INT4 (or INT8) x INT8 product, exact (Amaranth widens mixed-sign operands)."""
     return w * a
+
+
+def shift_add_product(z: Value, q: Value) -> Value:
+    """z * q for a small unsigned z, as the sum of q << i over z's set bits: adders, not a multiplier.
+
+    Yosys's synth_xilinx puts every $mul whose operands are at least 2 bits wide into a DSP48E2;
+    a 4-bit zero point times a qsum is worth a few LUTs, not a DSP slice. Exact: the result is
+    signed and wide enough for len(z) + len(q) + 1 bits.
+    """
+    z = Value.cast(z)
+    assert not z.shape().signed, "shift_add_product takes an unsigned small factor"
+    q = Value.cast(q).as_signed() if Value.cast(q).shape().signed else Cat(q, Const(0, 1)).as_signed()
+    terms = [Mux(z[i], q, 0) << i for i in range(len(z))]
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
 
 
 def packed_operand(w0: Value, w1: Value, shift: int) -> Value:

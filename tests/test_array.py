@@ -125,6 +125,34 @@ def test_packed_split_exact_at_extremes(g):
         assert -(1 << (cfg.packed_acc_width - 1)) <= p_plain + pack_bias(S) < (1 << (cfg.packed_acc_width - 1))
 
 
+def test_shift_add_product_is_the_product():
+    """The dequant's zero * qsum in adders (rtl.pe.shift_add_product), every 4-bit zero against
+    the qsum extremes and random values, through Amaranth's simulator."""
+    from amaranth.hdl import Module, Signal, signed, unsigned
+    from amaranth.sim import Simulator
+    from rtl.pe import shift_add_product
+    m = Module()
+    z, q = Signal(unsigned(4)), Signal(signed(14))
+    y = Signal(signed(20))
+    m.d.comb += y.eq(shift_add_product(z, q))
+    rng = np.random.default_rng(5)
+    qs = [-(1 << 13), (1 << 13) - 1, -1, 0, 1] + [int(v) for v in rng.integers(-(1 << 13), 1 << 13, 40)]
+    seen = []
+
+    async def bench(ctx):
+        for zv in range(16):
+            for qv in qs:
+                ctx.set(z, zv)
+                ctx.set(q, qv)
+                seen.append((zv * qv, ctx.get(y)))
+
+    sim = Simulator(m)
+    sim.add_testbench(bench)
+    sim.run()
+    assert len(seen) == 16 * len(qs)
+    assert all(want == got for want, got in seen), [s for s in seen if s[0] != s[1]][:5]
+
+
 def test_packing_needs_whole_group_guard():
     # One bit less of shift and the extreme group no longer splits: S is tight.
     g, S = 64, ArrayConfig(rows=2, cols=1, tokens=1, group_size=64, port_bits=128).pack_shift
