@@ -71,21 +71,34 @@ class DequantParams:
     zero_bits : width of the unsigned weight zero points.
     mul_latency, add_latency : latencies of the fp32 multipliers and adders.
     beat_bits : see the ``out`` stream of `DequantUnit`.
+    corr_bits : an upper bound on the bit length of |corr| for every group the unit is given,
+        where corr = acc - zero * qsum = sum (w_k - z) q_k (numerics: qsum is the sum of the
+        group's codes, as the activation buffer holds it). Then fp32(corr) has at most corr_bits
+        significant bits and t = fp32(corr) * s is a corr_bits x 24 product (one DSP48E2 at 17
+        or fewer). Default 24: any corr the widths allow (|corr| < 2^24). ``for_config`` derives
+        it from the group size and the code ranges (17 at g64: 64 * 128 * 15 < 2^17).
     """
 
     def __init__(self, rows: int, tokens: int, acc_width: int, qsum_width: int, *,
                  lanes: int | None = None, group_cycles: int | None = None, zero_bits: int = 4,
                  mul_latency: int | None = None, add_latency: int | None = None,
-                 beat_bits: int | None = None):
+                 beat_bits: int | None = None, corr_bits: int | None = None):
         self._configure(rows, tokens, acc_width, qsum_width, lanes, group_cycles, zero_bits,
                         mul_latency, add_latency)
         self._configure_beats(beat_bits)
+        if corr_bits is not None and (not isinstance(corr_bits, int) or isinstance(corr_bits, bool)
+                                      or not 1 <= corr_bits <= 24):
+            raise ConfigError(f"DequantUnit: corr_bits must be an integer from 1 to 24, got {corr_bits!r}")
+        self._corr_bits = 24 if corr_bits is None else corr_bits
 
     @classmethod
     def for_config(cls, config, *, beat_bits: int | None = None):
         """The dequant unit of one LinearCore of `config` (an ArrayConfig)."""
+        (wl, wh), (al, ah) = config.weight_range, config.act_range
+        zmax = (1 << 4) - 1
+        worst = config.group_size * max(-al, ah) * max(wh, zmax - wl)     # |sum (w - z) q|
         return cls(config.rows, config.tokens, config.acc_width, config.qsum_width,
-                   lanes=config.dequant_lanes, beat_bits=beat_bits)
+                   lanes=config.dequant_lanes, beat_bits=beat_bits, corr_bits=min(24, worst.bit_length()))
 
     def _configure(self, rows, tokens, acc_width, qsum_width, lanes, group_cycles, zero_bits,
                    mul_latency, add_latency):
@@ -158,6 +171,10 @@ class DequantParams:
     @property
     def qsum_width(self) -> int:
         return self._qsum_width
+
+    @property
+    def corr_bits(self) -> int:
+        return self._corr_bits
 
     @property
     def zero_bits(self) -> int:
@@ -391,8 +408,8 @@ class DequantUnit(DequantParams, CheckedComponent):
             scale_ready = 1 + half.latency + mul_s.latency
             corr_ready = 1 + _CORR_LATENCY + to_float.latency
             align = max(scale_ready, corr_ready)
-            # a = cf is an exact integer (zero or normal)
-            mul_t = m.submodules[f"l{lane}_mul_t"] = self._make_mul(normal_a=True)
+            # a = cf is an exact integer (zero or normal) of at most corr_bits significant bits
+            mul_t = m.submodules[f"l{lane}_mul_t"] = self._make_mul(normal_a=True, a_bits=self._corr_bits)
             m.d.comb += [
                 mul_t.i_valid.eq(_delay(m, mul_s.o_valid, align - scale_ready, f"l{lane}_sv", reset=True)),
                 mul_t.a.eq(_delay(m, to_float.o, align - corr_ready, f"l{lane}_cf")),

@@ -133,6 +133,21 @@ def _tile_values(rng, kind, ng, R, T, aw, qw, zb):
     return acc, zero, qsum, wscale.astype(np.uint16), ascale.astype(U32)
 
 
+def _consistent_sums(rng, kind, ng, R, T, group):
+    """acc, zero, qsum of real codes (qsum = the sum of the group's codes, as the contract has it):
+    for a unit built with corr_bits, whose bound holds only for such groups. "extreme" puts every
+    tile near |corr| = group * 128 * 15, the bound itself, with all its significant bits in use."""
+    q = rng.integers(-128, 128, (ng, T, group))
+    w = rng.integers(0, 16, (ng, R, group))
+    zero = rng.integers(0, 16, (ng, R))
+    if kind in ("extreme", "huge"):
+        q = -128 + rng.integers(0, 3, (ng, T, group))     # |corr| at the bound, with odd values
+        w = rng.choice([0, 15], (ng, R, 1)) * np.ones((1, 1, group), dtype=np.int64)
+        zero = np.where(w[:, :, 0] == 0, 15, 0)
+    acc = np.einsum("gtk,grk->gtr", q, w).reshape(ng, T * R)
+    return acc, zero, q.sum(axis=-1)
+
+
 def _bias(rng, R):
     choice = rng.integers(0, 5)
     if choice == 0:
@@ -156,13 +171,15 @@ def golden_tile(acc, zero, qsum, wscale, ascale, bias, R, T):
 
 
 def make_scenario(unit: DequantUnit, rng, groups_per_tile: list[int], kinds: list[str],
-                  p_valid: dict, p_ready: float, seed: int):
+                  p_valid: dict, p_ready: float, seed: int, group: int | None = None):
     R, T = unit.rows, unit.tokens
     cols = {k: [] for k in ("acc", "first", "last", "wscale", "zero", "ascale", "qsum")}
     biases, expected = [], []
     for ng, kind in zip(groups_per_tile, kinds):
         acc, zero, qsum, wscale, ascale = _tile_values(rng, kind, ng, R, T, unit.acc_width,
                                                        unit.qsum_width, unit.zero_bits)
+        if unit.corr_bits < 24:
+            acc, zero, qsum = _consistent_sums(rng, kind, ng, R, T, group)
         bias = _bias(rng, R)
         expected.append(golden_tile(acc, zero, qsum, wscale, ascale, bias, R, T))
         biases.append(np.zeros(R, dtype=U32) if bias is None else bias)
@@ -219,6 +236,9 @@ POINTS = [
     # two beats per memory word (lanes 8), one each (lanes 4, the kv260 shape), four (lanes 1)
     pytest.param(dict(rows=8, tokens=2, group=64, lanes=2, beat_bits=128), id="R8-T2-G64-L2-B128"),
     pytest.param(dict(rows=8, tokens=2, group=64, lanes=8, beat_bits=128), id="R8-T2-G64-L8-B128"),
+    # corr_bits: t = fp32(corr) * s as a 17 x 24 product (the kv260 dequant: one DSP48E2), on
+    # groups of real codes up to the bound |corr| = 64 * 128 * 15
+    pytest.param(dict(rows=8, tokens=2, group=64, lanes=4, beat_bits=128, corr_bits=17), id="R8-T2-G64-L4-B128-C17"),
     pytest.param(dict(rows=32, tokens=2, group=64, lanes=4, beat_bits=128), id="R32-T2-G64-L4-B128",
                  marks=pytest.mark.slow),
     pytest.param(dict(rows=4, tokens=2, group=32, lanes=1, beat_bits=128), id="R4-T2-G32-L1-B128",
@@ -236,12 +256,15 @@ def build_unit(point) -> tuple[DequantUnit, Path, str]:
     aw, qw = widths_for_group(point["group"])
     mul, add = point.get("mul_latency"), point.get("add_latency")
     unit = DequantUnit(point["rows"], point["tokens"], aw, qw, lanes=point["lanes"],
-                       mul_latency=mul, add_latency=add, beat_bits=point.get("beat_bits"))
+                       mul_latency=mul, add_latency=add, beat_bits=point.get("beat_bits"),
+                       corr_bits=point.get("corr_bits"))
     name = f"dequant_r{point['rows']}_t{point['tokens']}_a{aw}_q{qw}_l{point['lanes']}"
     if mul is not None or add is not None:
         name += f"_m{unit.mul_latency}_a{unit.add_latency}"
     if unit.beat_bits is not None:
         name += f"_b{unit.beat_bits}"
+    if unit.corr_bits < 24:
+        name += f"_c{unit.corr_bits}"
     src = write_verilog(verilog.convert(unit, name=name), name)
     return unit, src, name
 
@@ -261,13 +284,13 @@ def test_dequant_unit_verilator(point, tmp_path):
     groups = [int(g) for g in rng.integers(1, 6, n_tiles)]
     stalls, stalls_exp = make_scenario(
         unit, rng, groups, kinds, p_valid={"partials": 0.5, "meta": 0.7, "act": 0.6, "bias": 0.4},
-        p_ready=0.5, seed=seed)
+        p_ready=0.5, seed=seed, group=point["group"])
 
     # No stalls: enough groups per tile that the out beat never throttles the inputs.
     ng = max(3, -(-(unit.latency + unit.out_beats) // unit.cycles_per_group) + 1)
     stream, stream_exp = make_scenario(
         unit, rng, [ng] * 4, ["typical", "extreme", "bits", "typical"],
-        p_valid={k: 1.0 for k in STREAMS}, p_ready=1.0, seed=seed + 1)
+        p_valid={k: 1.0 for k in STREAMS}, p_ready=1.0, seed=seed + 1, group=point["group"])
 
     paths = {k: tmp_path / f"{k}.npz" for k in ("stalls", "stalls_res", "stream", "stream_res")}
     np.savez(paths["stalls"], **stalls)
