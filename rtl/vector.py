@@ -158,11 +158,14 @@ class _State(enum.Enum, shape=3):
 class VectorUnit(CheckedComponent):
     """See the module docstring. Parameters: ``lanes`` (1, 2, 4, 8), ``max_length`` (the largest
     n), ``groups`` (QUANT group sizes, powers of two, each >= 2 lanes), ``quant_slots`` (group
-    buffers, >= 2), ``mul_latency`` / ``add_latency`` (the fp32 units'; add_latency <= 32 / lanes)."""
+    buffers, >= 2), ``mul_latency`` / ``add_latency`` (the fp32 units'; add_latency <= 32 / lanes),
+    ``shared_sigmoid`` (default: on at 2 lanes or more: one Sigmoid per lane pair, SILU_MUL at one
+    beat per two cycles; off: a Sigmoid per lane, one beat per cycle)."""
 
     @classmethod
     def check(cls, lanes: int, *, max_length: int = 8960, groups=SUPPORTED_GROUP_SIZES, quant_slots: int = 4,
-              mul_latency: int | None = None, add_latency: int | None = None) -> None:
+              mul_latency: int | None = None, add_latency: int | None = None,
+              shared_sigmoid: bool | None = None) -> None:
         if lanes not in LANE_CHOICES:
             raise ConfigError(f"VectorUnit: lanes must be one of {LANE_CHOICES}, got {lanes!r}")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2 * lanes:
@@ -172,6 +175,8 @@ class VectorUnit(CheckedComponent):
             raise ConfigError(f"VectorUnit: groups must be powers of two >= 2 * lanes, got {groups!r}")
         if not isinstance(quant_slots, int) or quant_slots < 2:
             raise ConfigError(f"VectorUnit: quant_slots must be an integer >= 2, got {quant_slots!r}")
+        if shared_sigmoid and lanes < 2:
+            raise ConfigError("VectorUnit: shared_sigmoid needs at least 2 lanes (one Sigmoid per lane pair)")
         Fp32Multiply.check(mul_latency)
         Fp32Add.check(add_latency)
         if Fp32Add.resolve_latency(add_latency) > P_PARTIALS // lanes:
@@ -179,8 +184,11 @@ class VectorUnit(CheckedComponent):
                               f"{P_PARTIALS // lanes}, the partial-sum revisit distance at {lanes} lanes")
 
     def __init__(self, lanes: int, *, max_length: int = 8960, groups=SUPPORTED_GROUP_SIZES, quant_slots: int = 4,
-                 mul_latency: int | None = None, add_latency: int | None = None):
+                 mul_latency: int | None = None, add_latency: int | None = None,
+                 shared_sigmoid: bool | None = None):
         self._lanes = lanes
+        # lanes per Sigmoid: 2 (a pair shares one; SILU_MUL issues every other cycle) or 1
+        self._sig_share = 2 if (lanes >= 2 if shared_sigmoid is None else shared_sigmoid) else 1
         self._max_length = max_length
         self._groups = tuple(groups)
         self._slots = quant_slots
@@ -211,6 +219,11 @@ class VectorUnit(CheckedComponent):
         return self._lanes
 
     @property
+    def sigmoid_share(self) -> int:
+        """Lanes per Sigmoid (2: SILU_MUL takes a beat every other cycle; 1: every cycle)."""
+        return self._sig_share
+
+    @property
     def groups(self) -> tuple[int, ...]:
         return self._groups
 
@@ -219,7 +232,7 @@ class VectorUnit(CheckedComponent):
         FIFO adds up to two more before ``out.valid``). QUANT: from the group's last a beat to its
         last codes beat in the FIFO when the unit is otherwise idle."""
         m, a = self._mul_latency, self._add_latency
-        return {VecOp.ADD: 1 + a, VecOp.SILU_MUL: 1 + self._sig_latency + 2 * m, VecOp.RMSNORM: 1 + 2 * m,
+        return {VecOp.ADD: 1 + a, VecOp.SILU_MUL: self._sig_share + self._sig_latency + 2 * m, VecOp.RMSNORM: 1 + 2 * m,
                 VecOp.ROPE: 1 + m + a, VecOp.BF16: 1,
                 VecOp.QUANT: 2 + self._div_latency + self._group_beats_max() + 1 + m + self._toint_latency}[op]
 
@@ -229,7 +242,7 @@ class VectorUnit(CheckedComponent):
     def _pipe_latency(self) -> int:
         """The longest issue-to-FIFO latency of the lane pipelines."""
         m, a = self._mul_latency, self._add_latency
-        return 1 + max(a + m, self._sig_latency + 2 * m, 2 * m, m + a)
+        return max(1 + a + m, self._sig_share + self._sig_latency + 2 * m, 1 + 2 * m, 1 + m + a)
 
     def elaborate(self, platform):
         m = Module()
@@ -291,8 +304,9 @@ class VectorUnit(CheckedComponent):
         issue = Signal()      # lane pipelines take a beat
         q_load_a = Signal()   # QUANT takes an a beat into the group ring
         q_load = Signal()     # the group ring takes a beat (an a beat, or fused: an out FIFO beat)
+        silu_hold = Signal()  # shared Sigmoid: the cycle after a SILU_MUL beat, the pair's odd lane uses it
         m.d.comb += [
-            issue.eq(lane_step & in_ok & ((state == _State.RMS_SUM) | out_room)),
+            issue.eq(lane_step & in_ok & ((state == _State.RMS_SUM) | out_room) & ~silu_hold),
             q_load_a.eq(run & is_[VecOp.QUANT] & (beat != beats) & self.a.valid & q_load_ok),
             q_load_fused.eq(fused & out_fifo.r_rdy & q_load_ok),
             q_load.eq(q_load_a | q_load_fused),
@@ -312,6 +326,7 @@ class VectorUnit(CheckedComponent):
         v0 = Signal()
         first_half0 = Signal()
         slot0 = Signal(range(P_lane))
+        m.d.comb += silu_hold.eq(v0 & is_[VecOp.SILU_MUL] if self._sig_share == 2 else 0)
         m.d.sync += [v0.eq(issue), first_half0.eq(beat < half_beats), slot0.eq(beat[:max(1, 5 - lane_bits)]
                                                                                    if P_lane > 1 else 0)]
         a0 = [Signal(32, name=f"a0_{l}", reset_less=True) for l in range(L)]
@@ -341,23 +356,38 @@ class VectorUnit(CheckedComponent):
         out_lanes, codes_lanes = [], []
         out_valid = Signal()
         codes_valid = Signal()
+        # SILU_MUL's sigmoids: one per lane, or (shared) one per lane pair (2k, 2k+1), which takes
+        # lane 2k's operand in the beat's stage-0 cycle and lane 2k+1's (held one more register) in
+        # the next; lane 2k's result waits one register, so M1 starts both lanes SH cycles after v0.
+        SH = self._sig_share
+        silu0 = v0 & is_[VecOp.SILU_MUL]
+        sig_out = []
+        for k in range(L // SH):
+            sig = m.submodules[f"sig{k}"] = Sigmoid()
+            if SH == 1:
+                m.d.comb += [sig.i_valid.eq(silu0), sig.a.eq(a0[k])]
+                sig_out.append(sig.o)
+            else:
+                odd_a = _delay(m, a0[2 * k + 1], 1, f"a_odd{k}")
+                odd_v = _delay(m, silu0, 1, f"silu_odd{k}", reset=True)
+                m.d.comb += [sig.i_valid.eq(silu0 | odd_v), sig.a.eq(Mux(silu0, a0[2 * k], odd_a))]
+                sig_out += [_delay(m, sig.o, 1, f"sig_even{k}"), sig.o]
+        silu_m1 = _delay(m, silu0, S + SH - 1, "silu_m1", reset=True)
         for l in range(L):
             m1 = Fp32Multiply(M)
             m2 = Fp32Multiply(M)
             m3 = Fp32Multiply(M)
             add = Fp32Add(A)
-            sig = Sigmoid()
             toint = Fp32ToInt(8, QMAX_A)
-            for name, unit in (("m1", m1), ("m2", m2), ("m3", m3), ("add", add), ("sig", sig), ("toint", toint)):
+            for name, unit in (("m1", m1), ("m2", m2), ("m3", m3), ("add", add), ("toint", toint)):
                 m.submodules[f"lane{l}_{name}"] = unit
-            a_s = _delay(m, a0[l], S, f"a_sig{l}")
+            a_s = _delay(m, a0[l], S + SH - 1, f"a_sig{l}")
             b_m = _delay(m, b0[l], M, f"b_mul{l}")
-            b_sm = _delay(m, b_m, S, f"b_sigmul{l}")
-            m.d.comb += [sig.i_valid.eq(v0 & is_[VecOp.SILU_MUL]), sig.a.eq(a0[l])]
+            b_sm = _delay(m, b_m, S + SH - 1, f"b_sigmul{l}")
             # M1
             with m.Switch(op):
                 with m.Case(VecOp.SILU_MUL):
-                    m.d.comb += [m1.i_valid.eq(sig.o_valid), m1.a.eq(a_s), m1.b.eq(sig.o)]
+                    m.d.comb += [m1.i_valid.eq(silu_m1), m1.a.eq(a_s), m1.b.eq(sig_out[l])]
                 with m.Case(VecOp.RMSNORM):
                     m.d.comb += [m1.i_valid.eq(v0), m1.a.eq(a0[l]), m1.b.eq(Mux(sum0, a0[l], r_scale))]
                 with m.Case(VecOp.ROPE):

@@ -34,12 +34,13 @@ class BusFault(Exception):
 # fabric vector engine": T = 1 and 8, n = 896 and 4864): the command's fetch-to-done latency, the
 # unit's pipeline fill, and for RMSNORM each row's reduction, rsqrt and second pass (98 per row).
 # QUANT adds about 2/3 of a cycle per group of the row (measured at group 128: 0.65).
+# SILU_MUL streams 2 elements per cycle at 4 lanes (two lanes share a Sigmoid, rtl/vector.py).
 # An op with QUANT_OUT ("+Q") writes its quantized activation buffer instead of fp32 rows: the
 # producer's stream, then the last group's divide and read-back (about 48 cycles more than the
 # producer alone), plus QUANT's 2/3 cycle per group; measured the same way (docs/rtl.md, group 64).
 VECTOR_OVERHEAD = {"EMBED": (136, 3), "RMSNORM": (193, 98), "QUANT": (164, 1), "ROPE": (147, 28),
-                   "KV_STORE": (141, 2), "ADD": (101, 2), "SILU_MUL": (134, 2),
-                   "RMSNORM+Q": (241, 98), "ROPE+Q": (195, 28), "SILU_MUL+Q": (182, 2)}
+                   "KV_STORE": (141, 2), "ADD": (101, 2), "SILU_MUL": (134, 0),
+                   "RMSNORM+Q": (241, 98), "ROPE+Q": (195, 28), "SILU_MUL+Q": (182, 1)}
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class FabricPerf:
     """
     cap_bytes_per_cycle: float = 64.0
     vector_lanes: int = 4
+    sigmoid_share: int = 2             # SILU_MUL: lanes per Sigmoid, so a beat every 2 cycles
     attn_macs: int = 128
     attn_command_cycles: int = 394     # measured 394 at head_dim 64, group 7, 128 MACs, 2 exp lanes
     fixed_cycles: int = 64
@@ -78,7 +80,7 @@ class FabricPerf:
                               "per (row, KV group) positions x (max(steps, head_dim/16) + max(steps, head_dim/16, "
                               "ceil(group/exp_lanes))) + "
                               "attn_command_cycles (the attention unit's measured rule)",
-                "vector_lanes": self.vector_lanes, "attn_macs": self.attn_macs, "attn_exp_lanes": self.exp_lanes,
+                "vector_lanes": self.vector_lanes, "silu_lanes_per_sigmoid": self.sigmoid_share, "attn_macs": self.attn_macs, "attn_exp_lanes": self.exp_lanes,
                 "attn_command_cycles": self.attn_command_cycles,
                 "vector_overhead": {k: {"fixed": f, "per_extra_row": r} for k, (f, r) in VECTOR_OVERHEAD.items()},
                 "fixed_cycles_argmax_attend_or_error": self.fixed_cycles}
@@ -94,7 +96,8 @@ class FabricPerf:
     def vector(self, op: Opcode, passes: int, elements: int, nbytes: int, rows: int, fused: bool = False) -> int:
         """A vector op's cycles: its element (or byte) stream plus its measured overhead (``fused``:
         the op with QUANT_OUT)."""
-        stream = max(-(-passes * elements // self.vector_lanes), int(-(-nbytes // self.cap_bytes_per_cycle)))
+        lanes = self.vector_lanes // (self.sigmoid_share if op == Opcode.SILU_MUL else 1)
+        stream = max(-(-passes * elements // lanes), int(-(-nbytes // self.cap_bytes_per_cycle)))
         fixed, per_row = VECTOR_OVERHEAD[op.name + ("+Q" if fused else "")]
         return stream + fixed + per_row * (rows - 1)
 
