@@ -67,11 +67,15 @@ multiple of 2 L; QUANT and fused: G is one of ``groups`` and n a multiple of G (
 fabric_ops.rms_constants gives them (the sum of squares times c0 plus c1 must be > 0, the
 rsqrt domain). Finite inputs (and, fused, finite results).
 
-Datapath: per lane three Fp32Multiply (M1, M2 for the ops, M3 for the quantizer), one Fp32Add (A),
-a Sigmoid and an Fp32ToInt; one scalar Fp32Add, Fp32Multiply, Rsqrt and Fp32Divide. Per op:
+Datapath: per lane three Fp32Multiply (M1, M2 for the ops, M3 for the quantizer), one Fp32Add (A)
+and an Fp32ToInt; a Sigmoid per lane pair (``shared_sigmoid``, the default at 2 lanes or more; at
+1 lane, or with it off, one per lane); one scalar Fp32Add, Fp32Multiply, Rsqrt and Fp32Divide. Per op:
 
 * ADD: A(a, b). BF16: a register.
-* SILU_MUL: Sigmoid(a); M1(a, sig); M2(., b) (a, b delayed in reset-less shift registers).
+* SILU_MUL: Sigmoid(a); M1(a, sig); M2(., b) (a, b delayed in reset-less shift registers). Shared
+  sigmoids take a beat every other cycle: lane 2k's operand in the beat's first cycle, lane 2k+1's
+  in the next, so the op streams L/2 elements per cycle (12 DSP48E2 and about 1,500 LUT saved per
+  Sigmoid; SILU_MUL is the only op that needs it).
 * ROPE: M1(a, c) and M2(+-b, d) (b negated in the first half: -x[i+h]) side by side; A(M1, M2).
 * RMSNORM pass 1: M1(x, x); A(partial[p], .) into ``P = 32`` partials, element i into partial
   i mod 32, which is lane i mod L's partial slot (i // L) mod (32/L): a partial comes back every
