@@ -35,6 +35,7 @@ from .argmax import ArgmaxUnit
 from .axi import BEATS_WIDTH, read_data_layout, transfer_command_layout
 from .cmdproc import op_done_layout, op_layout
 from .component import CheckedComponent
+from .pe import shift_add_product
 
 __all__ = ["ArgmaxPass"]
 
@@ -93,7 +94,7 @@ class ArgmaxPass(CheckedComponent):
         m.d.comb += stride.eq((((padded << 2) + ALIGN - 1) >> lo) << lo)
         w = Signal(rec)
         m.d.comb += [w.argmax.eq(op.argmax), w.n.eq(op.n),
-                     w.addr.eq(op.out_addr + (op.tokens - 1) * stride)]
+                     w.addr.eq(op.out_addr + shift_add_product(op.tokens, stride) - stride)]
         m.d.comb += [
             self.op_out.payload.eq(op),
             self.op_out.valid.eq(self.op_in.valid & q.w_rdy),

@@ -83,6 +83,7 @@ from .axi import (BEATS_WIDTH, AxiReadMaster, AxiWriteMaster, axi4_read_signatur
                   read_data_layout, transfer_command_layout, write_data_layout)
 from .component import CheckedComponent
 from .fabric_cmd import fabric_done_layout, fabric_op_layout
+from .pe import const_product
 
 __all__ = ["FabricAttendEngine", "READ_PORTS", "READ_OUTSTANDING"]
 
@@ -467,7 +468,7 @@ class FabricAttendEngine(CheckedComponent):
         kv_row = Signal(32 + _log2(D))
         m.d.comb += kv_row.eq(op.p1 << _log2(D))
         group_match = [Signal(name=f"group_is_{k}") for k in range(1, G + 1)]
-        m.d.comb += [match.eq(op.n == kv_row * k) for k, match in zip(range(1, G + 1), group_match)]
+        m.d.comb += [match.eq(op.n == const_product(kv_row, k)) for k, match in zip(range(1, G + 1), group_match)]
         context_full = Signal()
 
         def on_abort(drain: bool = False):

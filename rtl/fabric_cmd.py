@@ -21,6 +21,7 @@ from amaranth.lib.wiring import In, Out
 from sw.contract.commands import ALIGN, DEFAULT_ADDR_BITS, DESCRIPTOR_VERSION, ErrorCode, HardwareLimits, Opcode, \
     register
 from sw.contract.errors import ConfigError
+from .pe import const_product
 from sw.contract.fabric_commands import (FABRIC_FIELDS, FABRIC_FLAGS_DEFINED, FABRIC_MAX_N, FABRIC_OPCODES,
                                          HEAD_DIMS, QUANT_GROUPS)
 
@@ -147,7 +148,7 @@ class FabricDescriptorChecker(wiring.Component):
         if lim.head_dim:
             built = built & ~(headed & (d.aux != lim.head_dim))
         if lim.kv_group:
-            built = built & ~(is_[Opcode.ATTEND] & (heads > d.p1[:hb] * lim.kv_group))
+            built = built & ~(is_[Opcode.ATTEND] & (heads > const_product(d.p1[:hb], lim.kv_group)))
 
         checks = [
             (d.version != DESCRIPTOR_VERSION, ErrorCode.BAD_VERSION),

@@ -73,6 +73,7 @@ from sw.contract.fabric_commands import HEAD_DIMS, QUANT_GROUPS
 from .axi import AxiReadMaster, AxiWriteMaster, axi4_read_signature, axi4_write_signature
 from .component import CheckedComponent
 from .fabric_cmd import fabric_done_layout, fabric_op_layout
+from .pe import shift_add_product
 from .vector import VecOp, VectorUnit
 
 __all__ = ["FabricVectorEngine", "VECTOR_OPCODES"]
@@ -531,13 +532,13 @@ class FabricVectorEngine(CheckedComponent):
                 ]
                 m.next = "SETUP2"
             with m.State("SETUP2"):
-                m.d.sync += [nh.eq(n >> lg), tn.eq(T * n)]
+                m.d.sync += [nh.eq(n >> lg), tn.eq(shift_add_product(T, n))]
                 m.next = "SETUP3"
             with m.State("SETUP3"):
                 m.d.sync += [ms.eq(((nh + 3) >> 2) << 4), so_.eq(al64(tn)), kvc.eq(nh * c.p0)]
                 m.next = "SETUP4"
             with m.State("SETUP4"):
-                m.d.sync += [tms.eq(T * ms), cbytes.eq(al64(kvc << lg)), sbytes.eq(al64(kvc << 2))]
+                m.d.sync += [tms.eq(shift_add_product(T, ms)), cbytes.eq(al64(kvc << lg)), sbytes.eq(al64(kvc << 2))]
                 m.next = "SETUP5"
             with m.State("SETUP5"):
                 m.d.sync += qo.eq(al64(so_ + tms))

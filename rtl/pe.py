@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Mux, Value
 
-__all__ = ["product", "shift_add_product", "packed_operand", "packed_product", "split_packed", "split_biased",
+__all__ = ["product", "shift_add_product", "const_product", "packed_operand", "packed_product", "split_packed", "split_biased",
            "pack_bias", "split_packed_int", "split_biased_int", "pack_int"]
 
 
@@ -56,6 +56,20 @@ def shift_add_product(z: Value, q: Value) -> Value:
     assert not z.shape().signed, "shift_add_product takes an unsigned small factor"
     q = Value.cast(q).as_signed() if Value.cast(q).shape().signed else Cat(q, Const(0, 1)).as_signed()
     terms = [Mux(z[i], q, 0) << i for i in range(len(z))]
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+def const_product(x: Value, k: int) -> Value:
+    """x * k for an unsigned x and a constant k >= 0, as shifted copies of x added (no $mul: see
+    :func:`shift_add_product`). Unsigned, exact."""
+    x = Value.cast(x)
+    assert not x.shape().signed and isinstance(k, int) and k >= 0
+    terms = [x << i for i in range(k.bit_length()) if k >> i & 1]
+    if not terms:
+        return Const(0, 1)
     total = terms[0]
     for t in terms[1:]:
         total = total + t

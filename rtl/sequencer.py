@@ -27,6 +27,7 @@ from sw.contract.commands import ErrorCode
 
 from .cmdproc import op_done_layout, op_layout
 from .engine import BLOCK_COLS, SLOTS, Geometry, load_layout, op_params_layout, tile_grant_layout
+from .pe import const_product, shift_add_product
 from .readmux import round_robin
 
 __all__ = ["SlotState", "DrainState", "CommandSetup", "CommandSlots", "TileAllocator", "ErrorDrain",
@@ -181,7 +182,7 @@ class CommandSetup(wiring.Component):
                 nt.eq((op.n + (R - 1)) >> log_r),
                 kb.eq(op.k >> _log2(BLOCK_COLS)),
                 msb.eq((op.groups + (gpm - 1)) >> _log2(gpm)),
-                tile_beats.eq(op.groups[:g.groups_width] * g.group_beats),
+                tile_beats.eq(const_product(op.groups[:g.groups_width], g.group_beats)),
                 bad.eq((op.k > g.max_k) | (op.tokens > g.T)),
                 step.eq(2),
             ]
@@ -190,9 +191,9 @@ class CommandSetup(wiring.Component):
             m.d.sync += [
                 npad.eq(row),
                 stride.eq(_align(row, A)),
-                code_base.eq((tokens - 1) * kb),
-                code_beats.eq(tokens * kb),
-                meta_total.eq(tokens * msb),
+                code_base.eq(shift_add_product(tokens, kb) - kb),
+                code_beats.eq(shift_add_product(tokens, kb)),
+                meta_total.eq(shift_add_product(tokens, msb)),
                 weight_beats.eq(nt * tile_beats),
                 step.eq(3),
             ]
@@ -200,7 +201,7 @@ class CommandSetup(wiring.Component):
             m.d.sync += [
                 scales_off.eq(_align(code_beats << shift, A)),
                 pad.eq((stride - npad) >> shift),
-                out_bytes.eq(tokens * stride),
+                out_bytes.eq(shift_add_product(tokens, stride)),
                 step.eq(4),
             ]
         with m.Elif(step == 4):
