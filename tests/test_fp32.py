@@ -163,6 +163,28 @@ def mul_half_a_vectors(rng, n):
     return a[:m], b[:m]
 
 
+def mul_corr_a_vectors(rng, n):
+    """`a` an integer below 2^17 in magnitude as fp32 (Fp32Multiply(normal_a=True, a_bits=17), the
+    dequant's t = fp32(corr) * s at group 64): odd values near the bound (all 17 bits in use),
+    powers of two, zero, small and random integers; b of any class and at the fp32 boundaries."""
+    k = n // 3
+    near = (1 << 17) - 1 - 2 * rng.integers(0, 1 << 12, k)                  # odd, 17 significant bits
+    ints = np.concatenate([near, rng.integers(-(1 << 17) + 1, 1 << 17, k),
+                           1 << rng.integers(0, 17, k // 2), rng.integers(-64, 65, k // 2)])
+    ints = np.where(rng.random(len(ints)) < 0.5, -ints, ints)
+    a = np.asarray(ints, dtype=np.float32).view(U32)[rng.permutation(len(ints))]
+    ea = ((a >> 23) & 0xFF).astype(np.int64)[:2 * k]
+    s = rng.integers(0, 2, (2, k))
+    _, b0 = mul_vectors(rng, len(a) - 2 * k)
+    b = np.concatenate([
+        b0,
+        compose(s[0], np.clip(rng.integers(-30, 5, k) + 127 - ea[:k] + 1, 0, 254), _rand_frac(rng, k)),
+        compose(s[1], np.clip(rng.integers(-3, 3, k) + 254 - ea[k:2 * k] + 127, 1, 254), _rand_frac(rng, k)),
+    ]).astype(U32)
+    b = np.concatenate([b[len(b0):], b[:len(b0)]])                           # boundaries meet the first a's
+    return a[:n], b[:n]
+
+
 def add_vectors(rng, n):
     k = n // 8
     s = rng.integers(0, 2, (8, k))
@@ -322,13 +344,15 @@ BANK_OPS = {
     "mun": BankOp(lambda lat: Fp32Multiply(latency=lat, normal_a=True), Fp32Multiply.max_latency(), ("a", "b")),
     "muh": BankOp(lambda lat: Fp32Multiply(latency=lat, normal_a=True, a_bits=11), Fp32Multiply.max_latency(),
                   ("a", "b")),
+    "muc": BankOp(lambda lat: Fp32Multiply(latency=lat, normal_a=True, a_bits=17), Fp32Multiply.max_latency(),
+                  ("a", "b")),
     "add": BankOp(lambda lat: Fp32Add(latency=lat), Fp32Add.max_latency(), ("a", "b")),
     "i2f": BankOp(lambda lat: IntToFp32(32, latency=lat), IntToFp32.max_latency(), ("a",)),
     "i2n": BankOp(lambda lat: IntToFp32(20, latency=lat), IntToFp32.max_latency(), ("a",), width=20),
     "h2f": BankOp(lambda lat: Fp16ToFp32(latency=lat), Fp16ToFp32.max_latency(), ("a",), width=16),
 }
 BANK_LANES = 4
-VECTORS = {"mul": 320_000, "mun": 320_000, "muh": 320_000, "add": 320_000, "i2f": 200_000, "i2n": 60_000,
+VECTORS = {"mul": 320_000, "mun": 320_000, "muh": 320_000, "muc": 120_000, "add": 320_000, "i2f": 200_000, "i2n": 60_000,
            "h2f": 1 << 16}
 
 
@@ -337,11 +361,13 @@ def _bank_vectors(seed: int):
     ma, mb = mul_vectors(rng, VECTORS["mul"])
     na, nb = mul_normal_a_vectors(rng, VECTORS["mun"])
     ha, hb = mul_half_a_vectors(rng, VECTORS["muh"])
+    ca, cb = mul_corr_a_vectors(rng, VECTORS["muc"])
     aa, ab = add_vectors(rng, VECTORS["add"])
     return {
         "mul": {"a": ma, "b": mb},
         "mun": {"a": na, "b": nb},
         "muh": {"a": ha, "b": hb},
+        "muc": {"a": ca, "b": cb},
         "add": {"a": aa, "b": ab},
         "i2f": {"a": int_vectors(rng, VECTORS["i2f"], 32)},
         "i2n": {"a": int_vectors(rng, VECTORS["i2n"], 20)},
@@ -357,5 +383,5 @@ def test_fp32_units_verilator(tmp_path):
     for op, ops in vectors.items():
         ins = [np.asarray(v) for v in ops.values()]
         got = res[op].astype(U32)
-        exp = golden("mul" if op in ("mun", "muh") else op, *ins) if len(ins) == 2 else golden(op, ins[0])
+        exp = golden("mul" if op in ("mun", "muh", "muc") else op, *ins) if len(ins) == 2 else golden(op, ins[0])
         _check(op, got, exp, *ins)
