@@ -62,6 +62,11 @@ Passes of one command ("position" = one of the n visible positions):
 4. out: per accumulator ``y = fp32(acc * 2^(B - 150))`` (:class:`ScaledIntToFp32`) and
    ``out = y * r``: 4 per cycle, G*D/4 cycles.
 
+The fp32 multiplies of the phases (q load: s_q * C; pass 1: the H score scales and scores; pass 2:
+the E w = e * s_v; out: the 4 y * r) never overlap, so they share max(2H, E, 4) Fp32Multiply
+units (``rtl.fp32.time_shared``: each use has its own operands and valid, an owner tag gates
+its results).
+
 Cycles per command ~ n * cycles_per_position + a fixed part (q load, pipeline drains, the tree
 and the reciprocals, the outputs), with cycles_per_position = max(P, D/16) + max(P, D/16,
 ceil(G/E)). At D = 64, G = 7: M = 64 gives P = 7, 14 cycles per position; M = 128 gives P = 4,
@@ -90,7 +95,7 @@ from sw.contract.errors import ConfigError
 
 from .component import CheckedComponent
 from .fp32 import Fp32Add, Fp32Multiply, IntToFp32, _PipelinedUnit, _round_and_pack, leading_zeros, \
-    shift_right_sticky
+    shift_right_sticky, time_shared
 from .dsp import madd_slice
 from .fpfunc import Exp2, Reciprocal
 
@@ -271,8 +276,6 @@ class AttentionUnit(CheckedComponent):
         C = _f32_bits(fo.score_scale(D))
 
         # ---- units --------------------------------------------------------------------------
-        m.submodules.mul_a = mul_a = Fp32Multiply()                      # a_h = s_q[h] * C
-
         def lane_units(name, cls):                       # one per exp lane (lane 0 without suffix)
             units = [cls() for _ in range(E)]
             for k, u in enumerate(units):
@@ -281,19 +284,39 @@ class AttentionUnit(CheckedComponent):
 
         exp2 = lane_units("exp2", Exp2)
         sub_m = lane_units("sub_m", Fp32Add)                             # d = score - m
-        mul_w = lane_units("mul_w", Fp32Multiply)                        # w = e * s_v
         add_p = lane_units("add_p", Fp32Add)                             # fixed_sum partials and tree
         m.submodules.recip = recip = Reciprocal()
         i2f = [IntToFp32(24, latency=4) for _ in range(H)]               # fp32(acc) (exact)
-        mul_b = [Fp32Multiply() for _ in range(H)]                       # b = a_h * s_k
-        mul_s = [Fp32Multiply() for _ in range(H)]                       # score = fp32(acc) * b
         conv = [ScaledIntToFp32(A) for _ in range(OUT_WORDS)]            # y = acc * 2^(B - 150)
-        mul_r = [Fp32Multiply() for _ in range(OUT_WORDS)]               # out = y * r
         for i in range(H):
-            m.submodules[f"i2f{i}"], m.submodules[f"mul_b{i}"], m.submodules[f"mul_s{i}"] = \
-                i2f[i], mul_b[i], mul_s[i]
+            m.submodules[f"i2f{i}"] = i2f[i]
         for i in range(OUT_WORDS):
-            m.submodules[f"conv{i}"], m.submodules[f"mul_r{i}"] = conv[i], mul_r[i]
+            m.submodules[f"conv{i}"] = conv[i]
+        # The multiplies of the four phases (which never overlap: each phase's results are in
+        # before the next phase issues) share MULS Fp32Multiply units, each use with its own
+        # operands and valid (rtl.fp32.time_shared):
+        #   q load:  a_h = s_q[h] * C                        (mul_a: unit 0)
+        #   pass 1:  b = a_h * s_k, score = fp32(acc) * b    (mul_b[k]: unit k, mul_s[k]: unit H + k)
+        #   pass 2:  w = e * s_v                             (mul_w[k]: unit k)
+        #   out:     out = y * r                             (mul_r[i]: unit i)
+        MULS = max(2 * H, E, OUT_WORDS)
+        owners = [["a"], *[[] for _ in range(MULS - 1)]]
+        for k in range(H):
+            owners[k].append(f"b{k}")
+            owners[H + k].append(f"s{k}")
+        for k in range(E):
+            owners[k].append(f"w{k}")
+        for i in range(OUT_WORDS):
+            owners[i].append(f"r{i}")
+        use = {}
+        for u, names in enumerate(owners):
+            for nm, port in zip(names, time_shared(m, f"mul{u}", Fp32Multiply(), len(names))):
+                use[nm] = port
+        mul_a = use["a"]
+        mul_b = [use[f"b{k}"] for k in range(H)]
+        mul_s = [use[f"s{k}"] for k in range(H)]
+        mul_w = [use[f"w{k}"] for k in range(E)]
+        mul_r = [use[f"r{i}"] for i in range(OUT_WORDS)]
 
         # ---- per-head state -------------------------------------------------------------------
         def head_regs(name, width, init):

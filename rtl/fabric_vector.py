@@ -51,6 +51,10 @@ included); no fp32 row is written and dst_stride is unused.
   SLVERR/DECERR on a read -> READ_ERROR, else on a write -> WRITE_ERROR: the datapath is held in
   reset, every master is cleared and drained, then ``done`` answers. Memory written before the
   error is not restored (FabricOps writes nothing on an error; a streaming engine cannot).
+* No multiplier (synth_xilinx would give each product a DSP48E2): EMBED's row offsets id * 2n
+  are bit-serial, 1 + bitlen(max_n / 8) cycles per token row after the ids are checked;
+  KV_STORE's p1 * p0 is shift-adds, so KV_STORE's p0 must be at most 2^20 (MAX_CONTEXT_LIMIT,
+  which the descriptor checker's max_context bound enforces).
 * The op completes (``done`` code 0) only after every write's B response: the next op may read it.
 * Reset: the masters are inside, so a reset (an integrating top's ResetInserter) is safe whenever
   the engine is idle, which it is after every ``done``, errors included (it drains before it
@@ -67,6 +71,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from sw.contract.commands import DEFAULT_ADDR_BITS, HP_ID_BITS, ErrorCode, Opcode
+from sw.contract.config import MAX_CONTEXT_LIMIT
 from sw.contract.errors import ConfigError
 from sw.contract.fabric_commands import HEAD_DIMS, QUANT_GROUPS
 
@@ -515,8 +520,18 @@ class FabricVectorEngine(CheckedComponent):
         # ---- the sequencer -----------------------------------------------------------------------------
         mul_t = Signal(range(self._max_tokens + 1))
         flush_wait = Signal(2)
-        two_n = Signal(nw + 1)
-        m.d.comb += [self.done.payload.code.eq(code), two_n.eq(n << 1)]
+        m.d.comb += self.done.payload.code.eq(code)
+        # KV_STORE's p1 * p0 as shift-adds: nh = n / head_dim < 2^nh_bits, p0 <= max_context <= 2^20
+        # (the descriptor checker's bound)
+        nh_bits = max(1, (self._max_n >> 5).bit_length())
+        P0_BITS = MAX_CONTEXT_LIMIT.bit_length()
+        MUL_BITS = max(1, (self._max_n >> 3).bit_length())
+        # EMBED's row offsets id * 2n = (id << 4) * (n / 8) (n % 8 == 0), bit-serial over n / 8's
+        # MUL_BITS bits: one add per cycle, 1 + MUL_BITS cycles per token row, no multiplier
+        mul_bit = Signal(range(MUL_BITS + 1))
+        mcand = Signal(aw)
+        mplier = Signal(MUL_BITS)
+        macc = Signal(aw)
         with m.FSM(name="seq") as fsm:
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
@@ -535,7 +550,7 @@ class FabricVectorEngine(CheckedComponent):
                 m.d.sync += [nh.eq(n >> lg), tn.eq(shift_add_product(T, n))]
                 m.next = "SETUP3"
             with m.State("SETUP3"):
-                m.d.sync += [ms.eq(((nh + 3) >> 2) << 4), so_.eq(al64(tn)), kvc.eq(nh * c.p0)]
+                m.d.sync += [ms.eq(((nh + 3) >> 2) << 4), so_.eq(al64(tn)), kvc.eq(shift_add_product(nh[:nh_bits], c.p0[:P0_BITS]))]
                 m.next = "SETUP4"
             with m.State("SETUP4"):
                 m.d.sync += [tms.eq(shift_add_product(T, ms)), cbytes.eq(al64(kvc << lg)), sbytes.eq(al64(kvc << 2))]
@@ -579,15 +594,23 @@ class FabricVectorEngine(CheckedComponent):
                     m.d.sync += code.eq(ErrorCode.BAD_TOKEN)
                     m.next = "DRAIN_IDS"
                 with m.Else():
-                    m.d.sync += mul_t.eq(0)
+                    m.d.sync += [mul_t.eq(0), mul_bit.eq(0)]
                     m.next = "MUL"
             with m.State("DRAIN_IDS"):          # the ids master is idle once its data were taken
                 with m.If(~masters_busy):
                     m.next = "DONE"
             with m.State("MUL"):
-                m.d.sync += [Array(emb_off)[mul_t].eq(Array(ids)[mul_t] * two_n), mul_t.eq(mul_t + 1)]
-                with m.If(mul_t + 1 >= T):
-                    m.next = "GO"
+                with m.If(mul_bit == 0):
+                    m.d.sync += [mcand.eq(Array(ids)[mul_t] << 4), mplier.eq(n[3:3 + MUL_BITS]), macc.eq(0),
+                                 mul_bit.eq(1)]
+                with m.Else():
+                    macc_next = (macc + Mux(mplier[0], mcand, 0))[:aw]
+                    m.d.sync += [macc.eq(macc_next), mcand.eq(mcand << 1), mplier.eq(mplier >> 1),
+                                 mul_bit.eq(mul_bit + 1)]
+                    with m.If(mul_bit == MUL_BITS):
+                        m.d.sync += [Array(emb_off)[mul_t].eq(macc_next), mul_t.eq(mul_t + 1), mul_bit.eq(0)]
+                        with m.If(mul_t + 1 >= T):
+                            m.next = "GO"
             with m.State("GO"):
                 m.d.comb += go.eq(1)
                 m.next = "RUN"

@@ -32,7 +32,7 @@ from sw.contract.errors import ConfigError
 
 from .component import CheckedComponent
 
-__all__ = ["Fp16ToFp32", "IntToFp32", "Fp32Multiply", "Fp32Add",
+__all__ = ["Fp16ToFp32", "IntToFp32", "Fp32Multiply", "Fp32Add", "time_shared",
            "CANONICAL_NAN", "leading_zeros"]
 
 CANONICAL_NAN = 0x7FC00000
@@ -167,6 +167,42 @@ class _PipelinedUnit(CheckedComponent):
         st.finish()
         m.d.comb += [self.o.eq(s.o), self.o_valid.eq(st.valid)]
         return m
+
+
+def time_shared(m: Module, name: str, unit: _PipelinedUnit, uses: int) -> list[SimpleNamespace]:
+    """`unit` (added to `m` as `name`) shared by `uses` users that never issue in the same cycle.
+
+    Each use is a port bundle like the unit's own: ``i_valid`` and the operands are signals the
+    use drives; ``o`` is the unit's result and ``o_valid`` is high only for the use's own results
+    (an owner tag travels beside the pipeline, so a result of one use never looks like another's).
+    The unit takes the operands of the use whose ``i_valid`` is high (the last one listed, if two
+    were: the caller's contract is that they never are). ``latency`` is the unit's.
+    """
+    m.submodules[name] = unit
+    members = unit.signature.members
+    operands = [k for k, v in members.items() if v.flow == In and k != "i_valid"]
+    if uses == 1:
+        return [unit]
+    out = []
+    for u in range(uses):
+        use = SimpleNamespace(latency=unit.latency, o=unit.o,
+                              i_valid=Signal(name=f"{name}_u{u}_i_valid"), o_valid=Signal(name=f"{name}_u{u}_o_valid"))
+        for k in operands:
+            setattr(use, k, Signal(members[k].shape, name=f"{name}_u{u}_{k}"))
+        out.append(use)
+    tag, sel = Const(0, range(uses)), {k: getattr(out[0], k) for k in operands}
+    for u, use in enumerate(out[1:], 1):
+        tag = Mux(use.i_valid, u, tag)
+        sel = {k: Mux(use.i_valid, getattr(use, k), v) for k, v in sel.items()}
+    m.d.comb += unit.i_valid.eq(Cat(*[use.i_valid for use in out]).any())
+    m.d.comb += [getattr(unit, k).eq(v) for k, v in sel.items()]
+    owner = Value.cast(tag)
+    for d in range(unit.latency):
+        reg = Signal(range(uses), name=f"{name}_owner_d{d + 1}", reset_less=True)
+        m.d.sync += reg.eq(owner)
+        owner = reg
+    m.d.comb += [use.o_valid.eq(unit.o_valid & (owner == u)) for u, use in enumerate(out)]
+    return out
 
 
 def _unpack(x: Value):

@@ -69,7 +69,8 @@ rsqrt domain). Finite inputs (and, fused, finite results).
 
 Datapath: per lane three Fp32Multiply (M1, M2 for the ops, M3 for the quantizer), one Fp32Add (A)
 and an Fp32ToInt; a Sigmoid per lane pair (``shared_sigmoid``, the default at 2 lanes or more; at
-1 lane, or with it off, one per lane); one scalar Fp32Add, Fp32Multiply, Rsqrt and Fp32Divide. Per op:
+1 lane, or with it off, one per lane); Rsqrt and Fp32Divide (scalar). RMSNORM's scalar add and
+multiply run in its reduce phase, when the lanes are idle, on lane 0's A and M2 (time-shared). Per op:
 
 * ADD: A(a, b). BF16: a register.
 * SILU_MUL: Sigmoid(a); M1(a, sig); M2(., b) (a, b delayed in reset-less shift registers). Shared
@@ -122,7 +123,7 @@ from sw.contract.numerics import AMAX_MIN, QMAX_A, SUPPORTED_GROUP_SIZES
 
 from .component import CheckedComponent
 from .dequant import _delay
-from .fp32 import Fp32Add, Fp32Multiply
+from .fp32 import Fp32Add, Fp32Multiply, time_shared
 from .fpfunc import Fp32Divide, Fp32ToInt, Rsqrt, Sigmoid
 
 __all__ = ["VecOp", "VectorUnit", "command_layout", "stats_layout", "LANE_CHOICES"]
@@ -377,14 +378,19 @@ class VectorUnit(CheckedComponent):
                 m.d.comb += [sig.i_valid.eq(silu0 | odd_v), sig.a.eq(Mux(silu0, a0[2 * k], odd_a))]
                 sig_out += [_delay(m, sig.o, 1, f"sig_even{k}"), sig.o]
         silu_m1 = _delay(m, silu0, S + SH - 1, "silu_m1", reset=True)
+        # RMSNORM's scalar multiply and add (the reduce phase, when no lane pipeline holds a beat)
+        # share lane 0's M2 and A (rtl.fp32.time_shared)
+        m2_0, s_mul = time_shared(m, "lane0_m2", Fp32Multiply(M), 2)
+        add_0, s_add = time_shared(m, "lane0_add", Fp32Add(A), 2)
         for l in range(L):
             m1 = Fp32Multiply(M)
-            m2 = Fp32Multiply(M)
+            m2 = m2_0 if l == 0 else Fp32Multiply(M)
             m3 = Fp32Multiply(M)
-            add = Fp32Add(A)
+            add = add_0 if l == 0 else Fp32Add(A)
             toint = Fp32ToInt(8, QMAX_A)
             for name, unit in (("m1", m1), ("m2", m2), ("m3", m3), ("add", add), ("toint", toint)):
-                m.submodules[f"lane{l}_{name}"] = unit
+                if l or name not in ("m2", "add"):
+                    m.submodules[f"lane{l}_{name}"] = unit
             a_s = _delay(m, a0[l], S + SH - 1, f"a_sig{l}")
             b_m = _delay(m, b0[l], M, f"b_mul{l}")
             b_sm = _delay(m, b_m, S + SH - 1, f"b_sigmul{l}")
@@ -444,8 +450,6 @@ class VectorUnit(CheckedComponent):
         m.d.comb += [out_fifo.w_en.eq(out_valid), out_fifo.w_data.eq(Cat(*out_lanes))]
 
         # --- RMSNORM: tree, scale, eps, rsqrt (scalar units) ---------------------------------------------
-        m.submodules.s_add = s_add = Fp32Add(A)
-        m.submodules.s_mul = s_mul = Fp32Multiply(M)
         m.submodules.rsqrt = rsqrt = Rsqrt()
         level_pairs = Signal(range(P_PARTIALS // 2 + 1))    # pairs of the current tree level (0: done)
         t_issued = Signal(range(P_PARTIALS // 2 + 1))

@@ -385,3 +385,49 @@ def test_fp32_units_verilator(tmp_path):
         got = res[op].astype(U32)
         exp = golden("mul" if op in ("mun", "muh", "muc") else op, *ins) if len(ins) == 2 else golden(op, ins[0])
         _check(op, got, exp, *ins)
+
+
+@pytest.mark.parametrize("latency", [0, 2, 4])
+def test_time_shared_multiply_pysim(latency):
+    """Three uses of one Fp32Multiply, at most one issuing per cycle in random order with idle
+    cycles: each use sees exactly its own products (NumPy's float32 multiply), in its issue
+    order, `latency` cycles after it issued, and never another use's result as valid."""
+    from amaranth.hdl import Module, Signal
+    from amaranth.sim import Simulator
+    from rtl.fp32 import time_shared
+
+    rng = np.random.default_rng(latency + 11)
+    n = 300
+    who = rng.integers(-1, 3, n)                    # -1: nobody issues this cycle
+    a = rng.standard_normal(n).astype(np.float32) * np.float32(1e3)
+    b = rng.standard_normal(n).astype(np.float32)
+    m = Module()
+    uses = time_shared(m, "mul", Fp32Multiply(latency), 3)
+    tick = Signal()
+    m.d.sync += tick.eq(~tick)        # a sync domain even at latency 0
+    got = {u: [] for u in range(3)}
+
+    async def bench(ctx):
+        for c in range(n + latency + 2):
+            if c < n:
+                for u, use in enumerate(uses):
+                    ctx.set(use.i_valid, int(who[c] == u))
+                    ctx.set(use.a, int(a[c].view(np.uint32)) if who[c] == u else 0x7FC00000)
+                    ctx.set(use.b, int(b[c].view(np.uint32)) if who[c] == u else 0x7F800000)
+            else:
+                for use in uses:
+                    ctx.set(use.i_valid, 0)
+            await ctx.delay(1e-9)
+            for u, use in enumerate(uses):
+                if ctx.get(use.o_valid):
+                    got[u].append((c, ctx.get(use.o)))
+            await ctx.tick()
+
+    sim = Simulator(m)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    for u in range(3):
+        cycles = np.flatnonzero(who == u)
+        want = [(int(c) + latency, int((a[c] * b[c]).view(np.uint32))) for c in cycles]
+        assert got[u] == want, u
