@@ -550,7 +550,8 @@ class FabricVectorEngine(CheckedComponent):
                 m.d.sync += [nh.eq(n >> lg), tn.eq(shift_add_product(T, n))]
                 m.next = "SETUP3"
             with m.State("SETUP3"):
-                m.d.sync += [ms.eq(((nh + 3) >> 2) << 4), so_.eq(al64(tn)), kvc.eq(shift_add_product(nh[:nh_bits], c.p0[:P0_BITS]))]
+                m.d.sync += [ms.eq(((nh + 3) >> 2) << 4), so_.eq(al64(tn)),
+                             kvc.eq(shift_add_product(nh[:nh_bits], c.p0[:P0_BITS]))]
                 m.next = "SETUP4"
             with m.State("SETUP4"):
                 m.d.sync += [tms.eq(shift_add_product(T, ms)), cbytes.eq(al64(kvc << lg)), sbytes.eq(al64(kvc << 2))]

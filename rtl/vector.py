@@ -379,18 +379,16 @@ class VectorUnit(CheckedComponent):
                 sig_out += [_delay(m, sig.o, 1, f"sig_even{k}"), sig.o]
         silu_m1 = _delay(m, silu0, S + SH - 1, "silu_m1", reset=True)
         # RMSNORM's scalar multiply and add (the reduce phase, when no lane pipeline holds a beat)
-        # share lane 0's M2 and A (rtl.fp32.time_shared)
-        m2_0, s_mul = time_shared(m, "lane0_m2", Fp32Multiply(M), 2)
-        add_0, s_add = time_shared(m, "lane0_add", Fp32Add(A), 2)
+        # share lane 0's M2 and A: lane 0's are time-shared by two uses, the others by one
         for l in range(L):
-            m1 = Fp32Multiply(M)
-            m2 = m2_0 if l == 0 else Fp32Multiply(M)
-            m3 = Fp32Multiply(M)
-            add = add_0 if l == 0 else Fp32Add(A)
-            toint = Fp32ToInt(8, QMAX_A)
-            for name, unit in (("m1", m1), ("m2", m2), ("m3", m3), ("add", add), ("toint", toint)):
-                if l or name not in ("m2", "add"):
-                    m.submodules[f"lane{l}_{name}"] = unit
+            uses = 2 if l == 0 else 1
+            m1 = m.submodules[f"lane{l}_m1"] = Fp32Multiply(M)
+            m2, *scalar_mul = time_shared(m, f"lane{l}_m2", Fp32Multiply(M), uses)
+            m3 = m.submodules[f"lane{l}_m3"] = Fp32Multiply(M)
+            add, *scalar_add = time_shared(m, f"lane{l}_add", Fp32Add(A), uses)
+            toint = m.submodules[f"lane{l}_toint"] = Fp32ToInt(8, QMAX_A)
+            if l == 0:
+                s_mul, s_add = scalar_mul[0], scalar_add[0]
             a_s = _delay(m, a0[l], S + SH - 1, f"a_sig{l}")
             b_m = _delay(m, b0[l], M, f"b_mul{l}")
             b_sm = _delay(m, b_m, S + SH - 1, f"b_sigmul{l}")
