@@ -94,7 +94,7 @@ from sw.contract import fabric_ops as fo
 from sw.contract.errors import ConfigError
 
 from .component import CheckedComponent
-from .fp32 import Fp32Add, Fp32Multiply, IntToFp32, _PipelinedUnit, _round_and_pack, leading_zeros, \
+from .fp32 import Fp32Add, Fp32Multiply, IntToFp32, _PipelinedUnit, _round_and_pack, chain_reset_less, leading_zeros, \
     shift_right_sticky, time_shared
 from .dsp import madd_slice
 from .fpfunc import Exp2, Reciprocal
@@ -168,9 +168,12 @@ def _check_pow2(name, v, lo, hi):
         raise ConfigError(f"AttentionUnit: {name} must be a power of two from {lo} to {hi}, got {v!r}")
 
 
-def _delay(m: Module, value, cycles: int, name: str, reset_less: bool = True) -> Value:
-    """`value` `cycles` cycles later (a chain of registers)."""
+def _delay(m: Module, value, cycles: int, name: str, reset_less: bool | None = None) -> Value:
+    """`value` `cycles` cycles later (a chain of registers; by default reset-less only beyond
+    rtl.fp32.FF_CHAIN_DEPTH)."""
     v = Value.cast(value)
+    if reset_less is None:
+        reset_less = chain_reset_less(cycles)
     for i in range(cycles):
         r = Signal(v.shape(), name=f"{name}_d{i + 1}", reset_less=reset_less)
         m.d.sync += r.eq(v)
@@ -412,7 +415,7 @@ class AttentionUnit(CheckedComponent):
             m.d.sync += row_valid.eq(0)
 
         # ---- q ring: P steps of M bytes, step s = bytes s*M..s*M+M-1 of q8 (zero padded) ------
-        q_ring = [Signal(M * 8, name=f"q_ring{i}", reset_less=True) for i in range(P)]
+        q_ring = [Signal(M * 8, name=f"q_ring{i}", reset_less=chain_reset_less(P)) for i in range(P)]
         q_stage = Signal(M * 8, reset_less=True)
         q_beats_total = P * M // BEAT_BYTES
         q_real = G * D // BEAT_BYTES
@@ -491,7 +494,7 @@ class AttentionUnit(CheckedComponent):
         # so the 44-bit accumulate is the DSP's ALU, not fabric; the outputs rotate the ring (use_m 0).
         s3 = _delay_fields(m, {k: v for k, v in vars(s2).items() if k not in ("w", "q", "codes")}, 1, "s3")
         s4 = _delay_fields(m, vars(s3), 1, "s4")
-        ring = [[Signal(signed(A), name=f"acc_ring{i}_{l}", reset_less=True) for l in range(M)]
+        ring = [[Signal(signed(A), name=f"acc_ring{i}_{l}", reset_less=chain_reset_less(P - 1)) for l in range(M)]
                 for i in range(1, P)]
         tail = [Signal(signed(A), name=f"acc_tail{l}") for l in range(M)]     # the ring's last register
         out_rotate = Signal()

@@ -25,7 +25,7 @@ from amaranth.lib.wiring import In, Out
 from sw.contract.errors import ConfigError
 
 from .component import CheckedComponent
-from .fp32 import Fp16ToFp32, Fp32Add, Fp32Multiply, IntToFp32
+from .fp32 import Fp16ToFp32, Fp32Add, Fp32Multiply, IntToFp32, chain_reset_less
 from .pe import shift_add_product
 
 __all__ = ["DequantParams", "DequantUnit"]
@@ -35,11 +35,19 @@ CORR_LIMIT = 1 << 24
 _CORR_LATENCY = 1   # the acc - z * qsum register
 
 
+def _pick(values, index) -> Value:
+    """values[index] (all of one width) as a word select, without a case statement."""
+    values = [Value.cast(v) for v in values]
+    return values[0] if len(values) == 1 else Cat(*values).word_select(index, len(values[0]))
+
+
 def _delay(m: Module, value, cycles: int, name: str, reset: bool = False) -> Value:
-    """`value` delayed by `cycles` registers (reset-less unless `reset`, so they may become SRLs)."""
+    """`value` delayed by `cycles` registers: reset when `reset` (control bits) or when the chain
+    stays in flip-flops (rtl.fp32.FF_CHAIN_DEPTH); else reset-less, so they may become SRLs."""
     value = Value.cast(value)
+    reset_less = not reset and chain_reset_less(cycles)
     for k in range(cycles):
-        reg = Signal(value.shape(), name=f"{name}_d{k + 1}", reset_less=not reset)
+        reg = Signal(value.shape(), name=f"{name}_d{k + 1}", reset_less=reset_less)
         m.d.sync += reg.eq(value)
         value = reg
     return value
@@ -344,6 +352,22 @@ class DequantUnit(DequantParams, CheckedComponent):
             m.d.sync += step.eq(Mux(step == cpg - 1, 0, step + 1))
             with m.If((step == 0) & last):
                 m.d.sync += out_busy.eq(1)
+        # When L divides R, lane l's k-th item is row (k mod R/L)*L + l of token k div R/L: the
+        # lanes select rows and tokens by two shared counters (row_k, tok_k) from R/L and T
+        # candidates, and only acc from N.
+        by_counters = R % L == 0
+        if by_counters:
+            RL = R // L
+            row_k = Signal(range(max(RL, 2)))
+            tok_k = Signal(range(max(T, 2)))
+            if N > 1:
+                with m.If(go):
+                    with m.If(step >= N - 1):     # N - 1 <= cpg - 1: the group's last item or a wait step
+                        m.d.sync += [row_k.eq(0), tok_k.eq(0)]
+                    with m.Elif(row_k == RL - 1):
+                        m.d.sync += [row_k.eq(0), tok_k.eq(tok_k + 1)]
+                    with m.Else():
+                        m.d.sync += row_k.eq(row_k + 1)
         out_last = Signal()      # the beat on `out` is the tile's last (always, without beat_bits)
         m.d.comb += out_last.eq(1)
         with m.If(out.valid & out.ready & out_last):
@@ -372,22 +396,35 @@ class DequantUnit(DequantParams, CheckedComponent):
             wscale = Signal(16, name=f"l{lane}_wscale", reset_less=True)
             ascale = Signal(32, name=f"l{lane}_ascale", reset_less=True)
             bias_v = Signal(32, name=f"l{lane}_bias", reset_less=True)
-            # The last item is the default case: steps >= N (adder-loop wait) issue nothing,
-            # and a complete case keeps the Verilog free of CASEINCOMPLETE.
-            with m.Switch(step):
-                for k in range(N):
-                    i = k * L + lane
-                    r, t = i % R, i // R
-                    with (m.Case(k) if k < N - 1 else m.Default()):
-                        m.d.sync += [
-                            acc.eq(part.payload.acc[i]),
-                            zero.eq(meta.payload.zero[r]),
-                            qsum.eq(act.payload.qsum[t]),
-                            wscale.eq(meta.payload.scale[r]),
-                            ascale.eq(act.payload.scale[t]),
-                            # numerics starts from +0.0 + bias, which turns a -0.0 bias into +0.0
-                            bias_v.eq(Mux(bias.payload[r] == 0x80000000, 0, bias.payload[r])),
-                        ]
+            if by_counters:
+                rows_l = [k * L + lane for k in range(RL)]
+                b_sel = _pick([bias.payload[r] for r in rows_l], row_k)
+                m.d.sync += [
+                    acc.eq(_pick([part.payload.acc[k * L + lane] for k in range(N)],
+                                 step[:max(1, (N - 1).bit_length())]).as_signed()),
+                    zero.eq(_pick([meta.payload.zero[r] for r in rows_l], row_k)),
+                    qsum.eq(_pick([act.payload.qsum[t] for t in range(T)], tok_k).as_signed()),
+                    wscale.eq(_pick([meta.payload.scale[r] for r in rows_l], row_k)),
+                    ascale.eq(_pick([act.payload.scale[t] for t in range(T)], tok_k)),
+                    # numerics starts from +0.0 + bias, which turns a -0.0 bias into +0.0
+                    bias_v.eq(Mux(b_sel == 0x80000000, 0, b_sel)),
+                ]
+            else:
+                # The last item is the default case: steps >= N (adder-loop wait) issue nothing,
+                # and a complete case keeps the Verilog free of CASEINCOMPLETE.
+                with m.Switch(step):
+                    for k in range(N):
+                        i = k * L + lane
+                        r, t = i % R, i // R
+                        with (m.Case(k) if k < N - 1 else m.Default()):
+                            m.d.sync += [
+                                acc.eq(part.payload.acc[i]),
+                                zero.eq(meta.payload.zero[r]),
+                                qsum.eq(act.payload.qsum[t]),
+                                wscale.eq(meta.payload.scale[r]),
+                                ascale.eq(act.payload.scale[t]),
+                                bias_v.eq(Mux(bias.payload[r] == 0x80000000, 0, bias.payload[r])),
+                            ]
 
             # s = fp32(w_scale) * a_scale
             half = m.submodules[f"l{lane}_half"] = Fp16ToFp32()

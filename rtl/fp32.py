@@ -33,10 +33,24 @@ from sw.contract.errors import ConfigError
 from .component import CheckedComponent
 
 __all__ = ["Fp16ToFp32", "IntToFp32", "Fp32Multiply", "Fp32Add", "time_shared",
-           "CANONICAL_NAN", "leading_zeros"]
+           "CANONICAL_NAN", "leading_zeros", "FF_CHAIN_DEPTH", "chain_reset_less"]
 
 CANONICAL_NAN = 0x7FC00000
 _INF = 0x7F800000
+
+#: Delay lines and register rings up to this many registers deep stay in flip-flops. Synthesis
+#: (Yosys' xilinx_srl, Vivado's shift-register extraction) packs a chain of 3 or more reset-less
+#: registers into shift-register LUTs (SRL16E, 16 deep), one LUT per bit; on the K26 the LUTs
+#: are the scarce resource and the flip-flops are not (two per LUT, under half used), so such
+#: chains get a reset, which a shift-register LUT cannot have. Deeper chains (the 29-cycle
+#: divider and sigmoid) stay reset-less: a flip-flop per stage would cost too many.
+FF_CHAIN_DEPTH = 16
+
+
+def chain_reset_less(depth: int) -> bool:
+    """Whether the data registers of a chain `depth` registers deep are reset-less (may become
+    shift-register LUTs): only beyond FF_CHAIN_DEPTH."""
+    return depth > FF_CHAIN_DEPTH
 
 
 def leading_zeros(value: Value) -> Value:
@@ -77,12 +91,14 @@ def shift_right_sticky(value: Value, amount: Value, max_amount: int):
 class _Stages:
     """Carries named values through the steps of a datapath, registering at chosen boundaries.
 
-    Data registers are reset-less (they may map to shift-register LUTs); only the
-    valid bit is reset.
+    Data registers are reset-less (they may map to shift-register LUTs) when `reset_less`,
+    else reset (flip-flops, see FF_CHAIN_DEPTH); the valid bit is always reset.
     """
 
-    def __init__(self, m: Module, valid: Value, registered: list[bool], prefix: str):
+    def __init__(self, m: Module, valid: Value, registered: list[bool], prefix: str,
+                 reset_less: bool = True):
         self._m = m
+        self._reset_less = reset_less
         self._registered = registered
         self._prefix = prefix
         self._index = 0
@@ -97,7 +113,8 @@ class _Stages:
         out = {}
         for name, v in values.items():
             v = Value.cast(v)
-            s = Signal(v.shape(), name=f"{self._prefix}{self._index}_{name}", reset_less=True)
+            s = Signal(v.shape(), name=f"{self._prefix}{self._index}_{name}",
+                       reset_less=self._reset_less or not reg)
             domain += s.eq(v)
             out[name] = s
         if not reg:
@@ -159,7 +176,8 @@ class _PipelinedUnit(CheckedComponent):
         return latency
 
     def _stages(self, m: Module) -> _Stages:
-        return _Stages(m, self.i_valid, self._registered, prefix="st")
+        return _Stages(m, self.i_valid, self._registered, prefix="st",
+                       reset_less=chain_reset_less(self.latency))
 
     def _output(self, m: Module, st: _Stages, result: Value) -> Module:
         """The last step: `result` drives ``o`` with ``o_valid``."""

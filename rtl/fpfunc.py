@@ -40,7 +40,8 @@ from amaranth.lib.wiring import In, Out
 from sw.contract import fabric_ops as fo
 from sw.contract.errors import ConfigError
 
-from .fp32 import CANONICAL_NAN, _PipelinedUnit, _round_and_pack, leading_zeros, shift_right_sticky
+from .fp32 import CANONICAL_NAN, _PipelinedUnit, _round_and_pack, chain_reset_less, leading_zeros, \
+    shift_right_sticky
 
 __all__ = ["Exp2", "Exp", "Reciprocal", "Rsqrt", "Sigmoid", "Fp32Divide", "Fp32ToInt"]
 
@@ -84,6 +85,7 @@ class _Flow:
     def __init__(self, m: Module, valid: Value, slots: tuple[str, ...], latencies: list[int]):
         self.m = m
         self.valid = valid
+        self._reset_less = chain_reset_less(sum(latencies))
         self.v: dict[str, Value] = {}
         self._plan = list(zip(slots, latencies))
         self._i = 0
@@ -99,13 +101,13 @@ class _Flow:
         out = {}
         for name, v in vals.items():
             v = Value.cast(v)
-            s = Signal(v.shape(), name=f"f{self._i}_{name}", reset_less=True)
+            s = Signal(v.shape(), name=f"f{self._i}_{name}", reset_less=self._reset_less or cycles == 0)
             if cycles == 0:
                 self.m.d.comb += s.eq(v)
             else:
                 self.m.d.sync += s.eq(v)
                 for k in range(1, cycles):
-                    s2 = Signal(v.shape(), name=f"f{self._i}_{name}_d{k}", reset_less=True)
+                    s2 = Signal(v.shape(), name=f"f{self._i}_{name}_d{k}", reset_less=self._reset_less)
                     self.m.d.sync += s2.eq(s)
                     s = s2
             out[name] = s
