@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from amaranth.hdl import Module, Mux, ResetInserter, Signal
 from amaranth.lib import data, stream
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from sw.contract.commands import ALIGN, BEAT_BYTES, DEFAULT_ADDR_BITS, ErrorCode, register
@@ -36,6 +35,7 @@ from .axi import BEATS_WIDTH, read_data_layout, transfer_command_layout
 from .cmdproc import op_done_layout, op_layout
 from .component import CheckedComponent
 from .pe import shift_add_product
+from .storage import Fifo
 
 __all__ = ["ArgmaxPass"]
 
@@ -84,7 +84,7 @@ class ArgmaxPass(CheckedComponent):
         rec = data.StructLayout({"argmax": 1, "addr": aw, "n": 32})
 
         # ---- commands: pass through, remember the ARGMAX ones' rows ------------------------------
-        q = m.submodules.q = SyncFIFOBuffered(width=rec.size, depth=self._in_flight + 1)
+        q = m.submodules.q = Fifo(width=rec.size, depth=self._in_flight + 1)
         op = self.op_in.payload
         r_bits = (R - 1).bit_length()
         padded = Signal(33)

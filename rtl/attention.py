@@ -86,7 +86,6 @@ from types import SimpleNamespace
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, stream
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -98,6 +97,7 @@ from .fp32 import Fp32Add, Fp32Multiply, IntToFp32, _PipelinedUnit, _round_and_p
     shift_right_sticky, time_shared
 from .dsp import madd_slice
 from .fpfunc import Exp2, Reciprocal
+from .storage import Fifo
 
 __all__ = ["AttentionUnit", "AttentionGeometry", "ScaledIntToFp32", "accumulator_bits"]
 
@@ -454,7 +454,7 @@ class AttentionUnit(CheckedComponent):
         e_lat = sub_m[0].latency + exp2[0].latency
         pass2_lat = 1 + e_lat + mul_w[0].latency + 1
         w_depth = HB * (-(-pass2_lat // max(P, row_beats, EI)) + 3)
-        m.submodules.w_fifo = w_fifo = SyncFIFOBuffered(width=32 * H, depth=w_depth)
+        m.submodules.w_fifo = w_fifo = Fifo(width=32 * H, depth=w_depth)
         need_w = phase_ev & (chunk == 0)
         m.d.comb += issue_mac.eq((phase_k | phase_ev) & row_valid & (j < n) & (~need_w | w_fifo.r_rdy))
         m.d.comb += w_fifo.r_en.eq(issue_mac & need_w)
@@ -639,7 +639,7 @@ class AttentionUnit(CheckedComponent):
         # ---- pass 4: outputs ----------------------------------------------------------------------
         groups = M // OUT_WORDS
         fifo_depth = conv[0].latency + mul_r[0].latency + 4
-        m.submodules.out_fifo = fifo = SyncFIFOBuffered(width=BEAT_BITS, depth=fifo_depth)
+        m.submodules.out_fifo = fifo = Fifo(width=BEAT_BITS, depth=fifo_depth)
         inflight = Signal(range(fifo_depth + 1))
         grp = Signal(range(groups))
         o_head = hb * H + (grp * OUT_WORDS) // L if H > 1 else hb

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.data import StructLayout
-from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from sw.contract.commands import BEAT_BYTES, DEFAULT_ADDR_BITS, HP_ID_BITS
 from sw.contract.errors import ConfigError
 
 from .component import CheckedComponent
+from .storage import Fifo
 
 __all__ = [
     "AXI_PAGE_BYTES", "RESP_OKAY", "RESP_EXOKAY", "RESP_SLVERR", "RESP_DECERR",
@@ -471,7 +472,7 @@ class AxiReadMaster(_AxiMaster):
 
         # Data buffer: BRAM + output register. One spare entry keeps the
         # storage a power of two; the credit counter never lets it fill.
-        m.submodules.buffer = buf = SyncFIFOBuffered(width=p.data_width + 1, depth=depth + 1)
+        m.submodules.buffer = buf = Fifo(width=p.data_width + 1, depth=depth + 1)
         # Per burst in flight: "ends a command" + start address (for error reports).
         m.submodules.bursts = info = SyncFIFO(width=1 + p.addr_width, depth=p.max_outstanding)
         credits = Signal(range(depth + 1), init=depth)
@@ -584,7 +585,7 @@ class AxiWriteMaster(_AxiMaster):
         split, in_flight, aborting, error = self._control(m)
         flushing = error | aborting
 
-        m.submodules.buffer = buf = SyncFIFOBuffered(width=dw + sw, depth=self.buffer_beats + 1)
+        m.submodules.buffer = buf = Fifo(width=dw + sw, depth=self.buffer_beats + 1)
         # Per committed burst: its length for WLAST, its address for B error reports.
         m.submodules.wlens = wlens = SyncFIFO(width=8, depth=p.max_outstanding)
         m.submodules.baddrs = baddrs = SyncFIFO(width=p.addr_width, depth=p.max_outstanding)

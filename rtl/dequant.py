@@ -9,10 +9,10 @@ For every token t, row r of a row tile and group g (sw.contract.numerics.dequant
 
 The T*R (token, row) items of a group are spread over `lanes` identical fp32
 pipelines; item i = t*R + r goes to lane i % lanes as its (i // lanes)-th item.
-Each lane keeps its running sums y in a small memory, so a group's item meets
-its own previous sum: the y = y + t chain stays strictly sequential over groups
-and the adder latency is hidden by the other items of the lane, never by
-re-association. docs/dequant.md has the schedule, latency and throughput.
+The lanes keep their running sums y in one memory (a word per item index, one
+sum per lane in it), so a group's item meets its own previous sum: the y = y + t
+chain stays strictly sequential over groups and the adder latency is hidden by
+the other items of the lane, never by re-association. docs/dequant.md has the schedule, latency and throughput.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from sw.contract.errors import ConfigError
 from .component import CheckedComponent
 from .fp32 import Fp16ToFp32, Fp32Add, Fp32Multiply, IntToFp32, chain_reset_less
 from .pe import shift_add_product
+from .storage import ram_attrs
 
 __all__ = ["DequantParams", "DequantUnit"]
 
@@ -381,10 +382,22 @@ class DequantUnit(DequantParams, CheckedComponent):
         m.d.sync += [s1_valid.eq(issue), s1_first.eq(first), s1_last.eq(last), s1_index.eq(step)]
         entry = self._adder_entry
         e_first = _delay(m, s1_first, entry - 1, "first")
-        e_index = _delay(m, s1_index, entry - 1, "index")
+        d_index = _delay(m, s1_index, entry - 2, "index")
+        e_index = _delay(m, d_index, 1, "index_e")
         e_last = _delay(m, s1_last, entry - 1, "last")
         f_index = _delay(m, e_index, self._lat_add, "windex")
         f_last = _delay(m, e_last, self._lat_add, "wlast")
+
+        # The running sums y: one memory word per item index, lane l in bits 32 l .. 32 l + 31, read
+        # synchronously one cycle before the adders take it (the memory may be UltraRAM,
+        # rtl/storage.py). A group's write of an item lands loop_latency - 1 cycles after its adder
+        # input; the next group's read of it is sampled cycles_per_group - 1 cycles after that
+        # input: transparency only when the two meet at one clock edge.
+        ymem = m.submodules.y = Memory(shape=32 * L, depth=N, init=[], attrs=ram_attrs(32 * L, N))
+        y_write = ymem.write_port()
+        y_read = ymem.read_port(transparent_for=(y_write,) if self.cycles_per_group < self.loop_latency + 1 else ())
+        if N > 1:
+            m.d.comb += [y_read.addr.eq(d_index), y_write.addr.eq(f_index)]
 
         final_write = Signal()
         finals = []              # per lane: (valid, index, value) of a last-group sum
@@ -454,23 +467,16 @@ class DequantUnit(DequantParams, CheckedComponent):
             ]
             assert align + mul_t.latency == entry
 
-            # y = y + t: the previous sum from this lane's memory, or the bias on a first group
-            ymem = m.submodules[f"l{lane}_y"] = Memory(shape=32, depth=N, init=[])
-            y_read = ymem.read_port(domain="comb")
-            y_write = ymem.write_port()
+            # y = y + t: the previous sum from the y memory (this lane's word), or the bias on a first group
             adder = m.submodules[f"l{lane}_add"] = self._make_add()
             e_bias = _delay(m, bias_v, entry - 1, f"l{lane}_bias")
-            if N > 1:
-                m.d.comb += y_read.addr.eq(e_index)
             m.d.comb += [
                 adder.i_valid.eq(mul_t.o_valid),
-                adder.a.eq(Mux(e_first, e_bias, y_read.data)),
+                adder.a.eq(Mux(e_first, e_bias, y_read.data[32 * lane:32 * lane + 32])),
                 adder.b.eq(mul_t.o),
             ]
-            if N > 1:
-                m.d.comb += y_write.addr.eq(f_index)
-            m.d.comb += [y_write.en.eq(adder.o_valid), y_write.data.eq(adder.o)]
-
+            if lane == 0:
+                m.d.comb += y_write.en.eq(adder.o_valid)       # the lanes run in lockstep
             finals.append(adder.o)
             if self._beat_bits is None:
                 # The last group's sums go straight into the out beat.
@@ -483,6 +489,7 @@ class DequantUnit(DequantParams, CheckedComponent):
                 m.d.comb += final_write.eq(adder.o_valid & f_last & (f_index == N - 1))
                 f_write = adder.o_valid & f_last
 
+        m.d.comb += y_write.data.eq(Cat(*finals))
         if self._beat_bits is not None:
             self._out_beats(m, out, out_last, f_write, f_index, finals)
         with m.If(final_write):
@@ -494,7 +501,7 @@ class DequantUnit(DequantParams, CheckedComponent):
         index k), into one memory; `out` then reads it beat by beat, in item order."""
         L, N = self._lanes, self.items_per_lane
         k = self._beat_bits // 32                      # items per beat
-        mem = m.submodules.y_out = Memory(shape=32 * L, depth=N, init=[])
+        mem = m.submodules.y_out = Memory(shape=32 * L, depth=N, init=[], attrs=ram_attrs(32 * L, N))
         wr = mem.write_port()
         if N > 1:
             m.d.comb += wr.addr.eq(f_index)
@@ -503,20 +510,23 @@ class DequantUnit(DequantParams, CheckedComponent):
         m.d.comb += out_last.eq(beat == self.out_beats - 1)
         with m.If(out.valid & out.ready):
             m.d.sync += beat.eq(Mux(out_last, 0, beat + 1))
+        # Synchronous reads (the memory may be UltraRAM, rtl/storage.py): the address is the beat of
+        # the next cycle; a beat-0 word written in the cycle before out.valid needs transparency.
+        beat_next = Mux(out.valid & out.ready, Mux(out_last, 0, beat + 1), beat)
         if k >= L:
             # q = k / L memory words per beat, through q read ports
             q = k // L
             words = []
             for j in range(q):
-                rd = mem.read_port(domain="comb")
+                rd = mem.read_port(transparent_for=(wr,) if q >= N else ())
                 if N > 1:
-                    m.d.comb += rd.addr.eq(beat * q + j)
+                    m.d.comb += rd.addr.eq(beat_next * q + j)
                 words.append(rd.data)
             m.d.comb += out.payload.data.eq(Cat(*words))
         else:
             # p = L / k beats per memory word
             p = L // k
-            rd = mem.read_port(domain="comb")
+            rd = mem.read_port(transparent_for=(wr,) if N == 1 else ())
             if N > 1:
-                m.d.comb += rd.addr.eq(beat // p)
+                m.d.comb += rd.addr.eq(beat_next // p)
             m.d.comb += out.payload.data.eq(rd.data.word_select(beat % p, self._beat_bits))

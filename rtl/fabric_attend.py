@@ -71,7 +71,6 @@ from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out, connect
 
 from sw.contract.commands import BEAT_BYTES, DEFAULT_ADDR_BITS, HP_ID_BITS, ErrorCode
@@ -84,6 +83,7 @@ from .axi import (BEATS_WIDTH, AxiReadMaster, AxiWriteMaster, axi4_read_signatur
 from .component import CheckedComponent
 from .fabric_cmd import fabric_done_layout, fabric_op_layout
 from .pe import const_product
+from .storage import Fifo
 
 __all__ = ["FabricAttendEngine", "READ_PORTS", "READ_OUTSTANDING"]
 
@@ -145,14 +145,14 @@ class _AttendPipe(wiring.Component):
         fifos = {}
         for name in ("k", "v", "m", "w"):
             depth = CMD_FIFO_DEPTH * {"m": 4, "v": 2}.get(name, 1)
-            f = fifos[name] = m.submodules[f"{name}_fifo"] = SyncFIFOBuffered(width=AW + BEATS_WIDTH, depth=depth)
+            f = fifos[name] = m.submodules[f"{name}_fifo"] = Fifo(width=AW + BEATS_WIDTH, depth=depth)
             port = getattr(self, f"{name}_cmd")
             m.d.comb += [port.valid.eq(f.r_rdy), port.payload.addr.eq(f.r_data[:AW]),
                          port.payload.beats.eq(f.r_data[AW:]), f.r_en.eq(port.ready)]
         info_layout = data.StructLayout({"n": range(N + 1), "sq_skip": 2, "ks_skip": 2})
-        m.submodules.info_fifo = info = SyncFIFOBuffered(width=info_layout.size, depth=CMD_FIFO_DEPTH)
+        m.submodules.info_fifo = info = Fifo(width=info_layout.size, depth=CMD_FIFO_DEPTH)
         vinfo_layout = data.StructLayout({"n": range(N + 1), "vs_skip": 2})         # for rd1's splitter
-        m.submodules.vinfo_fifo = vinfo = SyncFIFOBuffered(width=vinfo_layout.size, depth=CMD_FIFO_DEPTH)
+        m.submodules.vinfo_fifo = vinfo = Fifo(width=vinfo_layout.size, depth=CMD_FIFO_DEPTH)
 
         # ---- set-up: the descriptor's products (shift-add, one multiplier bit per cycle) -------
         W = AW + 2

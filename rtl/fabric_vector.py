@@ -66,7 +66,6 @@ from __future__ import annotations
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, ResetInserter, Signal
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -79,6 +78,7 @@ from .axi import AxiReadMaster, AxiWriteMaster, axi4_read_signature, axi4_write_
 from .component import CheckedComponent
 from .fabric_cmd import fabric_done_layout, fabric_op_layout
 from .pe import shift_add_product
+from .storage import Fifo
 from .vector import VecOp, VectorUnit
 
 __all__ = ["FabricVectorEngine", "VECTOR_OPCODES"]
@@ -402,7 +402,7 @@ class FabricVectorEngine(CheckedComponent):
 
         # QUANT / KV_STORE outputs: codes 4 x 4 -> one beat; stats -> scale and qsum beats
         quant = is_op[Opcode.QUANT] | qout           # the stats carry qsums too (not KV_STORE)
-        codes_fifo = dp.submodules.codes_fifo = SyncFIFOBuffered(width=BEAT_BITS, depth=32)
+        codes_fifo = dp.submodules.codes_fifo = Fifo(width=BEAT_BITS, depth=32)
         cidx = Signal(2)
         cacc = [Signal(32, name=f"cacc{i}") for i in range(3)]
         dp.d.comb += [
@@ -418,8 +418,8 @@ class FabricVectorEngine(CheckedComponent):
 
         ng_max = max_n4 // min(self._groups)
         stat_depth = -(-ng_max // 4) + 16
-        sfifo = dp.submodules.scale_fifo = SyncFIFOBuffered(width=BEAT_BITS, depth=stat_depth)
-        qfifo = dp.submodules.qsum_fifo = SyncFIFOBuffered(width=BEAT_BITS, depth=stat_depth)
+        sfifo = dp.submodules.scale_fifo = Fifo(width=BEAT_BITS, depth=stat_depth)
+        qfifo = dp.submodules.qsum_fifo = Fifo(width=BEAT_BITS, depth=stat_depth)
         sidx = Signal(2)
         sw_ = Signal(nw)                       # word within the row
         words_per_row = Signal(nw)
@@ -450,8 +450,8 @@ class FabricVectorEngine(CheckedComponent):
 
         # writes: segments -> (write command FIFO, segment FIFO) -> data mux
         seg_l = _seg_layout(16)
-        wcmd_fifo = dp.submodules.wcmd_fifo = SyncFIFOBuffered(width=aw + 16, depth=4)
-        seg_fifo = dp.submodules.seg_fifo = SyncFIFOBuffered(width=seg_l.size, depth=4)
+        wcmd_fifo = dp.submodules.wcmd_fifo = Fifo(width=aw + 16, depth=4)
+        seg_fifo = dp.submodules.seg_fifo = Fifo(width=seg_l.size, depth=4)
         kvs = g_wr.out_src == _KVSCALE
         lane = g_wr.addr[2:4]
         seg_in = Signal(seg_l)

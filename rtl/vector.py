@@ -113,7 +113,6 @@ from __future__ import annotations
 import numpy as np
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -125,6 +124,7 @@ from .component import CheckedComponent
 from .dequant import _delay
 from .fp32 import Fp32Add, Fp32Multiply, time_shared
 from .fpfunc import Fp32Divide, Fp32ToInt, Rsqrt, Sigmoid
+from .storage import Fifo
 
 __all__ = ["VecOp", "VectorUnit", "command_layout", "stats_layout", "LANE_CHOICES"]
 
@@ -272,12 +272,12 @@ class VectorUnit(CheckedComponent):
 
         # --- output FIFOs and credits ----------------------------------------------------------------
         out_depth = pipe + 4
-        m.submodules.out_fifo = out_fifo = SyncFIFOBuffered(width=32 * L, depth=out_depth)
+        m.submodules.out_fifo = out_fifo = Fifo(width=32 * L, depth=out_depth)
         q_lat = 1 + M + T
         codes_depth = q_lat + 4
-        m.submodules.codes_fifo = codes_fifo = SyncFIFOBuffered(width=8 * L, depth=codes_depth)
+        m.submodules.codes_fifo = codes_fifo = Fifo(width=8 * L, depth=codes_depth)
         stats_depth = 4
-        m.submodules.stats_fifo = stats_fifo = SyncFIFOBuffered(width=64, depth=stats_depth)
+        m.submodules.stats_fifo = stats_fifo = Fifo(width=64, depth=stats_depth)
         fused = Signal()          # the current command's result goes to the quantizer, not to `out`
         q_load_fused = Signal()   # fused: the quantizer takes the out FIFO's head beat
         for fifo, port in ((codes_fifo, self.codes), (stats_fifo, self.stats)):

@@ -236,6 +236,10 @@ POINTS = [
     # two beats per memory word (lanes 8), one each (lanes 4, the kv260 shape), four (lanes 1)
     pytest.param(dict(rows=8, tokens=2, group=64, lanes=2, beat_bits=128), id="R8-T2-G64-L2-B128"),
     pytest.param(dict(rows=8, tokens=2, group=64, lanes=8, beat_bits=128), id="R8-T2-G64-L8-B128"),
+    # one item per lane (N = 1): the out beat's only word is written in the cycle before out.valid,
+    # so the y_out memory's synchronous read must be transparent (and the y memory's, cycles per
+    # group = loop latency)
+    pytest.param(dict(rows=4, tokens=1, group=32, lanes=4, beat_bits=128), id="R4-T1-G32-L4-B128"),
     # corr_bits: t = fp32(corr) * s as a 17 x 24 product (the kv260 dequant: one DSP48E2), on
     # groups of real codes up to the bound |corr| = 64 * 128 * 15
     pytest.param(dict(rows=8, tokens=2, group=64, lanes=4, beat_bits=128, corr_bits=17), id="R8-T2-G64-L4-B128-C17"),
