@@ -93,10 +93,11 @@ from sw.contract import fabric_ops as fo
 from sw.contract.errors import ConfigError
 
 from .component import CheckedComponent
-from .fp32 import Fp32Add, Fp32Multiply, IntToFp32, _PipelinedUnit, _round_and_pack, chain_reset_less, leading_zeros, \
+from .fp32 import IntToFp32, _PipelinedUnit, _round_and_pack, chain_reset_less, leading_zeros, \
     shift_right_sticky, time_shared
 from .dsp import madd_slice
 from .fpfunc import Exp2, Reciprocal
+from .share import LOCAL_UNITS, UnitSource
 from .storage import Fifo
 
 __all__ = ["AttentionUnit", "AttentionGeometry", "ScaledIntToFp32", "accumulator_bits"]
@@ -233,7 +234,8 @@ class AttentionUnit(CheckedComponent):
     """See the module docstring; ``geometry`` (an :class:`AttentionGeometry`) gives the sizes."""
 
     @classmethod
-    def check(cls, head_dim: int, group: int, macs: int, max_positions: int, exp_lanes: int = 1) -> None:
+    def check(cls, head_dim: int, group: int, macs: int, max_positions: int, exp_lanes: int = 1,
+              units: UnitSource = LOCAL_UNITS) -> None:
         _check_pow2("head_dim", head_dim, 16, 256)
         _check_pow2("macs", macs, 16, 4096)
         if not isinstance(group, int) or isinstance(group, bool) or not 1 <= group <= 32:
@@ -250,10 +252,18 @@ class AttentionUnit(CheckedComponent):
             raise ConfigError(f"AttentionUnit: exp_lanes must divide the {heads_per_step} heads per step "
                               f"(macs / head_dim, at least 1), got {exp_lanes!r}")
 
-    def __init__(self, head_dim: int, group: int, macs: int, max_positions: int, exp_lanes: int = 1):
+    @staticmethod
+    def unit_needs(head_dim: int, macs: int, exp_lanes: int = 1) -> dict[str, int]:
+        """The fp32 units the unit takes from its ``units`` source (rtl/share.py): the time-shared
+        multipliers and, per exp lane, the subtract and the partial adder."""
+        return {"mul": max(2 * max(1, macs // head_dim), exp_lanes, OUT_WORDS), "add": 2 * exp_lanes}
+
+    def __init__(self, head_dim: int, group: int, macs: int, max_positions: int, exp_lanes: int = 1,
+                 units: UnitSource = LOCAL_UNITS):
         self.geometry = geo = AttentionGeometry(head_dim, group, macs, max_positions, exp_lanes)
         for k, v in vars(geo).items():
             setattr(self, k, v)
+        self._units = units
         self.cmd_layout = data.StructLayout({"n": unsigned(max_positions.bit_length()),
                                              "s_q": data.ArrayLayout(32, group)})
         super().__init__({
@@ -279,15 +289,15 @@ class AttentionUnit(CheckedComponent):
         C = _f32_bits(fo.score_scale(D))
 
         # ---- units --------------------------------------------------------------------------
-        def lane_units(name, cls):                       # one per exp lane (lane 0 without suffix)
-            units = [cls() for _ in range(E)]
+        def lane_units(name, make):                      # one per exp lane (lane 0 without suffix)
+            units = [make() for _ in range(E)]
             for k, u in enumerate(units):
                 m.submodules[name if k == 0 else f"{name}{k}"] = u
             return units
 
         exp2 = lane_units("exp2", Exp2)
-        sub_m = lane_units("sub_m", Fp32Add)                             # d = score - m
-        add_p = lane_units("add_p", Fp32Add)                             # fixed_sum partials and tree
+        sub_m = lane_units("sub_m", lambda: self._units.make("add"))     # d = score - m
+        add_p = lane_units("add_p", lambda: self._units.make("add"))     # fixed_sum partials and tree
         m.submodules.recip = recip = Reciprocal()
         i2f = [IntToFp32(24, latency=4) for _ in range(H)]               # fp32(acc) (exact)
         conv = [ScaledIntToFp32(A) for _ in range(OUT_WORDS)]            # y = acc * 2^(B - 150)
@@ -302,7 +312,7 @@ class AttentionUnit(CheckedComponent):
         #   pass 1:  b = a_h * s_k, score = fp32(acc) * b    (mul_b[k]: unit k, mul_s[k]: unit H + k)
         #   pass 2:  w = e * s_v                             (mul_w[k]: unit k)
         #   out:     out = y * r                             (mul_r[i]: unit i)
-        MULS = max(2 * H, E, OUT_WORDS)
+        MULS = self.unit_needs(D, M, E)["mul"]
         owners = [["a"], *[[] for _ in range(MULS - 1)]]
         for k in range(H):
             owners[k].append(f"b{k}")
@@ -313,7 +323,7 @@ class AttentionUnit(CheckedComponent):
             owners[i].append(f"r{i}")
         use = {}
         for u, names in enumerate(owners):
-            for nm, port in zip(names, time_shared(m, f"mul{u}", Fp32Multiply(), len(names))):
+            for nm, port in zip(names, time_shared(m, f"mul{u}", self._units.make("mul"), len(names))):
                 use[nm] = port
         mul_a = use["a"]
         mul_b = [use[f"b{k}"] for k in range(H)]

@@ -83,6 +83,7 @@ from .axi import (BEATS_WIDTH, AxiReadMaster, AxiWriteMaster, axi4_read_signatur
 from .component import CheckedComponent
 from .fabric_cmd import fabric_done_layout, fabric_op_layout
 from .pe import const_product
+from .share import LOCAL_UNITS, UnitSource
 from .storage import Fifo
 
 __all__ = ["FabricAttendEngine", "READ_PORTS", "READ_OUTSTANDING"]
@@ -108,9 +109,10 @@ class _AttendPipe(wiring.Component):
     held) begins; ``finished`` rises when every output beat went to the write master and every
     transfer command left its FIFO."""
 
-    def __init__(self, *, addr_width, head_dim, group, macs, max_positions, max_tokens, exp_lanes=1):
+    def __init__(self, *, addr_width, head_dim, group, macs, max_positions, max_tokens, exp_lanes=1,
+                 units=LOCAL_UNITS):
         self._aw, self._D, self._G, self._N, self._T = addr_width, head_dim, group, max_positions, max_tokens
-        self.unit = AttentionUnit(head_dim, group, macs, max_positions, exp_lanes)
+        self.unit = AttentionUnit(head_dim, group, macs, max_positions, exp_lanes, units=units)
         tc = stream.Signature(transfer_command_layout(addr_width, BEATS_WIDTH))
         rdata = stream.Signature(read_data_layout(BEAT_BITS))
         super().__init__({
@@ -396,7 +398,7 @@ class FabricAttendEngine(CheckedComponent):
     @classmethod
     def check(cls, addr_width: int = DEFAULT_ADDR_BITS, head_dim: int = 64, group: int = 7, macs: int = 128,
               max_positions: int = 4096, max_tokens: int = 16, *, read_ids=(0, 0, 0), write_id: int = 0,
-              exp_lanes: int = 1) -> None:
+              exp_lanes: int = 1, units: UnitSource = LOCAL_UNITS) -> None:
         if head_dim not in HEAD_DIMS:
             raise ConfigError(f"FabricAttendEngine: head_dim must be one of {HEAD_DIMS}, got {head_dim!r}")
         AttentionUnit.check(head_dim, group, macs, max_positions, exp_lanes)
@@ -409,7 +411,8 @@ class FabricAttendEngine(CheckedComponent):
 
     def __init__(self, addr_width: int = DEFAULT_ADDR_BITS, head_dim: int = 64, group: int = 7, macs: int = 128,
                  max_positions: int = 4096, max_tokens: int = 16, *, read_ids=(0, 0, 0), write_id: int = 0,
-                 exp_lanes: int = 1):
+                 exp_lanes: int = 1, units: UnitSource = LOCAL_UNITS):
+        self._units = units
         self.addr_width, self.head_dim, self.group, self.macs = addr_width, head_dim, group, macs
         self.exp_lanes = exp_lanes
         self.max_positions, self.max_tokens = max_positions, max_tokens
@@ -441,7 +444,7 @@ class FabricAttendEngine(CheckedComponent):
 
         flush = Signal()
         pipe = _AttendPipe(addr_width=AW, head_dim=D, group=G, macs=self.macs, max_positions=N,
-                           max_tokens=self.max_tokens, exp_lanes=self.exp_lanes)
+                           max_tokens=self.max_tokens, exp_lanes=self.exp_lanes, units=self._units)
         m.submodules.pipe = ResetInserter(flush)(pipe)
         for name, rd in zip(("k", "v", "m"), rds):
             connect(m, getattr(pipe, f"{name}_cmd"), rd.cmd)

@@ -78,6 +78,7 @@ from .axi import AxiReadMaster, AxiWriteMaster, axi4_read_signature, axi4_write_
 from .component import CheckedComponent
 from .fabric_cmd import fabric_done_layout, fabric_op_layout
 from .pe import shift_add_product
+from .share import LOCAL_UNITS, UnitSource
 from .storage import Fifo
 from .vector import VecOp, VectorUnit
 
@@ -224,12 +225,13 @@ class FabricVectorEngine(CheckedComponent):
     """See the module docstring. Parameters: ``addr_width``; ``max_n`` (the longest row);
     ``max_tokens`` (token rows per command); ``head_dims`` / ``groups`` (ROPE/KV_STORE head dims,
     QUANT groups); ``read_outstanding`` (bursts per read master); ``read_ids`` (rd0's and rd1's
-    ARID: an integrating top that shares a port arbitrates by them) and ``write_id`` (wr's AWID)."""
+    ARID: an integrating top that shares a port arbitrates by them), ``write_id`` (wr's AWID) and
+    ``units`` (where the VectorUnit gets its shareable fp32 units, rtl/share.py)."""
 
     @classmethod
     def check(cls, *, addr_width: int = DEFAULT_ADDR_BITS, max_n: int = 4864, max_tokens: int = 8,
               head_dims=HEAD_DIMS, groups=QUANT_GROUPS, read_outstanding: int = 8, read_ids=(0, 0),
-              write_id: int = 0) -> None:
+              write_id: int = 0, units: UnitSource = LOCAL_UNITS) -> None:
         if not isinstance(max_n, int) or max_n < 8:
             raise ConfigError(f"FabricVectorEngine: max_n must be an integer >= 8, got {max_n!r}")
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 64:
@@ -247,8 +249,9 @@ class FabricVectorEngine(CheckedComponent):
 
     def __init__(self, *, addr_width: int = DEFAULT_ADDR_BITS, max_n: int = 4864, max_tokens: int = 8,
                  head_dims=HEAD_DIMS, groups=QUANT_GROUPS, read_outstanding: int = 8, read_ids=(0, 0),
-                 write_id: int = 0):
+                 write_id: int = 0, units: UnitSource = LOCAL_UNITS):
         self._aw = addr_width
+        self._units = units
         self._read_ids, self._write_id = tuple(read_ids), write_id
         self._max_n = max_n
         self._max_tokens = max_tokens
@@ -327,7 +330,7 @@ class FabricVectorEngine(CheckedComponent):
         for gen in gens:
             gen.elaborate(dp, go)
 
-        vu = dp.submodules.vu = VectorUnit(LANES, max_length=max_n4, groups=self._groups)
+        vu = dp.submodules.vu = VectorUnit(LANES, max_length=max_n4, groups=self._groups, units=self._units)
         vu_op = Signal(VecOp)
         vu_len = Signal(nw)
         vu_group = Signal(8)

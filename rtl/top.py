@@ -80,10 +80,14 @@ from .axi import (AxiReadMaster, AxiWriteMaster, axi4_signature, connect_read_ch
 from .axilite import AxiLiteSignature
 from .cmdproc import CommandProcessor, rtl_limits
 from .engine import SLOTS, ActivationBuffer, Engine, Geometry
+from .attention import AttentionUnit
 from .fabric_attend import FabricAttendEngine
+from .fabric_vector import LANES as FABRIC_VECTOR_LANES
 from .fabric_vector import FabricVectorEngine
 from .readmux import AxiReadArbiter, AxiWriteSelect
 from .sequencer import CommandSetup, CommandSlots, ErrorDrain, TileAllocator
+from .share import SharedUnits
+from .vector import VectorUnit
 
 __all__ = ["Accelerator", "build_top", "ENGINE_ARID", "ACT_ARID", "FETCH_ARID"]
 
@@ -177,13 +181,18 @@ class Accelerator(wiring.Component):
         command processor issues one only when every earlier command was answered, and waits for
         its answer). Their masters join the port lists (FABRIC_PORTS, FABRIC_ARIDS)."""
         cfg, aw, E = self._config, self._geom.addr_width, self._config.engines
+        # The two engines never run at the same time: their fp32 multipliers and adders are one
+        # pool (rtl/share.py), the vector lanes' M3 and A on the attention unit's units.
+        pool = m.submodules.fabric_units = SharedUnits({
+            "vector": VectorUnit.unit_needs(FABRIC_VECTOR_LANES),
+            "attend": AttentionUnit.unit_needs(cfg.attn_head_dim, cfg.attn_macs, cfg.attn_exp_lanes)})
         vec = m.submodules.fabric_vector = FabricVectorEngine(
             addr_width=aw, max_n=cfg.fabric_max_n, max_tokens=cfg.tokens, head_dims=(cfg.attn_head_dim,),
-            read_ids=(FABRIC_ARIDS["vector_rd0"], FABRIC_ARIDS["vector_rd1"]))
+            read_ids=(FABRIC_ARIDS["vector_rd0"], FABRIC_ARIDS["vector_rd1"]), units=pool.source("vector"))
         att = m.submodules.fabric_attend = FabricAttendEngine(
             aw, cfg.attn_head_dim, cfg.attn_group, cfg.attn_macs, max_positions=cfg.max_context,
             max_tokens=cfg.tokens, read_ids=tuple(FABRIC_ARIDS[f"attend_rd{i}"] for i in range(3)),
-            exp_lanes=cfg.attn_exp_lanes)
+            exp_lanes=cfg.attn_exp_lanes, units=pool.source("attend"))
 
         fop, fop_done = cp.fop, cp.fop_done
         to_att = fop.payload.opcode == int(Opcode.ATTEND)

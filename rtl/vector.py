@@ -124,6 +124,7 @@ from .component import CheckedComponent
 from .dequant import _delay
 from .fp32 import Fp32Add, Fp32Multiply, time_shared
 from .fpfunc import Fp32Divide, Fp32ToInt, Rsqrt, Sigmoid
+from .share import LOCAL_UNITS, UnitSource
 from .storage import Fifo
 
 __all__ = ["VecOp", "VectorUnit", "command_layout", "stats_layout", "LANE_CHOICES"]
@@ -170,7 +171,7 @@ class VectorUnit(CheckedComponent):
     @classmethod
     def check(cls, lanes: int, *, max_length: int = 8960, groups=SUPPORTED_GROUP_SIZES, quant_slots: int = 4,
               mul_latency: int | None = None, add_latency: int | None = None,
-              shared_sigmoid: bool | None = None) -> None:
+              shared_sigmoid: bool | None = None, units: UnitSource = LOCAL_UNITS) -> None:
         if lanes not in LANE_CHOICES:
             raise ConfigError(f"VectorUnit: lanes must be one of {LANE_CHOICES}, got {lanes!r}")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2 * lanes:
@@ -190,8 +191,9 @@ class VectorUnit(CheckedComponent):
 
     def __init__(self, lanes: int, *, max_length: int = 8960, groups=SUPPORTED_GROUP_SIZES, quant_slots: int = 4,
                  mul_latency: int | None = None, add_latency: int | None = None,
-                 shared_sigmoid: bool | None = None):
+                 shared_sigmoid: bool | None = None, units: UnitSource = LOCAL_UNITS):
         self._lanes = lanes
+        self._units = units
         # lanes per Sigmoid: 2 (a pair shares one; SILU_MUL issues every other cycle) or 1
         self._sig_share = 2 if (lanes >= 2 if shared_sigmoid is None else shared_sigmoid) else 1
         self._max_length = max_length
@@ -218,6 +220,12 @@ class VectorUnit(CheckedComponent):
         self._sig_latency = Sigmoid.resolve_latency(None)
         self._toint_latency = Fp32ToInt.resolve_latency(None)
         self._div_latency = Fp32Divide.resolve_latency(None)
+
+    @staticmethod
+    def unit_needs(lanes: int) -> dict[str, int]:
+        """The fp32 units the unit takes from its ``units`` source (rtl/share.py): per lane the
+        quantizer's multiplier M3 and the adder A."""
+        return {"mul": lanes, "add": lanes}
 
     @property
     def lanes(self) -> int:
@@ -384,8 +392,8 @@ class VectorUnit(CheckedComponent):
             uses = 2 if l == 0 else 1
             m1 = m.submodules[f"lane{l}_m1"] = Fp32Multiply(M)
             m2, *scalar_mul = time_shared(m, f"lane{l}_m2", Fp32Multiply(M), uses)
-            m3 = m.submodules[f"lane{l}_m3"] = Fp32Multiply(M)
-            add, *scalar_add = time_shared(m, f"lane{l}_add", Fp32Add(A), uses)
+            m3 = m.submodules[f"lane{l}_m3"] = self._units.make("mul", M)
+            add, *scalar_add = time_shared(m, f"lane{l}_add", self._units.make("add", A), uses)
             toint = m.submodules[f"lane{l}_toint"] = Fp32ToInt(8, QMAX_A)
             if l == 0:
                 s_mul, s_add = scalar_mul[0], scalar_add[0]
