@@ -26,6 +26,7 @@ from .array import MacArray, beat_layout
 from sw.contract.config import ArrayConfig
 from .component import CheckedComponent
 from .dequant import DequantParams, DequantUnit
+from .share import LOCAL_UNITS, UnitSource
 
 __all__ = ["LinearCore", "core_beat_layout"]
 
@@ -54,12 +55,13 @@ class LinearCore(CheckedComponent):
     """
 
     @classmethod
-    def check(cls, config: ArrayConfig, *, y_beat_bits: int | None = None) -> None:
+    def check(cls, config: ArrayConfig, *, y_beat_bits: int | None = None, units: UnitSource = LOCAL_UNITS) -> None:
         DequantParams.for_config(config.validate(), beat_bits=y_beat_bits)
 
-    def __init__(self, config: ArrayConfig, *, y_beat_bits: int | None = None):
+    def __init__(self, config: ArrayConfig, *, y_beat_bits: int | None = None, units: UnitSource = LOCAL_UNITS):
         self._config = config
         self._y_beat_bits = y_beat_bits
+        self._units = units
         self._dequant = dq = DequantParams.for_config(config, beat_bits=y_beat_bits)
         super().__init__({
             "beats": In(stream.Signature(core_beat_layout(config))),
@@ -98,7 +100,8 @@ class LinearCore(CheckedComponent):
     def elaborate(self, platform):
         m = Module()
         m.submodules.array = array = MacArray(self._config, tag_width=2)
-        m.submodules.dequant = dequant = DequantUnit.for_config(self._config, beat_bits=self._y_beat_bits)
+        m.submodules.dequant = dequant = DequantUnit.for_config(self._config, beat_bits=self._y_beat_bits,
+                                                                  units=self._units)
 
         b = self.beats.payload
         m.d.comb += [

@@ -27,6 +27,7 @@ from sw.contract.errors import ConfigError
 from .component import CheckedComponent
 from .fp32 import Fp16ToFp32, Fp32Add, Fp32Multiply, IntToFp32, chain_reset_less
 from .pe import shift_add_product
+from .share import LOCAL_UNITS, UnitSource
 from .storage import ram_attrs
 
 __all__ = ["DequantParams", "DequantUnit"]
@@ -101,13 +102,14 @@ class DequantParams:
         self._corr_bits = 24 if corr_bits is None else corr_bits
 
     @classmethod
-    def for_config(cls, config, *, beat_bits: int | None = None):
-        """The dequant unit of one LinearCore of `config` (an ArrayConfig)."""
+    def for_config(cls, config, *, beat_bits: int | None = None, **unit_args):
+        """The dequant unit of one LinearCore of `config` (an ArrayConfig); `unit_args` go to
+        `DequantUnit` (``units``: where its lanes' adders come from, rtl/share.py)."""
         (wl, wh), (al, ah) = config.weight_range, config.act_range
         zmax = (1 << 4) - 1
         worst = config.group_size * max(-al, ah) * max(wh, zmax - wl)     # |sum (w - z) q|
         return cls(config.rows, config.tokens, config.acc_width, config.qsum_width,
-                   lanes=config.dequant_lanes, beat_bits=beat_bits, corr_bits=min(24, worst.bit_length()))
+                   lanes=config.dequant_lanes, beat_bits=beat_bits, corr_bits=min(24, worst.bit_length()), **unit_args)
 
     def _configure(self, rows, tokens, acc_width, qsum_width, lanes, group_cycles, zero_bits,
                    mul_latency, add_latency):
@@ -305,11 +307,12 @@ class DequantUnit(DequantParams, CheckedComponent):
     """
 
     @classmethod
-    def check(cls, *args, **kwargs) -> None:
+    def check(cls, *args, units: UnitSource = LOCAL_UNITS, **kwargs) -> None:
         DequantParams(*args, **kwargs)
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, units: UnitSource = LOCAL_UNITS, **kwargs):
         DequantParams.__init__(self, *args, **kwargs)
+        self._units = units
         CheckedComponent.__init__(self, {
             "partials": In(stream.Signature(self.partials_layout)),
             "meta": In(stream.Signature(self.meta_layout)),
@@ -322,7 +325,7 @@ class DequantUnit(DequantParams, CheckedComponent):
         return Fp32Multiply(latency=self._lat_mul, **kwargs)
 
     def _make_add(self):
-        return Fp32Add(latency=self._lat_add)
+        return self._units.make("add", self._lat_add)
 
     # -- hardware ----------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ from sw.contract.layout import TileLayout
 from .axi import read_data_layout, transfer_command_layout, write_data_layout
 from .core import LinearCore, make_dequant
 from .readmux import round_robin
+from .share import LOCAL_UNITS, UnitSource
 
 __all__ = ["Geometry", "Engine", "ActivationBuffer", "op_params_layout", "tile_grant_layout", "load_layout",
            "SLOTS", "TILES_IN_FLIGHT", "BLOCK_COLS"]
@@ -305,8 +306,9 @@ class Engine(wiring.Component):
     busy, mem_stall, compute_stall : Out.
     """
 
-    def __init__(self, geom: Geometry):
+    def __init__(self, geom: Geometry, *, units: UnitSource = LOCAL_UNITS):
         self._g = geom
+        self._units = units
         g = geom
         aw, bw = g.addr_width, g.beats_width
         super().__init__({
@@ -340,7 +342,7 @@ class Engine(wiring.Component):
         P = g.sub_beats
         # The core hands y over in port beats (item order = the DDR order of a token row), so the
         # writer needs neither a T*R x 32-bit register nor a mux over it.
-        core = m.submodules.core = LinearCore(g.config, y_beat_bits=g.port_bits)
+        core = m.submodules.core = LinearCore(g.config, y_beat_bits=g.port_bits, units=self._units)
 
         # ---- tile records ---------------------------------------------------------------
         # A tile granted to this engine is recorded once per stage that walks it: the

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from sw.contract import fabric_ops as fo
@@ -121,9 +122,23 @@ class _Flow:
             self.m.d.sync += valid.eq(self.valid)
             self.valid = valid
 
-    def step(self, **new) -> None:
-        """An integer step: the new values join the flow, then a register (or a wire)."""
-        self._int_step("g", new)
+    def step(self, rom: tuple[_Rom, Value] | None = None, **new) -> None:
+        """An integer step: the new values join the flow, then a register (or a wire). ``rom`` =
+        (table, index): the table's entries at index join too; in a registered step they are read
+        from a block RAM whose output register is the step's register, else from logic."""
+        if rom is None:
+            self._int_step("g", new)
+            return
+        table, index = rom
+        if self._plan[self._i][1] == 0:
+            self._int_step("g", {**new, **table.lookup(index)})
+            return
+        mem = Memory(shape=table.width, depth=table.depth, init=table.words, attrs={"ram_style": "block"})
+        self.m.submodules[f"rom{self._i}_{table.name}"] = mem
+        rd = mem.read_port()
+        self.m.d.comb += rd.addr.eq(index)
+        self._int_step("g", new)                      # one register (a "g" step has at most one)
+        self.v.update(table.split(rd.data))
 
     def imul(self, **new) -> None:
         """An integer product step: like :meth:`step`, with up to 3 registers (a DSP48E2's M and P
@@ -173,19 +188,36 @@ class _ChainUnit(_PipelinedUnit):
 
 
 # --- the integer cores: 2^x and 1/x in fixed point (fabric_ops.pow2_q30, recip_q46) -------------
-def _int_rom(values) -> Array:
-    """An unsigned integer table, as wide as its largest entry."""
-    values = [int(v) for v in values]
-    width = max(values).bit_length()
-    return Array(Const(v, width) for v in values)
+class _Rom:
+    """Unsigned integer tables of one depth, read with one index: each as wide as its largest
+    entry, packed side by side into one word per index (one block-RAM read, `_Flow.step`)."""
+
+    def __init__(self, name: str, **tables):
+        self.name = name
+        self._fields = []                              # (name, offset, width)
+        offset, depth = 0, None
+        for key, values in tables.items():
+            values = [int(v) for v in values]
+            assert depth in (None, len(values)) and min(values) >= 0
+            depth = len(values)
+            width = max(values).bit_length()
+            self._fields.append((key, offset, width, values))
+            offset += width
+        self.width, self.depth = offset, depth
+        self.words = [sum(values[i] << off for _, off, _, values in self._fields) for i in range(depth)]
+
+    def lookup(self, index: Value) -> dict[str, Value]:
+        """The entries at `index`, from logic."""
+        return {key: Array(Const(v, width) for v in values)[index] for key, _, width, values in self._fields}
+
+    def split(self, word: Value) -> dict[str, Value]:
+        return {key: word[off:off + width] for key, off, width, _ in self._fields}
 
 
-_POW2_TJ = _int_rom(fo.POW2_TJ)                  # 31 bits
-_POW2_C1 = _int_rom(fo.POW2_C1)                  # 26
-_POW2_C2 = _int_rom(fo.POW2_C2)                  # 19
-_POW2_C3 = _int_rom(fo.POW2_C3)                  # 11
-_RECIP_SEED = _int_rom(fo.RECIP_SEED[:-1])       # 17; i = 0..255 (SEED[256] = SEED[255] - STEP[255])
-_RECIP_STEP = _int_rom(fo.RECIP_SEED_STEP)       # 8 (STEP[0] = 255)
+# Exp2's and Sigmoid's 2^(j/64) table and cubic coefficients (31, 26, 19, 11 bits)
+_POW2 = _Rom("pow2", tj=fo.POW2_TJ, c1=fo.POW2_C1, c2=fo.POW2_C2, c3=fo.POW2_C3)
+# the reciprocal seeds: i = 0..255 (SEED[256] = SEED[255] - STEP[255]), 17 and 8 bits (STEP[0] = 255)
+_RECIP = _Rom("recip", s=fo.RECIP_SEED[:-1], ds=fo.RECIP_SEED_STEP)
 _FRAC = fo.EXP2_FRAC_BITS                        # 29
 _POW2_L = fo.POW2_L_BITS                         # 23
 _ERR_BITS = 18                                   # e = E >> 15 is in [-99823, 30336] (every den)
@@ -220,8 +252,7 @@ def _pow2_steps(f: _Flow) -> None:
     u = Signal(signed(len(mag) + 1), name="pow2_u")
     f.m.d.comb += u.eq(-mag)
     j = u[_POW2_L:_FRAC]
-    f.step(n=u[_FRAC:_FRAC + 8].as_signed(), big_l=u[0:_POW2_L], tj=_POW2_TJ[j], c1=_POW2_C1[j],
-           c2=_POW2_C2[j], c3=_POW2_C3[j])
+    f.step(n=u[_FRAC:_FRAC + 8].as_signed(), big_l=u[0:_POW2_L], rom=(_POW2, j))
     f.imul(p=f.v["big_l"][13:_POW2_L] * f.v.pop("c3"))
     f.step(h=(f.v.pop("c2") + (f.v.pop("p") >> 10))[0:19])          # h2 < 2^19
     f.imul(p=f.v["big_l"][6:_POW2_L] * f.v.pop("h"))
@@ -237,7 +268,7 @@ def _recip_core_steps(f: _Flow, fx: Value, den_zeros: int = 0, **extra) -> None:
     top = fx[30] if len(fx) > 30 else Const(0, 1)                    # fx = 2^30 (den = 2)
     i = Mux(top, 2 ** fo.RECIP_SEED_BITS - 1, fx[22:30])
     den = fx + (1 << 30)
-    f.step(dm=den[den_zeros:32], s=_RECIP_SEED[i], ds=_RECIP_STEP[i], dx=Cat(fx[12:22], top), **extra)
+    f.step(dm=den[den_zeros:32], dx=Cat(fx[12:22], top), rom=(_RECIP, i), **extra)
     f.imul(p=f.v.pop("ds") * f.v.pop("dx"))
     f.step(y0=(f.v.pop("s") - (f.v.pop("p") >> 10))[0:17])
     y0 = f.v.pop("y0")
@@ -353,8 +384,8 @@ class Reciprocal(_ChainUnit):
 
 
 # --- rsqrt ---------------------------------------------------------------------------------------
-_RSQRT_SEED = _int_rom(fo.RSQRT_SEED[:, :-1].ravel())        # 17 bits; index p * 64 + i
-_RSQRT_STEP = _int_rom(fo.RSQRT_SEED_STEP.ravel())           # 10 bits
+# the rsqrt seeds, index p * 64 + i: 17 and 10 bits
+_RSQRT = _Rom("rsqrt", s=fo.RSQRT_SEED[:, :-1].ravel(), ds=fo.RSQRT_SEED_STEP.ravel())
 _RSQRT_J, _RSQRT_DX = fo.RSQRT_J_BITS, fo.RSQRT_DX_BITS      # 6, 12
 _RSQRT_E = fo.RSQRT_E_BITS                                  # 18
 
@@ -387,8 +418,8 @@ class Rsqrt(_ChainUnit):
         f.step(norm=(mant << lz)[0:24], odd=odd, ex=(126 - ((ex - odd) >> 1))[0:8])
         norm, odd = f.v.pop("norm"), f.v.pop("odd")
         idx = Cat(norm[23 - _RSQRT_J:23], odd)
-        f.step(x=Mux(odd, norm << 1, norm)[0:25], s=_RSQRT_SEED[idx], ds=_RSQRT_STEP[idx],
-               dx=norm[23 - _RSQRT_J - _RSQRT_DX:23 - _RSQRT_J])
+        f.step(x=Mux(odd, norm << 1, norm)[0:25], dx=norm[23 - _RSQRT_J - _RSQRT_DX:23 - _RSQRT_J],
+               rom=(_RSQRT, idx))
         f.imul(q=f.v.pop("ds") * f.v.pop("dx"))
         f.step(y0=(f.v.pop("s") - (f.v.pop("q") >> _RSQRT_DX))[0:17])            # y0 < 2^17
         f.imul(sq=f.v["y0"] * f.v["y0"])

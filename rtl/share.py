@@ -93,22 +93,29 @@ class _PoolSource(UnitSource):
 
 
 class SharedUnits(Elaboratable):
-    """A pool of fp32 units. ``needs``: client name -> {kind: units}; the pool holds, per kind, the
-    most any client needs, and unit k of a kind serves every client's k-th unit of that kind."""
+    """A pool of fp32 units. ``needs``: client name -> {kind: units}, where units is a count n (the
+    pool's units 0 .. n-1 of that kind) or a sequence of the pool's unit indices; a client's k-th
+    unit of a kind is the k-th of its units. The pool holds, per kind, every unit some client uses
+    (up to the highest index)."""
 
-    def __init__(self, needs: dict[str, dict[str, int]]):
-        self._counts = {kind: max([0] + [n.get(kind, 0) for n in needs.values()]) for kind in KINDS}
-        self._slots = {}          # client -> kind -> [slot]
+    def __init__(self, needs: dict[str, dict[str, int | tuple[int, ...]]]):
+        self._slots = {}          # client -> kind -> [(unit index, slot)]
         for client, n in needs.items():
             unknown = set(n) - set(KINDS)
             if unknown:
                 self._MustUse__silence = True     # refused: never elaborated
                 raise ConfigError(f"SharedUnits: unknown unit kind(s) {sorted(unknown)}; known: {sorted(KINDS)}")
-            self._slots[client] = {kind: [SimpleNamespace(
-                i_valid=Signal(name=f"{client}_{kind}{k}_i_valid"), a=Signal(32, name=f"{client}_{kind}{k}_a"),
-                b=Signal(32, name=f"{client}_{kind}{k}_b"), o=Signal(32, name=f"{client}_{kind}{k}_o"))
-                for k in range(n.get(kind, 0))] for kind in KINDS}
-        self._sources = {client: _PoolSource(client, slots) for client, slots in self._slots.items()}
+            self._slots[client] = {}
+            for kind in KINDS:
+                units = n.get(kind, 0)
+                units = tuple(range(units)) if isinstance(units, int) else tuple(units)
+                self._slots[client][kind] = [(u, SimpleNamespace(
+                    i_valid=Signal(name=f"{client}_{kind}{k}_i_valid"), a=Signal(32, name=f"{client}_{kind}{k}_a"),
+                    b=Signal(32, name=f"{client}_{kind}{k}_b"), o=Signal(32, name=f"{client}_{kind}{k}_o")))
+                    for k, u in enumerate(units)]
+        self._counts = {kind: 1 + max([-1] + [u for s in self._slots.values() for u, _ in s[kind]]) for kind in KINDS}
+        self._sources = {client: _PoolSource(client, {kind: [slot for _, slot in v] for kind, v in slots.items()})
+                         for client, slots in self._slots.items()}
 
     def source(self, client: str) -> UnitSource:
         return self._sources[client]
@@ -121,8 +128,10 @@ class SharedUnits(Elaboratable):
         m = Module()
         for kind, count in self._counts.items():
             for k in range(count):
+                users = [slot for s in self._slots.values() for u, slot in s[kind] if u == k]
+                if not users:
+                    continue
                 unit = m.submodules[f"{kind}{k}"] = KINDS[kind]()
-                users = [s[kind][k] for s in self._slots.values() if k < len(s[kind])]
                 a, b = users[0].a, users[0].b
                 for u in users[1:]:
                     a, b = Mux(u.i_valid, u.a, a), Mux(u.i_valid, u.b, b)

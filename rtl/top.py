@@ -79,6 +79,7 @@ from .axi import (AxiReadMaster, AxiWriteMaster, axi4_signature, connect_read_ch
                   connect_write_channels)
 from .axilite import AxiLiteSignature
 from .cmdproc import CommandProcessor, rtl_limits
+from .dequant import DequantParams
 from .engine import SLOTS, ActivationBuffer, Engine, Geometry
 from .attention import AttentionUnit
 from .fabric_attend import FabricAttendEngine
@@ -175,17 +176,28 @@ class Accelerator(wiring.Component):
         return {"config_hash": self._hash, "addr_width": self.addr_width, "max_k": self.max_k,
                 "ops_in_flight": self._ops_in_flight}
 
-    def _fabric_engines(self, m, cp, port_readers, port_writers):
+    def _unit_pool(self) -> SharedUnits:
+        """The fp32 units of the engines that never run at the same time (rtl/share.py): the
+        command processor runs a fabric op only when every earlier command has answered, and the
+        next command waits for its answer. So the linear engines' dequant adders are also the
+        attention unit's adders (units 0, 1, ...) and the vector lanes' (the next ones), and the
+        attention unit's multipliers are also the vector lanes' quantizer multipliers (M3)."""
+        cfg = self._config
+        att = AttentionUnit.unit_needs(cfg.attn_head_dim, cfg.attn_macs, cfg.attn_exp_lanes)
+        vec = VectorUnit.unit_needs(FABRIC_VECTOR_LANES)
+        L = DequantParams.for_config(cfg).lanes
+        return SharedUnits({
+            **{f"engine{e}": {"add": tuple(range(e * L, e * L + L))} for e in range(cfg.engines)},
+            "attend": {"mul": att["mul"], "add": tuple(range(att["add"]))},
+            "vector": {"mul": vec["mul"], "add": tuple(range(att["add"], att["add"] + vec["add"]))},
+        })
+
+    def _fabric_engines(self, m, cp, port_readers, port_writers, pool):
         """The fabric decoder's engines on the command processor's ``fop`` stream: ATTEND to the
         attention engine, every other fabric opcode to the vector engine, one op at a time (the
         command processor issues one only when every earlier command was answered, and waits for
         its answer). Their masters join the port lists (FABRIC_PORTS, FABRIC_ARIDS)."""
         cfg, aw, E = self._config, self._geom.addr_width, self._config.engines
-        # The two engines never run at the same time: their fp32 multipliers and adders are one
-        # pool (rtl/share.py), the vector lanes' M3 and A on the attention unit's units.
-        pool = m.submodules.fabric_units = SharedUnits({
-            "vector": VectorUnit.unit_needs(FABRIC_VECTOR_LANES),
-            "attend": AttentionUnit.unit_needs(cfg.attn_head_dim, cfg.attn_macs, cfg.attn_exp_lanes)})
         vec = m.submodules.fabric_vector = FabricVectorEngine(
             addr_width=aw, max_n=cfg.fabric_max_n, max_tokens=cfg.tokens, head_dims=(cfg.attn_head_dim,),
             read_ids=(FABRIC_ARIDS["vector_rd0"], FABRIC_ARIDS["vector_rd1"]), units=pool.source("vector"))
@@ -296,12 +308,15 @@ class Accelerator(wiring.Component):
         connect(m, act_rd.data, actbuf.rd_data)
 
         # ---- engines -----------------------------------------------------------------------------
+        pool = self._unit_pool() if fabric else None
+        if pool is not None:
+            m.submodules.fabric_units = pool
         engines, readers, writers = [], [], []
         for e in range(E):
             rd = m.submodules[f"rd{e}"] = AxiReadMaster(**master, max_outstanding=ENGINE_READ_OUTSTANDING,
                                                        arid=ENGINE_ARID)
             wr = m.submodules[f"wr{e}"] = AxiWriteMaster(**master, awid=0)
-            eng = Engine(g)
+            eng = Engine(g, units=pool.source(f"engine{e}")) if pool is not None else Engine(g)
             m.submodules[f"engine{e}"] = ResetInserter(drain.flush)(eng)
             connect(m, alloc.tile[e], eng.tile)
             connect(m, eng.rd_cmd, rd.cmd)
@@ -343,7 +358,7 @@ class Accelerator(wiring.Component):
         fabric_reads, fabric_writes = [], []
         if fabric:
             port_readers.append((FABRIC_PORTS["argmax"] % E, ARGMAX_ARID, am.bus))
-            vec, att, fabric_reads, fabric_writes = self._fabric_engines(m, cp, port_readers, port_writers)
+            vec, att, fabric_reads, fabric_writes = self._fabric_engines(m, cp, port_readers, port_writers, pool)
 
         for e in range(E):
             hp = getattr(self, f"hp{e}")

@@ -102,13 +102,16 @@ def test_local_units_are_new_units():
 
 @pytest.mark.parametrize("preset", ["kv260-fabric", "kv260-fabric-tiny"])
 def test_the_fabric_top_pools_the_engines_units(preset):
-    """The fabric top holds the pool, sized to the larger client per kind, and the attention and
-    vector units take their multipliers and adders from it: in their hierarchies those are ports."""
+    """The fabric top holds the pool: the linear engines' dequant adders (4 engines x 4 lanes),
+    which the attention unit's 2E adders and then the vector lanes' 4 adders also use, and 4
+    multipliers for the attention unit and the vector lanes' quantizer. In the engines' own
+    hierarchies those units are ports (UnitPort), no Fp32Add / Fp32Multiply of their own."""
     from amaranth.hdl import Fragment
 
     from rtl.top import build_top
 
     cfg = PRESETS[preset]
+    assert (cfg.engines, cfg.dequant_lanes) == (4, 4)
     kinds = {}
 
     def walk(fragment, path):
@@ -118,11 +121,17 @@ def test_the_fabric_top_pools_the_engines_units(preset):
 
     walk(Fragment.get(build_top(cfg), None), "top")
     E = cfg.attn_exp_lanes
+    pooled = {k.rsplit(".", 1)[1]: v for k, v in kinds.items() if k.startswith("top.fabric_units.")}
+    assert pooled == {**{f"add{k}": "Fp32Add" for k in range(16)}, **{f"mul{k}": "Fp32Multiply" for k in range(4)}}
     att_adds = ["sub_m", "add_p"] + [f"{n}{k}" for k in range(1, E) for n in ("sub_m", "add_p")]
-    assert sorted(k.rsplit(".", 1)[1] for k, v in kinds.items() if k.startswith("top.fabric_units.")) == \
-        sorted([f"add{k}" for k in range(max(4, 2 * E))] + [f"mul{k}" for k in range(4)])
-    assert all(v in ("Fp32Multiply", "Fp32Add") for k, v in kinds.items() if k.startswith("top.fabric_units."))
-    ports = sorted(k for k, v in kinds.items() if v == "UnitPort")
     vu, au = "top.fabric_vector.datapath.vu", "top.fabric_attend.pipe.unit"
+    ports = sorted(k for k, v in kinds.items() if v == "UnitPort")
     assert ports == sorted([f"{vu}.lane{l}_{u}" for l in range(4) for u in ("m3", "add")]
-                           + [f"{au}.mul{k}" for k in range(4)] + [f"{au}.{n}" for n in att_adds])
+                           + [f"{au}.mul{k}" for k in range(4)] + [f"{au}.{n}" for n in att_adds]
+                           + [f"top.engine{e}.core.dequant.l{l}_add" for e in range(4) for l in range(4)])
+    # the only fp32 adders and multipliers outside the pool: the dequant lanes' narrowed multipliers
+    # and the vector lanes' M1 and M2
+    others = sorted(k.split("top.", 1)[1] for k, v in kinds.items()
+                    if v in ("Fp32Add", "Fp32Multiply") and not k.startswith("top.fabric_units."))
+    assert all(k.endswith(("_mul_s", "_mul_t")) or k.startswith("fabric_vector.datapath.vu.lane") for k in others), others
+    assert sum(k.endswith(("_m1", "_m2")) for k in others) == 8
