@@ -65,7 +65,9 @@ Passes of one command ("position" = one of the n visible positions):
 The fp32 multiplies of the phases (q load: s_q * C; pass 1: the H score scales and scores; pass 2:
 the E w = e * s_v; out: the 4 y * r) never overlap, so they share max(2H, E, 4) Fp32Multiply
 units (``rtl.fp32.time_shared``: each use has its own operands and valid, an owner tag gates
-its results).
+its results). These multipliers and the exp lanes' 2E adders come from ``units``
+(rtl/share.py): new units, or, in the fabric top, a pool shared with the engines that never run
+beside this one.
 
 Cycles per command ~ n * cycles_per_position + a fixed part (q load, pipeline drains, the tree
 and the reciprocals, the outputs), with cycles_per_position = max(P, D/16) + max(P, D/16,

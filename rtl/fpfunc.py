@@ -10,9 +10,12 @@ The integer units share one RTL description of each integer core of the contract
 :func:`_log2e_steps` (U = RNE(|x| log2(e) 2^29): Exp, Sigmoid), :func:`_pow2_steps`
 (``fabric_ops.pow2_q30``: Exp2, Exp, Sigmoid), :func:`_recip_core_steps`
 (``fabric_ops.recip_q46``: Reciprocal, Sigmoid) and :func:`_rne24` / :func:`_pack` (the one
-rounding to fp32).
+rounding to fp32). Their tables (the pow2 table and cubic coefficients, the reciprocal and rsqrt
+seeds) are one packed word per index, read from block RAM when the step that reads them has its
+register (the RAM's output register is the step's: no cycle added), else from logic.
 - :class:`Fp32Divide`: a / b correctly rounded (RNE, like NumPy float32) for positive or
   negative *normal finite* a and b; the result may be normal, subnormal or overflow to inf.
+  :class:`Fp32DivideSerial`: the same bits, one division at a time in 16 cycles.
 - :class:`Fp32ToInt`: ``np.clip(np.rint(x), -clip, clip)`` as a signed integer.
 
 Out-of-domain inputs give a fixed result, never X: the canonical NaN 0x7FC00000
@@ -32,6 +35,7 @@ target (250 MHz on UltraScale+); 0 is purely combinational.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 
 import numpy as np
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed
@@ -41,10 +45,11 @@ from amaranth.lib.wiring import In, Out
 from sw.contract import fabric_ops as fo
 from sw.contract.errors import ConfigError
 
+from .component import CheckedComponent
 from .fp32 import CANONICAL_NAN, _PipelinedUnit, _round_and_pack, chain_reset_less, leading_zeros, \
     shift_right_sticky
 
-__all__ = ["Exp2", "Exp", "Reciprocal", "Rsqrt", "Sigmoid", "Fp32Divide", "Fp32ToInt"]
+__all__ = ["Exp2", "Exp", "Reciprocal", "Rsqrt", "Sigmoid", "Fp32Divide", "Fp32DivideSerial", "Fp32ToInt"]
 
 
 def _bits(x) -> int:
@@ -323,8 +328,9 @@ class Exp2(_ChainUnit):
 
     Three integer products (10 x 11, 17 x 19, 23 x 26 bits); default latency 14 (8 integer
     steps, 3 product steps). YoWASP Yosys ``synth_xilinx -family xcup`` of the unit alone at the
-    default latency: 544 LUT (125 as memory), 363 FF, 4 DSP48E2 (the fp32-op form it replaced,
-    latency 33: 3,154 LUT, 1,423 FF, 8 DSP)."""
+    default latency, at 36cf963: 342 LUT, 1,018 FF, 4 DSP48E2, 3 RAMB18E2 (the table; in LUTs 411 LUT;
+    the first integer form, with its delay lines in SRL16E, 544 LUT and 363 FF; the fp32-op form it
+    replaced, latency 33: 3,154 LUT, 1,423 FF, 8 DSP)."""
 
     _SLOTS = ("g", "g") + _POW2_SLOTS + _ROUND_SLOTS
 
@@ -364,8 +370,9 @@ class Reciprocal(_ChainUnit):
 
     Three integer products (8 x 11, 24 x 17, 16 x 18 bits); default latency 12 (6 integer steps,
     3 product steps). YoWASP Yosys ``synth_xilinx -family xcup`` of the unit alone at the default
-    latency: 398 LUT (94 as memory), 263 FF, 3 DSP48E2 (the fp32-op form it replaced, latency 50:
-    5,248 LUT, 2,304 FF, 12 DSP)."""
+    latency, at 36cf963: 123 LUT, 601 FF, 3 DSP48E2, 1 RAMB18E2 (the seeds; in LUTs 301 LUT; with
+    SRL16E delay lines 398 LUT and 263 FF; the fp32-op form it replaced, latency 50: 5,248 LUT,
+    2,304 FF, 12 DSP)."""
 
     _SLOTS = _RECIP_CORE_SLOTS + _ROUND_SLOTS
 
@@ -400,8 +407,9 @@ class Rsqrt(_ChainUnit):
     Five integer products in four ``imul`` steps, one DSP48E2 each (STEP x dx 10 x 12, y0^2 17 x 17,
     (M << p) x S as 25 x 17 and 25 x 15, y0 x e 17 x 18 signed); default latency 16 (8 integer
     steps, 4 product steps). YoWASP Yosys ``synth_xilinx -family xcup`` of the unit alone at the
-    default latency: 482 LUT (90 as memory), 477 FF, 20 CARRY8, 5 DSP48E2 (the fp32-op form it
-    replaced, latency 35: 3,474 LUT, 1,616 FF, 124 CARRY8, 12 DSP)."""
+    default latency, at 36cf963: 279 LUT, 939 FF, 5 DSP48E2, 1 RAMB18E2 (the seeds; in LUTs 400 LUT;
+    with SRL16E delay lines 482 LUT and 477 FF; the fp32-op form it replaced, latency 35: 3,474 LUT,
+    1,616 FF, 124 CARRY8, 12 DSP)."""
 
     _SLOTS = ("g", "g", "g", "imul", "g", "imul", "imul", "g", "imul", "g", "g", "g")
 
@@ -450,8 +458,9 @@ class Sigmoid(_ChainUnit):
     Nine integer products in seven ``imul`` steps (2 registers each by default), 12 DSP48E2 in
     all (|g| x LOG2E_Q31 as a 24x17 and a 24x15 product; L x h1, den x y0 and Ym x y0 two
     each); default latency 29 (15 integer steps, 7 product steps). YoWASP Yosys ``synth_xilinx
-    -family xcup`` of the unit alone at the default latency: 1,515 LUT (284 as memory),
-    933 FF, 12 DSP48E2, no BRAM (the fp32-op form it replaced: 9,466 LUT, 4,278 FF, 26 DSP)."""
+    -family xcup`` of the unit alone at the default latency, at 36cf963: 779 LUT, 971 FF, 12 DSP48E2,
+    4 RAMB18E2 (its tables; in LUTs 1,231 LUT; earlier, with SRL16E delay lines, 1,515 LUT; the
+    fp32-op form it replaced: 9,466 LUT, 4,278 FF, 26 DSP)."""
 
     _SLOTS = (_LOG2E_SLOTS + ("g",)                   # U
               + _POW2_SLOTS                           # Y
@@ -523,6 +532,73 @@ class Fp32Divide(_PipelinedUnit):
         frac = s.norm[1:24]
         up = s.norm[0] & (s.sticky | frac[0])
         return self._output(m, st, _round_and_pack(s, s.norm[24], s.exp, frac, up))
+
+
+class Fp32DivideSerial(CheckedComponent):
+    """:class:`Fp32Divide`'s function (the same bits for every input) in one set of registers: two
+    restoring steps per cycle instead of a 29-step pipeline, for a user with a division every
+    ``latency`` cycles or fewer.
+
+    Ports: ``i_valid``, ``a``, ``b`` in; ``ready`` out (the unit takes ``i_valid`` only while it
+    is high: no division in progress); ``o_valid``, ``o`` out, ``latency`` = 16 cycles after the
+    operands were taken, and ``ready`` again in that cycle. Cycles: 1 unpack and pre-normalise
+    (a's significand doubled when below b's), 13 of two quotient bits (26: hidden bit, 23 fraction
+    bits, guard, and one more, which with the remainder gives the sticky bit), 1 denormalise
+    (subnormal quotients), 1 round and pack.
+    """
+
+    _ITER = 13                    # cycles of two quotient bits
+    latency = 1 + _ITER + 2
+
+    @classmethod
+    def check(cls) -> None:
+        pass
+
+    def __init__(self):
+        super().__init__({"i_valid": In(1), "a": In(32), "b": In(32), "ready": Out(1),
+                          "o_valid": Out(1), "o": Out(32)})
+
+    def elaborate(self, platform):
+        m = Module()
+        a, b = self.a, self.b
+        phase = Signal(range(self._ITER + 3))     # 0 idle; 1 .. ITER steps; ITER + 1, + 2 the post steps
+        rem, mb = Signal(25), Signal(24)
+        q = Signal(2 * self._ITER)
+        exp = Signal(signed(10))
+        sign, bad = Signal(), Signal()
+        norm, sticky = Signal(25), Signal()
+        m.d.comb += self.ready.eq(phase == 0)
+        m.d.sync += self.o_valid.eq(0)
+        ea, eb = a[23:31], b[23:31]
+        ma, mbn = Cat(a[0:23], 1), Cat(b[0:23], 1)
+        lt = ma < mbn
+
+        def step(r):
+            bit = r >= mb
+            return bit, (Mux(bit, r - mb, r) << 1)[0:25]
+
+        with m.If(phase == 0):
+            with m.If(self.i_valid):
+                m.d.sync += [rem.eq(Mux(lt, ma << 1, ma)[0:25]), mb.eq(mbn),
+                             exp.eq(Cat(ea, Const(0, 2)).as_signed() - eb - lt + 127),
+                             sign.eq(a[31] ^ b[31]),
+                             bad.eq((ea == 0) | (ea == 0xFF) | (eb == 0) | (eb == 0xFF)), phase.eq(1)]
+        with m.Elif(phase <= self._ITER):
+            b1, r1 = step(rem)
+            b2, r2 = step(r1)
+            m.d.sync += [rem.eq(r2), q.eq(Cat(b2, b1, q[:-2])), phase.eq(phase + 1)]
+        with m.Elif(phase == self._ITER + 1):
+            # q: the hidden bit at 25, 23 fraction bits, the guard at 1; q[0] | rem is the sticky
+            shr = Mux(exp < 1, 1 - exp, 0)[0:10]
+            shifted, out = shift_right_sticky(q[1:], shr, 26)
+            m.d.sync += [norm.eq(shifted), sticky.eq(out | q[0] | (rem != 0)), phase.eq(phase + 1)]
+        with m.Else():
+            frac = norm[1:24]
+            up = norm[0] & (sticky | frac[0])
+            flags = SimpleNamespace(sign=sign, nan=bad, inf=Const(0, 1))
+            m.d.sync += [self.o.eq(_round_and_pack(flags, norm[24], exp, frac, up)), self.o_valid.eq(1),
+                         phase.eq(0)]
+        return m
 
 
 # --- fp32 to integer -----------------------------------------------------------------------------

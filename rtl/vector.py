@@ -69,8 +69,10 @@ rsqrt domain). Finite inputs (and, fused, finite results).
 
 Datapath: per lane three Fp32Multiply (M1, M2 for the ops, M3 for the quantizer), one Fp32Add (A)
 and an Fp32ToInt; a Sigmoid per lane pair (``shared_sigmoid``, the default at 2 lanes or more; at
-1 lane, or with it off, one per lane); Rsqrt and Fp32Divide (scalar). RMSNORM's scalar add and
-multiply run in its reduce phase, when the lanes are idle, on lane 0's A and M2 (time-shared). Per op:
+1 lane, or with it off, one per lane); Rsqrt and two Fp32DivideSerial (scalar). RMSNORM's scalar add and
+multiply run in its reduce phase, when the lanes are idle, on lane 0's A and M2 (time-shared). M3
+and A come from ``units`` (rtl/share.py): new units, or, in the fabric top, a pool shared with
+the engines that never run beside this one. Per op:
 
 * ADD: A(a, b). BF16: a register.
 * SILU_MUL: Sigmoid(a); M1(a, sig); M2(., b) (a, b delayed in reset-less shift registers). Shared
@@ -86,8 +88,9 @@ multiply run in its reduce phase, when the lanes are idle, on lane 0's A and M2 
   M1(x, r), M2(., gamma). This is fabric_ops.fixed_sum's order exactly.
 * QUANT (the quantizer): groups are written into a ring of ``quant_slots`` group buffers (a memory
   per lane) while their amax = max |x| (exact, on the magnitude bits) is found; a loaded group gets
-  inv = 127/safe and s_a = safe/127 from the scalar divider (safe = amax, or 1.0 below
-  numerics.AMAX_MIN); then its beats are read back: M3(x, inv), Fp32ToInt (round half even, clip
+  inv = 127/safe and s_a = safe/127 from two serial dividers side by side (safe = amax, or 1.0
+  below numerics.AMAX_MIN; a division every 16 cycles, so groups of G <= 16 L elements wait for
+  them, larger ones never); then its beats are read back: M3(x, inv), Fp32ToInt (round half even, clip
   to +-127), codes forced to 0 for a dead group, qsum summed exactly. Loading overlaps the division
   and the quantization of earlier groups. The ring loads QUANT's a beats, or, fused, the beats the
   producer's pipelines put into the out FIFO (its read side feeds the ring instead of ``out``), so
@@ -123,7 +126,7 @@ from sw.contract.numerics import AMAX_MIN, QMAX_A, SUPPORTED_GROUP_SIZES
 from .component import CheckedComponent
 from .dequant import _delay
 from .fp32 import Fp32Add, Fp32Multiply, time_shared
-from .fpfunc import Fp32Divide, Fp32ToInt, Rsqrt, Sigmoid
+from .fpfunc import Fp32DivideSerial, Fp32ToInt, Rsqrt, Sigmoid
 from .share import LOCAL_UNITS, UnitSource
 from .storage import Fifo
 
@@ -219,7 +222,7 @@ class VectorUnit(CheckedComponent):
         })
         self._sig_latency = Sigmoid.resolve_latency(None)
         self._toint_latency = Fp32ToInt.resolve_latency(None)
-        self._div_latency = Fp32Divide.resolve_latency(None)
+        self._div_latency = Fp32DivideSerial.latency
 
     @staticmethod
     def unit_needs(lanes: int) -> dict[str, int]:
@@ -247,7 +250,7 @@ class VectorUnit(CheckedComponent):
         m, a = self._mul_latency, self._add_latency
         return {VecOp.ADD: 1 + a, VecOp.SILU_MUL: self._sig_share + self._sig_latency + 2 * m, VecOp.RMSNORM: 1 + 2 * m,
                 VecOp.ROPE: 1 + m + a, VecOp.BF16: 1,
-                VecOp.QUANT: 2 + self._div_latency + self._group_beats_max() + 1 + m + self._toint_latency}[op]
+                VecOp.QUANT: 1 + self._div_latency + self._group_beats_max() + 1 + m + self._toint_latency}[op]
 
     def _group_beats_max(self) -> int:
         return max(self._groups) // self._lanes
@@ -573,31 +576,32 @@ class VectorUnit(CheckedComponent):
             wp = mem.write_port()
             m.d.comb += [wp.en.eq(q_load), wp.addr.eq(Cat(w_beat[:gb_bits], w_slot[:slot_bits])),
                          wp.data.eq(q_src[l])]
-        div_req = Signal(2)        # bit 0: issue inv next, bit 1: then s_a
-        div_slot = Signal(range(slots))
         group_done = q_load & (w_beat + 1 == group_beats)
         with m.If(q_load):
             m.d.sync += [amax_run.eq(new_max), w_beat.eq(w_beat + 1)]
             with m.If(group_done):
                 m.d.sync += [w_beat.eq(0), amax_slot[w_slot].eq(new_max),
-                             w_slot.eq(Mux(w_slot == slots - 1, 0, w_slot + 1)), div_slot.eq(w_slot)]
+                             w_slot.eq(Mux(w_slot == slots - 1, 0, w_slot + 1))]
         set_full = Mux(group_done, 1 << w_slot, 0)
 
-        # divider: inv = 127 / safe, then s_a = safe / 127
-        m.submodules.div = div = Fp32Divide()
+        # two serial dividers, side by side: inv = 127 / safe and s_a = safe / 127. They take the
+        # loaded groups in ring order, one every `div_latency` cycles (a group of G loads in G / L).
+        div_todo = Signal(range(slots + 1))       # loaded groups not yet divided
+        div_slot = Signal(range(slots))           # the next group to divide
+        busy_slot = Signal(range(slots))          # the group being divided
+        m.submodules.div_inv = div_inv = Fp32DivideSerial()
+        m.submodules.div_sa = div_sa = Fp32DivideSerial()
         safe = Mux(amax_slot[div_slot] >= _AMAX_MIN_BITS, amax_slot[div_slot], _F32_ONE)
-        m.d.sync += div_req.eq(Cat(group_done, div_req[0]))
-        m.d.comb += [div.i_valid.eq(div_req.any()),
-                     div.a.eq(Mux(div_req[0], _F32_QMAX, safe)),
-                     div.b.eq(Mux(div_req[0], safe, _F32_QMAX))]
-        div_tag = _delay(m, Cat(div_slot, div_req[1]), self._div_latency, "div_tag")
+        div_start = (div_todo != 0) & div_inv.ready
+        m.d.comb += [div_inv.i_valid.eq(div_start), div_inv.a.eq(_F32_QMAX), div_inv.b.eq(safe),
+                     div_sa.i_valid.eq(div_start), div_sa.a.eq(safe), div_sa.b.eq(_F32_QMAX)]
+        m.d.sync += div_todo.eq(div_todo + group_done - div_start)
+        with m.If(div_start):
+            m.d.sync += [busy_slot.eq(div_slot), div_slot.eq(Mux(div_slot == slots - 1, 0, div_slot + 1))]
         set_ready = Signal(slots)
-        with m.If(div.o_valid):
-            with m.If(div_tag[-1]):
-                m.d.sync += sa_slot[div_tag[:-1]].eq(div.o)
-                m.d.comb += set_ready.eq(1 << div_tag[:-1])
-            with m.Else():
-                m.d.sync += inv_slot[div_tag[:-1]].eq(div.o)
+        with m.If(div_inv.o_valid):
+            m.d.sync += [inv_slot[busy_slot].eq(div_inv.o), sa_slot[busy_slot].eq(div_sa.o)]
+            m.d.comb += set_ready.eq(1 << busy_slot)
 
         # --- QUANT: read side ------------------------------------------------------------------------------
         r_slot = Signal(range(slots))
