@@ -36,11 +36,12 @@ class BusFault(Exception):
 # QUANT adds about 2/3 of a cycle per group of the row (measured at group 128: 0.65).
 # SILU_MUL streams 2 elements per cycle at 4 lanes (two lanes share a Sigmoid, rtl/vector.py).
 # An op with QUANT_OUT ("+Q") writes its quantized activation buffer instead of fp32 rows: the
-# producer's stream, then the last group's divide and read-back (about 48 cycles more than the
+# producer's stream, then the last group's divide and read-back (about 34 cycles more than the
 # producer alone), plus QUANT's 2/3 cycle per group; measured the same way (docs/rtl.md, group 64).
-VECTOR_OVERHEAD = {"EMBED": (147, 14), "RMSNORM": (193, 98), "QUANT": (164, 1), "ROPE": (147, 28),
-                   "KV_STORE": (141, 2), "ADD": (101, 2), "SILU_MUL": (134, 0),
-                   "RMSNORM+Q": (241, 98), "ROPE+Q": (195, 28), "SILU_MUL+Q": (182, 1)}
+# Re-measured at d6aba3d (the quantizer's serial dividers: 16 cycles per divide, the pipeline's 29).
+VECTOR_OVERHEAD = {"EMBED": (147, 14), "RMSNORM": (193, 98), "QUANT": (149, 1), "ROPE": (147, 28),
+                   "KV_STORE": (127, 2), "ADD": (101, 2), "SILU_MUL": (134, 0),
+                   "RMSNORM+Q": (227, 98), "ROPE+Q": (181, 28), "SILU_MUL+Q": (168, 1)}
 
 
 @dataclass(frozen=True)
