@@ -54,6 +54,9 @@ TOP1_HYBRID_FABRIC_MIN = 0.93   # measured >= 0.961
 KL_MAX = 0.14                   # fabric vs reference, measured <= 0.1001
 TOP1_MIN = 0.55                 # measured >= 0.655
 PPL_RATIO_MAX = 1.2             # measured <= 1.128
+# full size (64 positions of a random synthetic model: flat logits, so argmax flips come easier)
+FULL_KL_HYBRID_FABRIC_MAX = 0.01    # measured 0.0048
+FULL_TOP1_HYBRID_FABRIC_MIN = 0.85  # measured 0.922 (59 of 64)
 
 
 _MEASURED: dict[int, dict] = {}
@@ -197,8 +200,10 @@ FULL_TOKENS = 64
 def test_full_size_quality(tmp_path):
     """The full-size synthetic qwen2.5-0.5b (seed 0), RTN INT4 g64 with an INT4 LM head, on 64 tokens
     sampled from the float model: the fabric decoder's KL against the float reference within the
-    issue's 1.2 x the hybrid's. Measured: hybrid KL 0.3850, fabric 0.3812 (ratio 0.990), top-1
-    agreement hybrid/fabric 0.969 (docs/numerics.md, "The fabric ops")."""
+    issue's 1.2 x the hybrid's. Measured at 7559ebb: hybrid KL 0.3850, fabric 0.3814 (ratio 0.991),
+    KL(hybrid || fabric) 0.0048, top-1 agreement hybrid/fabric 0.922 (docs/numerics.md, "The fabric
+    ops"; 0.3812 and 0.969 before the contract's later changes: block fixed-point P.V, integer
+    sigmoid and rsqrt)."""
     write_synthetic_checkpoint(tmp_path / "q05", "qwen2.5-0.5b", seed=0)
     ref = open_model(tmp_path / "q05", "reference", progress=False)
     ids = sample_tokens(ref, FULL_TOKENS, seed=100)
@@ -215,4 +220,4 @@ def test_full_size_quality(tmp_path):
     print(f"full-size: hybrid {mh}\nfabric {mf}\nhybrid||fabric {mhf}")
     assert mf["kl_ref_test"] / mh["kl_ref_test"] <= ACCEPT_KL_RATIO, (mh, mf)
     assert mf["kl_ref_test"] / mh["kl_ref_test"] < KL_RATIO_MAX, (mh, mf)
-    assert mhf["top1_agreement"] > TOP1_HYBRID_FABRIC_MIN, mhf
+    assert mhf["kl_ref_test"] < FULL_KL_HYBRID_FABRIC_MAX and mhf["top1_agreement"] > FULL_TOP1_HYBRID_FABRIC_MIN, mhf
