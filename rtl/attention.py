@@ -97,6 +97,7 @@ from sw.contract.errors import ConfigError
 from .component import CheckedComponent
 from .fp32 import IntToFp32, _PipelinedUnit, _round_and_pack, chain_reset_less, leading_zeros, \
     shift_right_sticky, time_shared
+from .fp32 import delay as _delay
 from .dsp import madd_slice
 from .fpfunc import Exp2, Reciprocal
 from .share import LOCAL_UNITS, UnitSource
@@ -171,25 +172,12 @@ def _check_pow2(name, v, lo, hi):
         raise ConfigError(f"AttentionUnit: {name} must be a power of two from {lo} to {hi}, got {v!r}")
 
 
-def _delay(m: Module, value, cycles: int, name: str, reset_less: bool | None = None) -> Value:
-    """`value` `cycles` cycles later (a chain of registers; by default reset-less only beyond
-    rtl.fp32.FF_CHAIN_DEPTH)."""
-    v = Value.cast(value)
-    if reset_less is None:
-        reset_less = chain_reset_less(cycles)
-    for i in range(cycles):
-        r = Signal(v.shape(), name=f"{name}_d{i + 1}", reset_less=reset_less)
-        m.d.sync += r.eq(v)
-        v = r
-    return v
-
-
 def _delay_fields(m: Module, fields: dict, cycles: int, name: str) -> SimpleNamespace:
     """Every value of `fields` `cycles` cycles later; ``valid`` (if present) is a reset register
     chain, the rest travel packed in one reset-less chain (one wide signal per stage)."""
     out = {}
     if "valid" in fields:
-        out["valid"] = _delay(m, fields["valid"], cycles, f"{name}_valid", reset_less=False)
+        out["valid"] = _delay(m, fields["valid"], cycles, f"{name}_valid", reset=True)
     rest = {k: Value.cast(v) for k, v in fields.items() if k != "valid"}
     packed = _delay(m, Cat(*rest.values()), cycles, name)
     pos = 0
@@ -456,7 +444,7 @@ class AttentionUnit(CheckedComponent):
         a_head = Signal(range(G + 1))                     # results come back in order
         with m.If(mul_a.o_valid):
             m.d.sync += [Array(a_regs)[a_head].eq(mul_a.o), a_head.eq(a_head + 1)]
-        a_done = _delay(m, phase_q & (a_cnt == G), mul_a.latency + 1, "a_done", reset_less=False)
+        a_done = _delay(m, phase_q & (a_cnt == G), mul_a.latency + 1, "a_done", reset=True)
 
         # ---- the MAC pipeline (pass 1 and pass 2 share the M multipliers) ------------------------
         hb = step // K if K > 1 else step
@@ -635,14 +623,14 @@ class AttentionUnit(CheckedComponent):
         # in the tree phase: a read at t gives the operands at t+1
         t1 = _delay_fields(m, dict(lvl=lvl, pair=pair, head=t_head), 1, "t1")
         lvl1, idx1, head1 = t1.lvl, t1.pair, t1.head
-        m.d.comb += [tree_valid.eq(_delay(m, t_issue, 1, "t_issue1", reset_less=False)),
+        m.d.comb += [tree_valid.eq(_delay(m, t_issue, 1, "t_issue1", reset=True)),
                      tree_waddr.eq(Cat(_bits_of(idx1, 5), head1))]
         for k in range(E):
             m.d.comb += [tree_a[k].eq(Mux((lvl1 == 0) & (Cat(Const(0, 1), idx1) >= n), 0, pa_rd[k].data)),
                          tree_b[k].eq(Mux((lvl1 == 0) & (Cat(Const(1, 1), idx1) >= n), 0, pb_rd[k].data))]
         recip_issue = Signal()
         recip_bank = _delay(m, t_head % E, 1, "recip_bank") if E > 1 else 0
-        m.d.comb += [recip.i_valid.eq(_delay(m, recip_issue, 1, "recip_issue1", reset_less=False)),
+        m.d.comb += [recip.i_valid.eq(_delay(m, recip_issue, 1, "recip_issue1", reset=True)),
                      recip.a.eq(Array([r.data for r in pa_rd])[recip_bank] if E > 1 else pa_rd[0].data)]
         recip_head = Signal(range(G + 1))                 # results come back in order
         with m.If(recip.o_valid):

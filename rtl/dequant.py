@@ -26,6 +26,7 @@ from sw.contract.errors import ConfigError
 
 from .component import CheckedComponent
 from .fp32 import Fp16ToFp32, Fp32Add, Fp32Multiply, IntToFp32, chain_reset_less
+from .fp32 import delay as _delay
 from .pe import shift_add_product
 from .share import LOCAL_UNITS, UnitSource
 from .storage import ram_attrs
@@ -41,18 +42,6 @@ def _pick(values, index) -> Value:
     """values[index] (all of one width) as a word select, without a case statement."""
     values = [Value.cast(v) for v in values]
     return values[0] if len(values) == 1 else Cat(*values).word_select(index, len(values[0]))
-
-
-def _delay(m: Module, value, cycles: int, name: str, reset: bool = False) -> Value:
-    """`value` delayed by `cycles` registers: reset when `reset` (control bits) or when the chain
-    stays in flip-flops (rtl.fp32.FF_CHAIN_DEPTH); else reset-less, so they may become SRLs."""
-    value = Value.cast(value)
-    reset_less = not reset and chain_reset_less(cycles)
-    for k in range(cycles):
-        reg = Signal(value.shape(), name=f"{name}_d{k + 1}", reset_less=reset_less)
-        m.d.sync += reg.eq(value)
-        value = reg
-    return value
 
 
 def _positive_int(name: str, value) -> int:

@@ -32,7 +32,7 @@ from sw.contract.errors import ConfigError
 
 from .component import CheckedComponent
 
-__all__ = ["Fp16ToFp32", "IntToFp32", "Fp32Multiply", "Fp32Add", "time_shared",
+__all__ = ["Fp16ToFp32", "IntToFp32", "Fp32Multiply", "Fp32Add", "time_shared", "delay",
            "CANONICAL_NAN", "leading_zeros", "FF_CHAIN_DEPTH", "chain_reset_less"]
 
 CANONICAL_NAN = 0x7FC00000
@@ -185,6 +185,19 @@ class _PipelinedUnit(CheckedComponent):
         st.finish()
         m.d.comb += [self.o.eq(s.o), self.o_valid.eq(st.valid)]
         return m
+
+
+def delay(m: Module, value, cycles: int, name: str, reset: bool = False) -> Value:
+    """`value` `cycles` cycles later, through registers named ``{name}_d1`` ...: with a reset when
+    `reset` (control bits) or when the chain stays in flip-flops (`chain_reset_less`); else
+    reset-less, so synthesis may make them shift-register LUTs."""
+    value = Value.cast(value)
+    reset_less = not reset and chain_reset_less(cycles)
+    for k in range(cycles):
+        reg = Signal(value.shape(), name=f"{name}_d{k + 1}", reset_less=reset_less)
+        m.d.sync += reg.eq(value)
+        value = reg
+    return value
 
 
 def time_shared(m: Module, name: str, unit: _PipelinedUnit, uses: int) -> list[SimpleNamespace]:

@@ -32,7 +32,7 @@ from amaranth.lib.wiring import In, Out
 
 from sw.contract.errors import ConfigError
 
-from .fp32 import Fp32Add, Fp32Multiply
+from .fp32 import Fp32Add, Fp32Multiply, delay
 
 __all__ = ["KINDS", "LOCAL_UNITS", "SharedUnits", "UnitPort", "UnitSource"]
 
@@ -65,12 +65,7 @@ class UnitPort(wiring.Component):
         m = Module()
         s = self._slot
         m.d.comb += [s.i_valid.eq(self.i_valid), s.a.eq(self.a), s.b.eq(self.b), self.o.eq(s.o)]
-        valid = self.i_valid
-        for d in range(self._latency):
-            reg = Signal(name=f"valid_d{d + 1}")
-            m.d.sync += reg.eq(valid)
-            valid = reg
-        m.d.comb += self.o_valid.eq(valid)
+        m.d.comb += self.o_valid.eq(delay(m, self.i_valid, self._latency, "valid", reset=True))
         return m
 
 
@@ -119,10 +114,6 @@ class SharedUnits(Elaboratable):
 
     def source(self, client: str) -> UnitSource:
         return self._sources[client]
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return dict(self._counts)
 
     def elaborate(self, platform):
         m = Module()

@@ -124,8 +124,8 @@ from sw.contract.fabric_ops import P_PARTIALS
 from sw.contract.numerics import AMAX_MIN, QMAX_A, SUPPORTED_GROUP_SIZES
 
 from .component import CheckedComponent
-from .dequant import _delay
 from .fp32 import Fp32Add, Fp32Multiply, time_shared
+from .fp32 import delay as _delay
 from .fpfunc import Fp32DivideSerial, Fp32ToInt, Rsqrt, Sigmoid
 from .share import LOCAL_UNITS, UnitSource
 from .storage import Fifo
